@@ -1,0 +1,420 @@
+"""The balancing optax transform: conditional learning speed and re-balancing steps.
+
+Implements §2 and §3 of the algorithm of Wu et al., "Characterizing and Overcoming the
+Greedy Nature of Learning in Multi-modal Deep Neural Networks" (ICML 2022), as one optax
+gradient transformation that wraps any optimizer. Everything runs inside the compiled
+update: no host syncs, and switching between normal and re-balancing steps never retraces
+(the mode is a traced int32 in the state).
+
+Parameter groups are given by a label tree with the structure of the parameters. Each leaf
+is one of
+
+* ``"main:<k>"``: parameters of modality k's own branch, its classifier head included;
+* ``"fusion:<k>"``: fusion heads that feed modality k's branch (MMTM's excitation into k);
+* ``"fusion:shared"``: fusion parameters shared by all modalities (MMTM's squeeze layer);
+  they count in the fusion group of every modality;
+* ``"other"``: anything else (never measured; frozen in ``update="branch"`` re-balancing).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+METHODS = ("vanilla", "random", "guided")
+UPDATE_MODES = ("branch", "all")
+NORMAL_STEP = -1
+
+Labels = Union[Any, Callable[[Any], Any]]
+
+
+class BalanceState(NamedTuple):
+  """State of :func:`balanced_multimodal` (all fields are arrays; N = number of modalities).
+
+  Attributes:
+    step: int32, number of updates taken so far, i.e. the index of the coming step.
+    target: int32, modality that the coming step re-balances; -1 for a normal step.
+    window_left: int32, re-balancing steps left in the current window, the coming one
+      included (0 outside a window).
+    mu_main: float32[N], μ of each main group at the last step.
+    mu_fusion: float32[N], μ of each fusion group at the last step.
+    accum_main: float32[N], M of each main group: sum of μ over warm-up and normal steps.
+    accum_fusion: float32[N], M of each fusion group, likewise.
+    rebalance_steps: int32[N], re-balancing steps taken so far for each modality.
+    update_all: bool, True for ``update="all"``; kept here so that a train step can mask
+      model state (BatchNorm statistics) with :func:`update_mask` the same way.
+    inner_state: state of the wrapped optimizer.
+  """
+
+  step: jax.Array
+  target: jax.Array
+  window_left: jax.Array
+  mu_main: jax.Array
+  mu_fusion: jax.Array
+  accum_main: jax.Array
+  accum_fusion: jax.Array
+  rebalance_steps: jax.Array
+  update_all: jax.Array
+  inner_state: Any
+
+
+# --------------------------------------------------------------------------------------
+# Labels
+
+
+def parse_label(label: str) -> tuple[str, int | None]:
+  """Splits a group label into (kind, modality): ("main", k), ("fusion", k),
+  ("shared", None) or ("other", None)."""
+  if label == "other":
+    return "other", None
+  if label == "fusion:shared":
+    return "shared", None
+  kind, _, index = str(label).partition(":")
+  if kind in ("main", "fusion") and index.isdigit():
+    return kind, int(index)
+  raise ValueError(
+      f"Unknown parameter-group label {label!r}; expected 'main:<k>', 'fusion:<k>', "
+      "'fusion:shared' or 'other' (k a modality index 0, 1, ...)."
+  )
+
+
+def _resolve_labels(labels: Labels, tree: Any) -> list[tuple[str, int | None]]:
+  """The parsed label of every leaf of ``tree``, in leaf order."""
+  if callable(labels):
+    labels = labels(tree)
+  label_leaves, label_def = jax.tree.flatten(labels)
+  tree_def = jax.tree.structure(tree)
+  if label_def != tree_def:
+    raise ValueError(
+        "The label tree does not have the structure of the tree it labels.\n"
+        f"  labels: {str(label_def)[:500]}\n  tree:   {str(tree_def)[:500]}"
+    )
+  return [parse_label(label) for label in label_leaves]
+
+
+def num_modalities(labels: Labels, tree: Any) -> int:
+  """Number of modalities named by ``labels`` (checks every modality has both groups)."""
+  parsed = _resolve_labels(labels, tree)
+  main = {k for kind, k in parsed if kind == "main"}
+  if not main:
+    raise ValueError("No parameter is labelled 'main:<k>': cannot tell the modalities apart.")
+  n = max(main) + 1
+  if n < 2 or main != set(range(n)):
+    raise ValueError(
+        f"Main groups found for modalities {sorted(main)}; expected 'main:0' ... "
+        "'main:<N-1>' with N >= 2 modalities."
+    )
+  own_fusion = {k for kind, k in parsed if kind == "fusion"}
+  if not own_fusion <= set(range(n)):
+    raise ValueError(f"Fusion labels name modalities {sorted(own_fusion)}, but only {n} exist.")
+  has_shared = any(kind == "shared" for kind, _ in parsed)
+  missing = [k for k in range(n) if k not in own_fusion and not has_shared]
+  if missing:
+    raise ValueError(
+        f"Modalities {missing} have no fusion parameters ('fusion:<k>' or 'fusion:shared'):"
+        " the conditional learning speed needs both a main and a fusion group."
+    )
+  return n
+
+
+def _leaf_moves(kind: str, k: int | None, target: jax.Array, update_all: jax.Array):
+  """Whether a leaf of this group may change in a step whose re-balancing target is
+  ``target`` (-1: normal step). "branch": only main_k; "all": all but φ_k's fusion head."""
+  normal = target < 0
+  if kind == "main":
+    return normal | update_all | (target == k)
+  if kind == "fusion":
+    return normal | (update_all & (target != k))
+  return normal | update_all
+
+
+def _masks(parsed, target, update_all) -> list[jax.Array]:
+  return [_leaf_moves(kind, k, target, update_all) for kind, k in parsed]
+
+
+# --------------------------------------------------------------------------------------
+# Conditional learning speed
+
+
+def _group_sums(leaves: Sequence[jax.Array], parsed, n: int) -> tuple[jax.Array, jax.Array]:
+  """Σ ||x||² per main group and per fusion group (shared leaves count for every k)."""
+  main = [jnp.zeros((), jnp.float32) for _ in range(n)]
+  own = [jnp.zeros((), jnp.float32) for _ in range(n)]
+  shared = jnp.zeros((), jnp.float32)
+  for x, (kind, k) in zip(leaves, parsed):
+    sq = jnp.sum(jnp.square(jnp.asarray(x, jnp.float32)))
+    if kind == "main":
+      main[k] = main[k] + sq
+    elif kind == "fusion":
+      own[k] = own[k] + sq
+    elif kind == "shared":
+      shared = shared + sq
+  return jnp.stack(main), jnp.stack(own) + shared
+
+
+def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def speeds_from_accumulators(accum_main: jax.Array, accum_fusion: jax.Array) -> jax.Array:
+  """s_k = log10(M_fusion_k / M_main_k); 0 while either sum is still zero."""
+  valid = (accum_main > 0) & (accum_fusion > 0)
+  safe = lambda x: jnp.where(valid, x, 1.0)
+  return jnp.where(valid, jnp.log10(safe(accum_fusion) / safe(accum_main)), 0.0)
+
+
+def speed_gap(speeds: jax.Array) -> jax.Array:
+  """d_speed = s_0 - s_1 for two modalities; the spread max_k s_k - min_k s_k for more."""
+  if speeds.shape[-1] == 2:
+    return speeds[..., 0] - speeds[..., 1]
+  return jnp.max(speeds, axis=-1) - jnp.min(speeds, axis=-1)
+
+
+# --------------------------------------------------------------------------------------
+# Keeping the optimizer state of frozen parameters
+
+
+def _select_param_state(inner, moves: list[jax.Array], param_def, new_state, old_state):
+  """Inner-optimizer state with the entries of frozen parameters restored.
+
+  Param-shaped parts of the state (momentum, Adam moments) keep their old value for the
+  leaves that do not move, so a re-balancing step leaves no trace on them; scalar parts
+  (step counts) advance as usual.
+  """
+  indices = jax.tree.unflatten(param_def, list(range(len(moves))))
+  positions = optax.tree_utils.tree_map_params(
+      inner, lambda _, i: i, new_state, indices, transform_non_params=lambda _: -1
+  )
+
+  def select(new, old, i):
+    return new if i < 0 else jnp.where(moves[i], new, old)
+
+  return jax.tree.map(select, new_state, old_state, positions)
+
+
+# --------------------------------------------------------------------------------------
+# The transform
+
+
+def balanced_multimodal(
+    inner: optax.GradientTransformation,
+    labels: Labels,
+    *,
+    method: str = "guided",
+    alpha: float = 0.01,
+    window: int = 5,
+    warmup_steps: int = 0,
+    update: str = "branch",
+    seed: int = 0,
+) -> optax.GradientTransformation:
+  r"""Wraps an optimizer with balanced multi-modal learning (Wu et al., ICML 2022).
+
+  At every step t it measures, from the raw mini-batch gradient g and the parameters p
+  before the update, the learning speed of each parameter group G
+
+  .. math::  \mu_G(t) = \sum_{p \in G} \|g_p\|^2 \,/\, \sum_{p \in G} \|p\|^2,
+
+  accumulates :math:`M_G = \sum_\tau \mu_G(\tau)` over warm-up and normal steps, and derives
+  the conditional learning speed of modality k,
+  :math:`s_k = \log_{10}(M_{fusion_k} / M_{main_k})`, and
+  :math:`d_{speed} = s_0 - s_1` (for N > 2 modalities the spread
+  :math:`\max_k s_k - \min_k s_k`).
+
+  ``method="guided"``: after ``warmup_steps`` steps, a normal step with
+  :math:`|d_{speed}| > \alpha` is followed by ``window`` re-balancing steps for the modality
+  with the largest speed. ``method="random"``: after warm-up every step is drawn uniformly
+  from {normal, re-balance modality 0, ..., N-1} (reproducible from ``seed``).
+  ``method="vanilla"``: normal steps only (speeds are still measured).
+
+  In a re-balancing step for modality k the wrapped optimizer's updates are masked:
+  ``update="branch"`` moves only main_k; ``update="all"`` moves everything except the
+  fusion heads into φ_k. Masked parameters do not move, whatever ``inner`` is, and their
+  entries of ``inner``'s state (momentum, Adam moments) stay as they were. The forward pass
+  of that step must cut the cross-modal flow into φ_k: read the target with
+  :func:`rebalance_target` before computing the gradients.
+
+  Example (a two-branch model; each branch's parameters feed its own group)::
+
+    >>> import jax.numpy as jnp, optax, gml_jax
+    >>> params = {'a': jnp.ones(3), 'b': jnp.ones(3), 'fuse': jnp.ones(2)}
+    >>> labels = {'a': 'main:0', 'b': 'main:1', 'fuse': 'fusion:shared'}
+    >>> tx = gml_jax.balanced_multimodal(optax.sgd(0.1), labels, alpha=0.01, window=2)
+    >>> state = tx.init(params)
+    >>> grads = {'a': jnp.full(3, 0.1), 'b': jnp.full(3, 1.0), 'fuse': jnp.ones(2)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> [round(float(s), 3) for s in gml_jax.modality_speeds(state)]
+    [1.176, -0.824]
+    >>> int(gml_jax.rebalance_target(state))  # s_0 > s_1: modality 0 is re-balanced next
+    0
+    >>> updates, state = tx.update(grads, state, params)
+    >>> [float(u[0]) for u in (updates['a'], updates['b'], updates['fuse'])]
+    [-0.01, 0.0, 0.0]
+
+  Args:
+    inner: the optimizer to wrap (any optax transformation, stateful or not).
+    labels: a tree with the structure of the parameters whose leaves are ``"main:<k>"``,
+      ``"fusion:<k>"``, ``"fusion:shared"`` or ``"other"``, or a function of the
+      parameters that returns one.
+    method: ``"guided"`` (default), ``"random"`` or ``"vanilla"``.
+    alpha: imbalance threshold α on the log10 scale (authors' value 0.01).
+    window: Q, the number of re-balancing steps a decision triggers (authors' value 5).
+    warmup_steps: steps before any re-balancing (authors' value: one epoch).
+    update: ``"branch"`` (default, the paper) or ``"all"`` (the authors' code).
+    seed: seed of the ``"random"`` method's draws.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``; its state is a
+    :class:`BalanceState`.
+
+  References:
+    Wu, Jastrzębski, Cho, Geras, ICML 2022, https://arxiv.org/abs/2202.05306
+  """
+  if method not in METHODS:
+    raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+  if update not in UPDATE_MODES:
+    raise ValueError(f"Unknown update mode {update!r}; expected one of {UPDATE_MODES}.")
+  if not alpha >= 0:
+    raise ValueError(f"alpha must be a number >= 0, got {alpha!r}.")
+  if int(window) != window or window < 1:
+    raise ValueError(f"window (Q) must be an integer >= 1, got {window!r}.")
+  if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
+  window, warmup_steps = int(window), int(warmup_steps)
+
+  def init_fn(params):
+    n = num_modalities(labels, params)
+    zeros = lambda: jnp.zeros((n,), jnp.float32)  # distinct buffers: states get donated
+    return BalanceState(
+        step=jnp.zeros((), jnp.int32),
+        target=jnp.full((), NORMAL_STEP, jnp.int32),
+        window_left=jnp.zeros((), jnp.int32),
+        mu_main=zeros(),
+        mu_fusion=zeros(),
+        accum_main=zeros(),
+        accum_fusion=zeros(),
+        rebalance_steps=jnp.zeros((n,), jnp.int32),
+        update_all=jnp.asarray(update == "all"),
+        inner_state=inner.init(params),
+    )
+
+  def next_mode(state: BalanceState, rebalancing, speeds, n):
+    """(target, window_left) of step state.step + 1, per the method's state machine."""
+    t = state.step
+    if method == "vanilla":
+      return jnp.full((), NORMAL_STEP, jnp.int32), jnp.zeros((), jnp.int32)
+    if method == "random":
+      key = jax.random.fold_in(jax.random.key(seed), t)
+      draw = jax.random.randint(key, (), -1, n, dtype=jnp.int32)  # -1: normal
+      target = jnp.where(t + 1 >= warmup_steps, draw, NORMAL_STEP)
+      return target, (target >= 0).astype(jnp.int32)
+    # guided
+    left = state.window_left - 1
+    start = ~rebalancing & (t >= warmup_steps) & (jnp.abs(speed_gap(speeds)) > alpha)
+    target = jnp.where(
+        rebalancing,
+        jnp.where(left > 0, state.target, NORMAL_STEP),
+        jnp.where(start, jnp.argmax(speeds).astype(jnp.int32), NORMAL_STEP),
+    )
+    window_left = jnp.where(rebalancing, jnp.maximum(left, 0), jnp.where(start, window, 0))
+    return target.astype(jnp.int32), window_left.astype(jnp.int32)
+
+  def update_fn(updates, state: BalanceState, params=None):
+    if params is None:
+      raise ValueError("balanced_multimodal needs the parameters: tx.update(grads, state, params).")
+    parsed = _resolve_labels(labels, params)
+    n = state.accum_main.shape[0]
+    grad_leaves, param_def = jax.tree.flatten(updates)
+    param_leaves = jax.tree.leaves(params)
+
+    # §2: μ from the raw gradients and the parameters before this step's update.
+    g_main, g_fusion = _group_sums(grad_leaves, parsed, n)
+    p_main, p_fusion = _group_sums(param_leaves, parsed, n)
+    mu_main, mu_fusion = _ratio(g_main, p_main), _ratio(g_fusion, p_fusion)
+    rebalancing = state.target >= 0
+    accum_main = jnp.where(rebalancing, state.accum_main, state.accum_main + mu_main)
+    accum_fusion = jnp.where(rebalancing, state.accum_fusion, state.accum_fusion + mu_fusion)
+    speeds = speeds_from_accumulators(accum_main, accum_fusion)
+
+    # §3: masked update. Frozen leaves get a zero gradient, a zero update and their old
+    # optimizer state back, so that no optimizer can move them.
+    moves = _masks(parsed, state.target, state.update_all)
+    masked = [jnp.where(m, g, jnp.zeros_like(g)) for m, g in zip(moves, grad_leaves)]
+    inner_updates, inner_state = inner.update(
+        jax.tree.unflatten(param_def, masked), state.inner_state, params
+    )
+    inner_state = _select_param_state(inner, moves, param_def, inner_state, state.inner_state)
+    new_updates = [
+        jnp.where(m, u, jnp.zeros_like(u)) for m, u in zip(moves, jax.tree.leaves(inner_updates))
+    ]
+
+    target, window_left = next_mode(state, rebalancing, speeds, n)
+    counted = jax.nn.one_hot(state.target, n, dtype=jnp.int32)  # all zeros when normal
+    new_state = BalanceState(
+        step=state.step + 1,
+        target=target,
+        window_left=window_left,
+        mu_main=mu_main,
+        mu_fusion=mu_fusion,
+        accum_main=accum_main,
+        accum_fusion=accum_fusion,
+        rebalance_steps=state.rebalance_steps + counted,
+        update_all=state.update_all,
+        inner_state=inner_state,
+    )
+    return jax.tree.unflatten(param_def, new_updates), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------
+# Reading the state
+
+
+def _unwrap(x):
+  """The array inside an NNX variable (``nnx.Optimizer`` wraps its state), else ``x``."""
+  return x.get_value() if hasattr(x, "get_value") else x
+
+
+def balance_state(opt_state: Any) -> BalanceState:
+  """The :class:`BalanceState` inside an optimizer state (plain optax or ``nnx.Optimizer``)."""
+  found = [
+      s
+      for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, BalanceState))
+      if isinstance(s, BalanceState)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        f"Expected exactly one balanced_multimodal state in the optimizer state, found {len(found)}."
+    )
+  return BalanceState(*(
+      jax.tree.map(_unwrap, field, is_leaf=lambda x: hasattr(x, "get_value"))
+      for field in found[0]
+  ))
+
+
+def rebalance_target(opt_state: Any) -> jax.Array:
+  """Modality that the next step re-balances (int32 scalar), -1 for a normal step."""
+  return balance_state(opt_state).target
+
+
+def modality_speeds(opt_state: Any) -> jax.Array:
+  """Conditional learning speed s_k of every modality (float32[N])."""
+  state = balance_state(opt_state)
+  return speeds_from_accumulators(state.accum_main, state.accum_fusion)
+
+
+def update_mask(opt_state: Any, labels: Labels, tree: Any) -> Any:
+  """Tree of bool scalars: True where a leaf of ``tree`` may change in the next step.
+
+  Applies the rule of the transform's update mode to any tree labelled like the
+  parameters, e.g. BatchNorm statistics, so a train step keeps them in place for the
+  branches that a re-balancing step freezes.
+  """
+  state = balance_state(opt_state)
+  parsed = _resolve_labels(labels, tree)
+  return jax.tree.unflatten(
+      jax.tree.structure(tree), _masks(parsed, state.target, state.update_all)
+  )

@@ -1,0 +1,212 @@
+"""Pure, compiled-once train and eval steps, data-parallel over a ``data`` mesh axis.
+
+The state is a plain pytree (:class:`TrainState`); a step is ``(state, batch) ->
+(state, metrics)``. Under :func:`compile_train_step` the batch is sharded over every
+device on the ``data`` axis and the state is replicated; XLA all-reduces the gradients and
+BatchNorm sees the global batch, so every device takes the same balancing decision.
+
+A batch is ``{"inputs": (x_0, ..., x_{N-1}), "label": int32[B]}``, optionally with
+``"mask"`` (float[B], 0 for padding examples, used by evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gml_jax.balancing import balance_state, speed_gap, speeds_from_accumulators, update_mask
+from gml_jax.models import group_labels
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training run carries from step to step.
+
+  Attributes:
+    step: int32, steps taken.
+    params: the model parameters.
+    model_state: the model's other collections (``batch_stats``, ``fusion_stats``).
+    opt_state: the optimizer state, holding the balancing state.
+  """
+
+  step: jax.Array
+  params: Any
+  model_state: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, **self.model_state}
+
+
+def create_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, example_inputs, seed: int = 0
+) -> TrainState:
+  """Initialises the model on ``example_inputs`` (shapes only matter) and the optimizer."""
+  variables = model.init(jax.random.key(seed), tuple(example_inputs), train=False)
+  params = variables.pop("params")
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      model_state=dict(variables),
+      opt_state=tx.init(params),
+  )
+
+
+# --------------------------------------------------------------------------------------
+# Loss and metrics
+
+
+def branch_losses(branch_logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy of every branch: float[N]. The training loss is their sum."""
+  ce = jax.vmap(optax.softmax_cross_entropy_with_integer_labels, in_axes=(0, None))
+  return jnp.mean(ce(branch_logits, labels), axis=-1)
+
+
+def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Steps
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    labels: Callable[[Any], Any] = group_labels,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The train step of balanced multi-modal learning, uncompiled.
+
+  ``tx`` must contain :func:`gml_jax.balanced_multimodal`. The step reads the re-balancing
+  target from the optimizer state, cuts the flow into that branch in the forward pass,
+  updates the parameters, and keeps the model state (BatchNorm statistics, fusion running
+  means) of the branches that this step freezes. ``labels`` maps any variable collection
+  to its group labels.
+  """
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    target = balance_state(state.opt_state).target
+    collections = list(state.model_state)
+
+    def loss_fn(params):
+      (logits, branch_logits), new_model_state = model.apply(
+          {"params": params, **state.model_state},
+          tuple(batch["inputs"]),
+          train=True,
+          cut=target,
+          mutable=collections,
+      )
+      losses = branch_losses(branch_logits, batch["label"])
+      return jnp.sum(losses), (new_model_state, logits, branch_logits, losses)
+
+    grads, (new_model_state, logits, branch_logits, losses) = jax.grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    moves = update_mask(state.opt_state, labels, new_model_state)
+    model_state = jax.tree.map(
+        lambda m, new, old: jnp.where(m, new, old), moves, new_model_state, state.model_state
+    )
+
+    balance = balance_state(opt_state)
+    speeds = speeds_from_accumulators(balance.accum_main, balance.accum_fusion)
+    metrics = {
+        "loss": jnp.sum(losses),
+        "branch_loss": losses,
+        "accuracy": jnp.mean(_correct(logits, batch["label"])),
+        "branch_accuracy": jnp.mean(_correct(branch_logits, batch["label"]), axis=-1),
+        "mu_main": balance.mu_main,
+        "mu_fusion": balance.mu_fusion,
+        "speeds": speeds,
+        "d_speed": speed_gap(speeds),
+        "target": target,
+        "next_target": balance.target,
+    }
+    new_state = TrainState(
+        step=state.step + 1, params=params, model_state=dict(model_state), opt_state=opt_state
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[TrainState, dict], dict]:
+  """Eval step with normal fusion: sums of correct predictions (fused and per branch)
+  and the number of real examples, so that results add up over batches."""
+
+  def eval_step(state: TrainState, batch: dict) -> dict:
+    logits, branch_logits = model.apply(state.variables, tuple(batch["inputs"]), train=False)
+    weight = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+    losses = jax.vmap(optax.softmax_cross_entropy_with_integer_labels, in_axes=(0, None))(
+        branch_logits, batch["label"]
+    )
+    return {
+        "count": jnp.sum(weight),
+        "correct": jnp.sum(_correct(logits, batch["label"]) * weight),
+        "branch_correct": jnp.sum(_correct(branch_logits, batch["label"]) * weight, axis=-1),
+        "loss_sum": jnp.sum(jnp.sum(losses, axis=0) * weight),
+    }
+
+  return eval_step
+
+
+# --------------------------------------------------------------------------------------
+# Data parallelism
+
+
+def data_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all (or the given) devices with the axis ``data``.
+
+  Built with ``Mesh`` directly: ``jax.make_mesh`` defaults to explicit axis types, under
+  which Flax steps on a batch-sharded input fail to trace.
+  """
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places ``tree`` on every device of ``mesh``."""
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Splits a host batch over the ``data`` axis of ``mesh`` (batch axis first)."""
+  size = mesh.shape[DATA_AXIS]
+  for leaf in jax.tree.leaves(batch):
+    if leaf.shape[0] % size:
+      raise ValueError(
+          f"Batch size {leaf.shape[0]} is not divisible by the {size} devices of the "
+          f"'{DATA_AXIS}' mesh axis; choose a batch size that is a multiple of {size}."
+      )
+  return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+
+def compile_train_step(train_step: Callable, mesh: Mesh) -> Callable:
+  """``jax.jit`` of a train step: state replicated (and donated), batch sharded on ``data``."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      train_step,
+      in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS))),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+  )
+
+
+def compile_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
+  """``jax.jit`` of an eval step: state replicated, batch sharded on ``data``."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      eval_step,
+      in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS))),
+      out_shardings=replicated,
+  )

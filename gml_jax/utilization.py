@@ -1,0 +1,140 @@
+"""Conditional utilization rate (spec §4): how much each branch gains from the others.
+
+A(f_k) is the test accuracy of branch k's prediction ŷ_k with every modality. A(f_k^{-j})
+is the same with modality j's input to the fusion layers removed: in every fusion layer,
+j's squeeze vector is replaced by its mean over the training split (one pass over the
+training data with the trained model in eval mode). Then
+
+    u(m_j | m_k) = (A(f_k) - A(f_k^{-j})) / A(f_k),    d_util = u(m_1|m_0) - u(m_0|m_1).
+
+The paper says d_util lies in [-1, 1]; that holds only when removing a modality never
+helps. Rates are reported as measured, negative values included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gml_jax.fusion import SQUEEZE_MEAN
+
+
+def _weight(batch: dict) -> jax.Array:
+  return batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+
+
+def squeeze_means(model: nn.Module, variables: dict, batches: Iterable[dict]) -> Any:
+  """Mean squeeze vector of every fusion layer and modality over ``batches`` (eval mode).
+
+  Returns the ``squeeze_mean`` collection that :class:`gml_jax.fusion.MMTM` reads when
+  ``drop`` is given.
+  """
+
+  @jax.jit
+  def batch_sums(batch):
+    _, captured = model.apply(
+        variables, tuple(batch["inputs"]), train=False, mutable=["intermediates"]
+    )
+    w = _weight(batch)
+    sums = jax.tree.map(lambda s: jnp.einsum("b,bc->c", w, s), captured["intermediates"])
+    return sums, jnp.sum(w)
+
+  total, count = None, 0.0
+  for batch in batches:
+    sums, n = batch_sums(batch)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    count += float(n)
+  if total is None or count == 0:
+    raise ValueError("squeeze_means needs at least one non-empty batch of training data.")
+  return jax.tree.map(lambda s: s / count, total)
+
+
+@dataclasses.dataclass
+class Utilization:
+  """Conditional utilization rates of an N-modality model.
+
+  Attributes:
+    accuracy: accuracy of the fused prediction ŷ with every modality.
+    branch_accuracy: float[N], A(f_k).
+    ablated_accuracy: float[N, N], entry [j, k] = A(f_k^{-j}): branch k with modality j's
+      squeeze replaced by its training mean (diagonal: NaN).
+    rates: float[N, N], entry [j, k] = u(m_j | m_k) (diagonal: NaN).
+  """
+
+  accuracy: float
+  branch_accuracy: np.ndarray
+  ablated_accuracy: np.ndarray
+  rates: np.ndarray
+
+  @property
+  def d_util(self) -> float:
+    """u(m_1|m_0) - u(m_0|m_1); defined for two modalities."""
+    if self.rates.shape[0] != 2:
+      raise ValueError("d_util is defined for two modalities.")
+    return float(self.rates[1, 0] - self.rates[0, 1])
+
+  def as_dict(self) -> dict:
+    """Flat, JSON-ready values with names like ``u(m1|m0)``."""
+    n = len(self.branch_accuracy)
+    out = {"accuracy": float(self.accuracy)}
+    for k in range(n):
+      out[f"branch_{k}_accuracy"] = float(self.branch_accuracy[k])
+    for j in range(n):
+      for k in range(n):
+        if j != k:
+          out[f"u(m{j}|m{k})"] = float(self.rates[j, k])
+    if n == 2:
+      out["d_util"] = self.d_util
+    return out
+
+
+def conditional_utilization(
+    model: nn.Module,
+    variables: dict,
+    train_batches: Iterable[dict],
+    test_batches: Iterable[dict],
+) -> Utilization:
+  """Measures u(m_j | m_k) for every pair of modalities (spec §4).
+
+  Args:
+    model: a network whose fusion layers are :class:`gml_jax.fusion.MMTM`, called as
+      ``model.apply(variables, inputs, train=False, drop=...)`` and returning
+      ``(ŷ, ŷ_k stacked [N, B, classes])``.
+    variables: the trained model's variables (params and statistics).
+    train_batches: the training split (for the mean squeeze vectors).
+    test_batches: the split to measure accuracies on; iterated N + 1 times.
+  """
+  means = squeeze_means(model, variables, train_batches)
+  with_means = {**variables, SQUEEZE_MEAN: means}
+  test_batches = list(test_batches)
+  n = len(test_batches[0]["inputs"])
+
+  @jax.jit
+  def correct(batch, drop):
+    logits, branch_logits = model.apply(
+        with_means, tuple(batch["inputs"]), train=False, drop=drop
+    )
+    w = _weight(batch)
+    hit = lambda z: (jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32)
+    return jnp.sum(hit(logits) * w), jnp.sum(hit(branch_logits) * w, axis=-1), jnp.sum(w)
+
+  def accuracies(drop):
+    fused, branches, count = 0.0, np.zeros(n), 0.0
+    for batch in test_batches:
+      f, b, c = correct(batch, drop)
+      fused, branches, count = fused + float(f), branches + np.asarray(b), count + float(c)
+    return fused / count, branches / count
+
+  accuracy, branch_accuracy = accuracies(jnp.zeros(n, bool))
+  ablated = np.full((n, n), np.nan)
+  for j in range(n):
+    _, without_j = accuracies(jnp.arange(n) == j)
+    ablated[j] = np.where(np.arange(n) == j, np.nan, without_j)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    rates = (branch_accuracy[None, :] - ablated) / branch_accuracy[None, :]
+  return Utilization(accuracy, branch_accuracy, ablated, rates)

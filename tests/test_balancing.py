@@ -1,0 +1,304 @@
+"""The balancing transform against independent NumPy computations (spec §2, §3)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gml_jax
+from gml_jax.balancing import BalanceState
+
+
+def _tree(rng, shapes):
+  return {name: jnp.asarray(rng.normal(size=shape), jnp.float32) for name, shape in shapes.items()}
+
+
+SHAPES = {
+    "m0_w": (3, 4), "m0_b": (4,), "m1_w": (5,), "m2_w": (2, 2),
+    "f0": (3,), "f1": (2, 3), "f2": (4,), "sq": (6,), "extra": (7,),
+}
+LABELS = {
+    "m0_w": "main:0", "m0_b": "main:0", "m1_w": "main:1", "m2_w": "main:2",
+    "f0": "fusion:0", "f1": "fusion:1", "f2": "fusion:2", "sq": "fusion:shared",
+    "extra": "other",
+}
+
+
+def _problem(n):
+  """Params and labels of an n-modality model (n = 2 drops modality 2's leaves)."""
+  keep = [k for k in SHAPES if not (n == 2 and k in ("m2_w", "f2"))]
+  return {k: SHAPES[k] for k in keep}, {k: LABELS[k] for k in keep}
+
+
+def _numpy_mu(grads, params, labels, n):
+  sq = lambda t, k: float(np.sum(np.square(np.asarray(t[k], np.float64))))
+  mu_main, mu_fusion = np.zeros(n), np.zeros(n)
+  for k in range(n):
+    main = [name for name, lab in labels.items() if lab == f"main:{k}"]
+    fusion = [name for name, lab in labels.items() if lab in (f"fusion:{k}", "fusion:shared")]
+    mu_main[k] = sum(sq(grads, x) for x in main) / sum(sq(params, x) for x in main)
+    mu_fusion[k] = sum(sq(grads, x) for x in fusion) / sum(sq(params, x) for x in fusion)
+  return mu_main, mu_fusion
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_mu_accumulators_and_speeds_match_numpy(n):
+  rng = np.random.default_rng(n)
+  shapes, labels = _problem(n)
+  params = _tree(rng, shapes)
+  tx = gml_jax.balanced_multimodal(optax.sgd(0.05), labels, method="vanilla")
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  accum_main, accum_fusion = np.zeros(n), np.zeros(n)
+  for _ in range(4):
+    grads = _tree(rng, shapes)
+    mu_main, mu_fusion = _numpy_mu(grads, params, labels, n)
+    accum_main, accum_fusion = accum_main + mu_main, accum_fusion + mu_fusion
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(state.mu_main, mu_main, rtol=1e-5)
+    np.testing.assert_allclose(state.mu_fusion, mu_fusion, rtol=1e-5)
+    np.testing.assert_allclose(state.accum_main, accum_main, rtol=1e-5)
+    np.testing.assert_allclose(state.accum_fusion, accum_fusion, rtol=1e-5)
+    speeds = np.log10(accum_fusion / accum_main)
+    np.testing.assert_allclose(gml_jax.modality_speeds(state), speeds, rtol=1e-5, atol=1e-6)
+    gap = speeds[0] - speeds[1] if n == 2 else speeds.max() - speeds.min()
+    np.testing.assert_allclose(gml_jax.speed_gap(gml_jax.modality_speeds(state)), gap, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# State machine on scripted speeds. Parameters are all ones and each group has one leaf,
+# so μ of a group is the square of its gradient value: the test scripts μ directly.
+
+
+def _scripted(n):
+  params = {f"m{k}": jnp.ones(()) for k in range(n)} | {f"f{k}": jnp.ones(()) for k in range(n)}
+  labels = {f"m{k}": f"main:{k}" for k in range(n)} | {f"f{k}": f"fusion:{k}" for k in range(n)}
+  return params, labels
+
+
+def _grads_for(mu_main, mu_fusion):
+  return {f"m{k}": jnp.sqrt(jnp.float32(v)) for k, v in enumerate(mu_main)} | {
+      f"f{k}": jnp.sqrt(jnp.float32(v)) for k, v in enumerate(mu_fusion)
+  }
+
+
+def _run(tx, params, mus):
+  """Targets used at each step, and the states after each step."""
+  state, targets, states = tx.init(params), [], []
+  update = jax.jit(tx.update)
+  for mu_main, mu_fusion in mus:
+    targets.append(int(gml_jax.rebalance_target(state)))
+    _, state = update(_grads_for(mu_main, mu_fusion), state, params)
+    states.append(state)
+  return targets, states
+
+
+def _reference_guided(mus, alpha, window, warmup):
+  """The spec's state machine, written out plainly in NumPy."""
+  n = len(mus[0][0])
+  m_main, m_fus = np.zeros(n), np.zeros(n)
+  target, left, targets = -1, 0, []
+  for t, (mu_main, mu_fusion) in enumerate(mus):
+    targets.append(target)
+    if target >= 0:  # re-balancing step: M frozen, count down the window
+      left -= 1
+      if left == 0:
+        target = -1
+      continue
+    m_main, m_fus = m_main + mu_main, m_fus + mu_fusion
+    s = np.log10(m_fus / m_main)
+    spread = s[0] - s[1] if n == 2 else s.max() - s.min()
+    if t >= warmup and abs(spread) > alpha:
+      target, left = int(np.argmax(s)), window
+  return targets
+
+
+def test_guided_warmup_window_and_both_directions():
+  params, labels = _scripted(2)
+  tx = gml_jax.balanced_multimodal(
+      optax.sgd(0.1), labels, method="guided", alpha=0.1, window=3, warmup_steps=2
+  )
+  # Modality 0 learns mostly through fusion (s_0 = 1, s_1 = 0): re-balance 0.
+  favour_0 = ([1.0, 1.0], [10.0, 1.0])
+  targets, states = _run(tx, params, [favour_0] * 12)
+  assert targets == [-1, -1, -1, 0, 0, 0, -1, 0, 0, 0, -1, 0]
+  # M is frozen during the window (steps 3, 4, 5) and moves on normal steps.
+  accum = [np.asarray(s.accum_main).copy() for s in states]
+  np.testing.assert_array_equal(accum[2], accum[3])
+  np.testing.assert_array_equal(accum[2], accum[5])
+  np.testing.assert_allclose(accum[6], accum[5] + 1.0)
+  assert np.asarray(states[-1].rebalance_steps).tolist() == [targets.count(0), 0] == [7, 0]
+
+  # The other direction: s_1 > s_0 re-balances modality 1.
+  favour_1 = ([1.0, 1.0], [1.0, 10.0])
+  targets, _ = _run(tx, params, [favour_1] * 5)
+  assert targets == [-1, -1, -1, 1, 1]
+
+  # Below the threshold (|d_speed| = log10(1.2) < 0.1): never re-balance.
+  balanced = ([1.0, 1.0], [1.2, 1.0])
+  targets, _ = _run(tx, params, [balanced] * 8)
+  assert targets == [-1] * 8
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_guided_matches_reference_on_random_speeds(n):
+  rng = np.random.default_rng(7 + n)
+  params, labels = _scripted(n)
+  mus = [(rng.uniform(0.5, 2, n), rng.uniform(0.5, 2, n)) for _ in range(60)]
+  tx = gml_jax.balanced_multimodal(
+      optax.sgd(0.1), labels, method="guided", alpha=0.05, window=4, warmup_steps=5
+  )
+  targets, _ = _run(tx, params, mus)
+  assert targets == _reference_guided(mus, alpha=0.05, window=4, warmup=5)
+  assert {t for t in targets if t >= 0} and targets[:6] == [-1] * 6
+
+
+def test_random_method_is_reproducible_and_draws_every_choice():
+  params, labels = _scripted(3)
+  mus = [([1.0] * 3, [1.0] * 3)] * 60
+  make = lambda seed: gml_jax.balanced_multimodal(
+      optax.sgd(0.1), labels, method="random", warmup_steps=10, seed=seed
+  )
+  first, states = _run(make(3), params, mus)
+  again, _ = _run(make(3), params, mus)
+  other, _ = _run(make(4), params, mus)
+  assert first == again
+  assert first != other
+  assert first[:10] == [-1] * 10
+  assert set(first[10:]) == {-1, 0, 1, 2}
+  # M does not move on re-balancing steps of the random method either.
+  for t in range(1, 60):
+    if first[t] >= 0:
+      np.testing.assert_array_equal(states[t].accum_main, states[t - 1].accum_main)
+
+
+def test_vanilla_never_rebalances_but_measures():
+  params, labels = _scripted(2)
+  tx = gml_jax.balanced_multimodal(optax.sgd(0.1), labels, method="vanilla")
+  targets, states = _run(tx, params, [([1.0, 1.0], [100.0, 1.0])] * 6)
+  assert targets == [-1] * 6
+  np.testing.assert_allclose(gml_jax.modality_speeds(states[-1]), [2.0, 0.0], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Masking in re-balancing steps
+
+
+def _forced_rebalance(inner, update, target):
+  """Takes one normal step that triggers re-balancing of ``target``, then the
+  re-balancing step; returns (params, state) before and after the latter."""
+  rng = np.random.default_rng(0)
+  shapes, labels = _problem(2)
+  params = _tree(rng, shapes)
+  tx = gml_jax.balanced_multimodal(inner, labels, alpha=0.0, window=2, update=update)
+  state = tx.init(params)
+  grads = _tree(rng, shapes)
+  # Large gradients on the fusion head into `target` make its speed the largest.
+  grads[f"f{target}"] = grads[f"f{target}"] * 100.0
+  updates, state = tx.update(grads, state, params)
+  params = optax.apply_updates(params, updates)
+  assert int(gml_jax.rebalance_target(state)) == target
+  # In the re-balancing step the fusion head into `target` gets no gradient (as a cut
+  # forward pass would give); everything else does.
+  grads = _tree(rng, shapes)
+  grads[f"f{target}"] = jnp.zeros_like(grads[f"f{target}"])
+  updates, new_state = jax.jit(tx.update)(grads, state, params)
+  return labels, params, state, optax.apply_updates(params, updates), new_state
+
+
+INNERS = {
+    "sgd": lambda: optax.sgd(0.1),
+    "momentum": lambda: optax.sgd(0.1, momentum=0.9),
+    "adam": lambda: optax.adam(0.1),
+}
+
+
+@pytest.mark.parametrize("inner", sorted(INNERS))
+@pytest.mark.parametrize("target", [0, 1])
+def test_branch_update_moves_only_main_k(inner, target):
+  labels, before, state, after, new_state = _forced_rebalance(INNERS[inner](), "branch", target)
+  for name, label in labels.items():
+    moved = not np.array_equal(before[name], after[name])
+    assert moved == (label == f"main:{target}"), (name, label)
+  # The optimizer state of frozen leaves is untouched too (momentum, Adam moments).
+  old_leaves = jax.tree_util.tree_leaves_with_path(state.inner_state)
+  new_leaves = dict(jax.tree_util.tree_leaves_with_path(new_state.inner_state))
+  for path, old in old_leaves:
+    key = getattr(path[-1], "key", None)
+    if key in labels and labels[key] != f"main:{target}":
+      np.testing.assert_array_equal(new_leaves[path], old)
+
+
+@pytest.mark.parametrize("inner", sorted(INNERS))
+def test_all_update_moves_everything_with_a_gradient(inner):
+  labels, before, _, after, _ = _forced_rebalance(INNERS[inner](), "all", 1)
+  for name, label in labels.items():
+    moved = not np.array_equal(before[name], after[name])
+    assert moved == (label != "fusion:1"), (name, label)
+
+
+def test_update_mask_follows_the_mode():
+  labels = {"a": "main:0", "b": "main:1", "f0": "fusion:0", "s": "fusion:shared", "o": "other"}
+  tree = {k: jnp.zeros(()) for k in labels}
+  for update_all, expected in [
+      (False, {"a": False, "b": True, "f0": False, "s": False, "o": False}),
+      (True, {"a": True, "b": True, "f0": True, "s": True, "o": True}),
+  ]:
+    state = BalanceState(*([None] * 10))._replace(
+        target=jnp.int32(1), update_all=jnp.asarray(update_all)
+    )
+    mask = gml_jax.update_mask(state, labels, tree)
+    assert {k: bool(v) for k, v in mask.items()} == expected
+  normal = state._replace(target=jnp.int32(-1), update_all=jnp.asarray(False))
+  assert all(bool(v) for v in gml_jax.update_mask(normal, labels, tree).values())
+
+
+def test_switching_modes_does_not_retrace():
+  params, labels = _scripted(2)
+  tx = gml_jax.balanced_multimodal(optax.adam(0.1), labels, alpha=0.0, window=1)
+  traces = []
+
+  @jax.jit
+  def update(grads, state):
+    traces.append(1)
+    return tx.update(grads, state, params)
+
+  state, seen = tx.init(params), set()
+  for mu in ([1.0, 1.0], [10.0, 1.0]), ([1.0, 1.0], [1.0, 10.0]), ([1.0, 1.0], [10.0, 1.0]):
+    for _ in range(2):
+      seen.add(int(gml_jax.rebalance_target(state)))
+      _, state = update(_grads_for(*mu), state)
+  assert seen == {-1, 0, 1}
+  assert len(traces) == 1
+
+
+# --------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_arguments_are_named():
+  params, labels = _scripted(2)
+  with pytest.raises(ValueError, match="Unknown method 'greedy'"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, method="greedy")
+  with pytest.raises(ValueError, match="Unknown update mode"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, update="some")
+  with pytest.raises(ValueError, match="alpha"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, alpha=-1)
+  with pytest.raises(ValueError, match="window"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, window=0)
+  with pytest.raises(ValueError, match="warmup_steps"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, warmup_steps=-2)
+  with pytest.raises(ValueError, match="Unknown parameter-group label 'main0'"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), {**labels, "m0": "main0"}).init(params)
+  with pytest.raises(ValueError, match="structure"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), {"m0": "main:0"}).init(params)
+  no_fusion = {k: ("main:0" if k.endswith("0") else "main:1") for k in labels}
+  with pytest.raises(ValueError, match="no fusion parameters"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), no_fusion).init(params)
+  tx = gml_jax.balanced_multimodal(optax.sgd(1.0), labels)
+  with pytest.raises(ValueError, match="needs the parameters"):
+    tx.update(params, tx.init(params))
+  with pytest.raises(ValueError, match="found 0"):
+    gml_jax.rebalance_target(optax.sgd(1.0).init(params))
