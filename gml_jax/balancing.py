@@ -246,7 +246,7 @@ def balanced_multimodal(
     >>> grads = {'a': jnp.full(3, 0.1), 'b': jnp.full(3, 1.0), 'fuse': jnp.ones(2)}
     >>> updates, state = tx.update(grads, state, params)
     >>> [round(float(s), 3) for s in gml_jax.modality_speeds(state)]
-    [1.176, -0.824]
+    [2.0, 0.0]
     >>> int(gml_jax.rebalance_target(state))  # s_0 > s_1: modality 0 is re-balanced next
     0
     >>> updates, state = tx.update(grads, state, params)

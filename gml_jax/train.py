@@ -90,8 +90,8 @@ def make_train_step(
   ``tx`` must contain :func:`gml_jax.balanced_multimodal`. The step reads the re-balancing
   target from the optimizer state, cuts the flow into that branch in the forward pass,
   updates the parameters, and keeps the model state (BatchNorm statistics, fusion running
-  means) of the branches that this step freezes. ``labels`` maps any variable collection
-  to its group labels.
+  means) of the branches that this step freezes. ``labels`` maps a variable collection
+  (params, batch_stats, fusion_stats: each laid out like the params) to its group labels.
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -114,10 +114,16 @@ def make_train_step(
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    moves = update_mask(state.opt_state, labels, new_model_state)
-    model_state = jax.tree.map(
-        lambda m, new, old: jnp.where(m, new, old), moves, new_model_state, state.model_state
-    )
+    # Each collection is laid out like the params, so the same labels apply to it.
+    model_state = {
+        name: jax.tree.map(
+            lambda m, new, old: jnp.where(m, new, old),
+            update_mask(state.opt_state, labels, new),
+            new,
+            state.model_state[name],
+        )
+        for name, new in new_model_state.items()
+    }
 
     balance = balance_state(opt_state)
     speeds = speeds_from_accumulators(balance.accum_main, balance.accum_fusion)
@@ -134,7 +140,7 @@ def make_train_step(
         "next_target": balance.target,
     }
     new_state = TrainState(
-        step=state.step + 1, params=params, model_state=dict(model_state), opt_state=opt_state
+        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
     )
     return new_state, metrics
 

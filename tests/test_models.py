@@ -1,0 +1,69 @@
+"""Network structure: parameter counts, fusion placement, group labels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gml_jax
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _shapes(model, inputs):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, train=False))
+
+
+def test_resnet18_pair_matches_known_architecture():
+  model = gml_jax.resnet18_fusion(num_classes=40)
+  variables = _shapes(model, [jnp.zeros((1, 64, 64, 3))] * 2)
+  params = variables["params"]
+  # torchvision's resnet18 has 11,689,512 parameters, of which 513,000 in its 1000-way fc.
+  trunk = 11_689_512 - 513_000
+  for k in range(2):
+    assert _count(params[f"branches_{k}"]) == trunk + 512 * 40 + 40
+  # MMTM after layer2, layer3, layer4: C = 128, 256, 512 per branch, squeeze to C.
+  for i, c in enumerate((128, 256, 512)):
+    fusion = params[f"fusion_{i}"]
+    assert fusion["squeeze"]["kernel"].shape == (2 * c, c)
+    assert fusion["excite_0"]["kernel"].shape == fusion["excite_1"]["kernel"].shape == (c, c)
+  assert sorted(params) == ["branches_0", "branches_1", "fusion_0", "fusion_1", "fusion_2"]
+
+
+def test_small_cnn_matches_spec_layers():
+  model = gml_jax.small_cnn_fusion(num_classes=10)
+  params = _shapes(model, [jnp.zeros((1, 28, 28, 1)), jnp.zeros((1, 28, 28, 3))])["params"]
+  conv_bn = lambda cin, cout, k: k * k * cin * cout + 2 * cout
+  gray = conv_bn(1, 32, 5) + conv_bn(32, 32, 3) + conv_bn(32, 64, 3) + conv_bn(64, 64, 3) + 650
+  assert _count(params["branches_0"]) == gray
+  assert _count(params["branches_1"]) == gray + 5 * 5 * 2 * 32  # 3 input channels, not 1
+  # MMTM after stage 2 and stage 3, both on 64 + 64 channels: 128 -> 64 -> 2 x 64.
+  for i in range(2):
+    assert _count(params[f"fusion_{i}"]) == 128 * 64 + 64 + 2 * (64 * 64 + 64)
+
+
+def test_group_labels_cover_every_collection():
+  model = gml_jax.small_cnn_fusion(num_classes=10, num_modalities=3, width=4)
+  variables = model.init(jax.random.key(0), [jnp.zeros((1, 8, 8, 1))] * 3, train=False)
+  labels = gml_jax.group_labels(variables["params"])
+  assert set(jax.tree.leaves(labels)) == {
+      "main:0", "main:1", "main:2", "fusion:0", "fusion:1", "fusion:2", "fusion:shared"}
+  assert set(jax.tree.leaves(labels["branches_2"])) == {"main:2"}
+  assert labels["fusion_1"]["excite_2"] == {"kernel": "fusion:2", "bias": "fusion:2"}
+  assert set(jax.tree.leaves(labels["fusion_0"]["squeeze"])) == {"fusion:shared"}
+  stats = gml_jax.group_labels(variables["fusion_stats"])
+  assert stats["fusion_0"]["excitation_mean_1"] == "fusion:1"
+  assert set(jax.tree.leaves(gml_jax.group_labels(variables["batch_stats"]))) == {
+      "main:0", "main:1", "main:2"}
+
+
+def test_network_rejects_bad_layouts():
+  stages = lambda: gml_jax.models.small_cnn_stages(4)
+  bad_fusion = gml_jax.fusion_network(stages, 2, 3, fusion_after=(1, 5))
+  with pytest.raises(ValueError, match="fusion_after"):
+    bad_fusion.init(jax.random.key(0), [jnp.zeros((1, 8, 8, 1))] * 2, train=False)
+  model = gml_jax.small_cnn_fusion(3, width=4)
+  with pytest.raises(ValueError, match="Expected 2 modality inputs, got 3"):
+    model.init(jax.random.key(0), [jnp.zeros((1, 8, 8, 1))] * 3, train=False)

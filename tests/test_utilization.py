@@ -1,0 +1,78 @@
+"""Conditional utilization rate on a hand-built model whose answer is derived by hand."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gml_jax
+
+
+class Identity(nn.Module):
+  @nn.compact
+  def __call__(self, x, train):
+    return x
+
+
+def _constructed_model():
+  """Two 1-channel modalities, MMTM after an identity stage, linear heads.
+
+  Branch 0 sees a constant input; its feature is gated by e_0 = sigmoid(20 relu(s_1) - 10),
+  so it predicts class 1 exactly when m_1 = +1: it relies entirely on m_1. Branch 1 reads
+  the sign of m_1 and ignores m_0 (e_1 = sigmoid(10), whatever the squeeze)."""
+  model = gml_jax.FusionNetwork(
+      branches=[gml_jax.Branch((Identity(),), 2), gml_jax.Branch((Identity(),), 2)],
+      fusion_after=(0,),
+  )
+  params = {
+      "fusion_0": {
+          "squeeze": {"kernel": jnp.array([[0.0], [1.0]]), "bias": jnp.zeros(1)},
+          "excite_0": {"kernel": jnp.array([[20.0]]), "bias": jnp.array([-10.0])},
+          "excite_1": {"kernel": jnp.array([[0.0]]), "bias": jnp.array([10.0])},
+      },
+      "branches_0": {"head": {"kernel": jnp.array([[-1.0, 1.0]]), "bias": jnp.array([0.5, -0.5])}},
+      "branches_1": {"head": {"kernel": jnp.array([[-1.0, 1.0]]), "bias": jnp.zeros(2)}},
+  }
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), [jnp.zeros((1, 1, 1, 1))] * 2, train=False))
+  jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), shapes["params"], params)
+  stats = jax.tree.map(jnp.zeros_like, shapes["fusion_stats"])
+  return model, {"params": params, "fusion_stats": stats}
+
+
+def _batch(labels, mask=None):
+  labels = np.asarray(labels, np.int32)
+  m1 = np.where(labels == 1, 1.0, -1.0).astype(np.float32)[:, None, None, None]
+  batch = {"inputs": (np.ones_like(m1), m1), "label": labels}
+  return batch if mask is None else batch | {"mask": np.asarray(mask, np.float32)}
+
+
+def test_known_utilization():
+  model, variables = _constructed_model()
+  # Training split: 6 of 10 real examples are class 1, so the mean squeeze of m_1 is 0.2,
+  # e_0 = sigmoid(-6) and branch 0 predicts class 0 for every example once m_1 is
+  # removed. The padded examples (mask 0, class 1) would flip that if they were counted.
+  train = [_batch([1, 1, 1, 0, 0, 1, 1, 1], mask=[1, 1, 1, 1, 1, 0, 0, 0]),
+           _batch([1, 1, 1, 0, 0, 1, 1, 1], mask=[1, 1, 1, 1, 1, 0, 0, 0])]
+  test = [_batch([1, 0, 1, 0]), _batch([0, 0, 1, 0])]  # 3 of 8 are class 1
+  result = gml_jax.conditional_utilization(model, variables, train, test)
+
+  np.testing.assert_allclose(result.branch_accuracy, [1.0, 1.0])
+  assert result.accuracy == 1.0
+  # Without m_1, branch 0 predicts class 0 always: accuracy 5/8, u(m1|m0) = 3/8.
+  np.testing.assert_allclose(result.ablated_accuracy[1, 0], 5 / 8)
+  # m_0 is constant, so replacing it by its mean changes nothing for branch 1.
+  np.testing.assert_allclose(result.ablated_accuracy[0, 1], 1.0)
+  np.testing.assert_allclose(result.rates[1, 0], 3 / 8)
+  np.testing.assert_allclose(result.rates[0, 1], 0.0)
+  assert result.d_util == 3 / 8
+  summary = result.as_dict()
+  assert summary["u(m1|m0)"] == 3 / 8 and summary["u(m0|m1)"] == 0.0 and summary["d_util"] == 3 / 8
+
+
+def test_squeeze_means_are_training_means():
+  model, variables = _constructed_model()
+  train = [_batch([1, 0, 1, 1]), _batch([0, 0], mask=[1, 0])]
+  means = gml_jax.squeeze_means(model, variables, train)
+  np.testing.assert_allclose(means["fusion_0"]["squeeze_1"], [(1 - 1 + 1 + 1 - 1) / 5])
+  np.testing.assert_allclose(means["fusion_0"]["squeeze_0"], [1.0])
