@@ -250,7 +250,7 @@ def balanced_multimodal(
     >>> int(gml_jax.rebalance_target(state))  # s_0 > s_1: modality 0 is re-balanced next
     0
     >>> updates, state = tx.update(grads, state, params)
-    >>> [float(u[0]) for u in (updates['a'], updates['b'], updates['fuse'])]
+    >>> [round(float(u[0]), 4) for u in (updates['a'], updates['b'], updates['fuse'])]
     [-0.01, 0.0, 0.0]
 
   Args:

@@ -1,0 +1,33 @@
+# gml_jax: `make demo` runs the main job, `make test` runs the tests. Both install first.
+#
+# The virtual environment uses python3.12 when one runs here (it takes current JAX
+# releases), else python3 (3.11 takes JAX 0.10.x); override with `make PYTHON=...`.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 python3; do \
+  $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; done)
+ARGS ?=
+
+.PHONY: help install test demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install: $(VENV)/.installed  ## create $(VENV) and install gml_jax with its test tools
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; run make PYTHON=/path/to/python3.12"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+test: install  ## run the test suite (CPU, 8 simulated devices, no network)
+	$(PY) -m pytest
+
+demo: install  ## vanilla vs random vs guided on the synthetic task; pass flags with ARGS="..."
+	$(PY) -m gml_jax.demo $(ARGS)
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) *.egg-info .pytest_cache
