@@ -186,15 +186,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """Splits a host batch over the ``data`` axis of ``mesh`` (batch axis first)."""
+  """This process's part of a batch -> global arrays split over the ``data`` axis.
+
+  With one process the part is the whole batch; with several, each passes its own rows
+  and the global batch is their concatenation in process order.
+  """
   size = mesh.shape[DATA_AXIS]
   for leaf in jax.tree.leaves(batch):
-    if leaf.shape[0] % size:
+    global_size = leaf.shape[0] * jax.process_count()
+    if global_size % size:
       raise ValueError(
-          f"Batch size {leaf.shape[0]} is not divisible by the {size} devices of the "
+          f"Batch size {global_size} is not divisible by the {size} devices of the "
           f"'{DATA_AXIS}' mesh axis; choose a batch size that is a multiple of {size}."
       )
-  return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def compile_train_step(train_step: Callable, mesh: Mesh) -> Callable:

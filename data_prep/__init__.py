@@ -1,0 +1,1 @@
+"""tensorflow-datasets builders of gml_jax's experiments (one sub-package each)."""

@@ -1,0 +1,112 @@
+"""Input pipeline: tfds builders of ``data_prep/`` read with grain, placed on the mesh.
+
+Datasets are found by name: ``data.name = "colored_mnist"`` uses
+``data_prep.colored_mnist.Builder``. The dataset is built on first use into
+``data.data_dir`` (array_record, no TensorFlow needed) and read back as a random-access
+data source, so a run can resume at any step: the order of epoch e is a fixed function of
+(seed, e), and step s reads batch s mod steps_per_epoch of epoch s // steps_per_epoch.
+
+Every process reads only its shard of a split (``jax.process_index()``); the global batch
+is assembled across processes by :func:`gml_jax.train.shard_batch`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+# Per dataset: the feature of each modality, in modality order.
+MODALITIES = {"colored_mnist": ("gray", "colored")}
+
+
+def _builder_module(name: str):
+  try:
+    return importlib.import_module(f"data_prep.{name}")
+  except ModuleNotFoundError as e:
+    raise ValueError(
+        f"Unknown dataset {name!r}: expected a builder package data_prep/{name}/ "
+        f"(known: {sorted(MODALITIES)}).") from e
+
+
+def load_builder(data_config):
+  """The prepared tfds builder of ``data_config`` (building it if needed).
+
+  ``data_config`` fields: ``name``, ``builder_config``, ``data_dir``, ``manual_dir``
+  (optional; when given it must hold the dataset's manual files).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  module = _builder_module(data_config.name)
+  manual_dir = data_config.get("manual_dir") or None
+  if manual_dir is not None:
+    check = getattr(module, "check_manual_dir", None)
+    if check is not None:
+      check(manual_dir)
+  builder = module.Builder(config=data_config.builder_config,
+                           data_dir=data_config.data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    print(f"Building {builder.name}/{data_config.builder_config} in {data_config.data_dir} ...")
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def to_model_batch(examples: dict, modalities: tuple[str, ...]) -> dict:
+  """uint8 images -> float32 in [0, 1], as ``{"inputs": (m_0, m_1, ...), "label"}``."""
+  return {
+      "inputs": tuple(np.asarray(examples[m], np.float32) / 255.0 for m in modalities),
+      "label": np.asarray(examples["label"], np.int32),
+  }
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"batch_size {global_batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes.")
+  return global_batch_size // jax.process_count()
+
+
+def steps_per_epoch(source, global_batch_size: int) -> int:
+  """Full global batches per epoch (the remainder of an epoch is dropped in training)."""
+  steps = len(source) // jax.process_count() // local_batch_size(global_batch_size)
+  if steps == 0:
+    raise ValueError(f"The training split ({len(source)} examples) is smaller than one batch "
+                     f"of {global_batch_size}.")
+  return steps
+
+
+def train_batches(source, modalities, global_batch_size: int, seed: int, epoch: int,
+                  start: int = 0) -> Iterator[dict]:
+  """This process's batches of epoch ``epoch``, from batch ``start`` on."""
+  ds = grain.MapDataset.source(source).shuffle(seed=_epoch_seed(seed, epoch))
+  ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
+  ds = ds[start : steps_per_epoch(source, global_batch_size)]
+  ds = ds.map(lambda examples: to_model_batch(examples, modalities))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
+
+
+def eval_batches(source, modalities, global_batch_size: int) -> Iterator[dict]:
+  """Every example of this process's shard once; the last batch is padded and carries
+  ``mask`` (0 on padding)."""
+  local = local_batch_size(global_batch_size)
+  ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+  for start in range(0, len(ds), local):
+    idx = np.arange(start, start + local)
+    examples = [ds[int(i)] for i in np.minimum(idx, len(ds) - 1)]
+    stacked = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    yield to_model_batch(stacked, modalities) | {"mask": (idx < len(ds)).astype(np.float32)}
+
+
+def default_data_dir() -> str:
+  return str(pathlib.Path("~/tensorflow_datasets").expanduser())

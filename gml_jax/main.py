@@ -1,0 +1,67 @@
+r"""Trains and evaluates one experiment config.
+
+  python -m gml_jax.main --config experiments/colored_mnist.py:guided --workdir runs/cm_guided
+  python -m gml_jax.main --config experiments/colored_mnist.py:vanilla --workdir runs/cm_v \
+      --config.num_epochs=20 --config.balance.update=all
+
+--config is a Python file with get_config(variant); every field can be overridden with
+--config.<field>=<value> (an unknown field is an error). Running again with the same
+--workdir resumes the run from its latest checkpoint. See gml_jax/trainer.py for what a
+run writes.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gml_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config: path/to/config.py[:variant], e.g. "
+    "experiments/colored_mnist.py:guided (variants: vanilla, random, guided).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for the run's config, metrics, checkpoints, summary and "
+    "plots; an existing one of the same config is resumed.")
+_STOP_AFTER_STEPS = flags.DEFINE_integer(
+    "stop_after_steps", None, "Checkpoint and stop once this many steps are done (the run "
+    "resumes from there when started again).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def format_summary(summary: dict) -> str:
+  """The final table: accuracies, utilization rates, re-balancing share, speed."""
+  lines = [f"{summary['experiment']} / {summary['method']} (update={summary['update']}, "
+           f"data: {summary['data_source']}), best validation accuracy "
+           f"{summary['best_val_accuracy']:.4f} at step {summary['best_step']}", ""]
+  n = len([k for k in summary if k.startswith("test_branch_")])
+  lines.append(f"{'':24}{'fused':>8}" + "".join(f"{f'branch {k}':>10}" for k in range(n)))
+  for split, prefix in (("test", "test_"), ("test_biased", "test_biased_")):
+    lines.append(f"{split + ' accuracy':24}{summary[prefix + 'accuracy']:>8.4f}" + "".join(
+        f"{summary[f'{prefix}branch_{k}_accuracy']:>10.4f}" for k in range(n)))
+  lines.append("")
+  for key in [k for k in summary if k.startswith("u(")] + ["d_util"]:
+    if key in summary:
+      lines.append(f"{key:24}{summary[key]:>+8.4f}")
+  shares = ", ".join(f"m{k} {summary[f'rebalance_share_m{k}']:.1%}" for k in range(n))
+  lines.append(f"{'re-balancing steps':24}{shares}")
+  lines.append(f"{'training':24}{summary['steps']} steps, {summary['train_seconds']:.1f} s, "
+               f"{summary['samples_per_s']:.0f} samples/s")
+  return "\n".join(lines)
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # keep tfds/orbax INFO lines off the console
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  workdir = _WORKDIR.value
+  summary = trainer.train_and_evaluate(_CONFIG.value, workdir, _STOP_AFTER_STEPS.value)
+  if summary is None:
+    print(f"Stopped after {_STOP_AFTER_STEPS.value} steps; run again to resume.")
+    return
+  print("\n" + format_summary(summary))
+  print(f"\nSummary: {workdir}/summary.json   plots: {workdir}/plots/   "
+        f"TensorBoard: tensorboard --logdir {workdir}/tensorboard")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,75 @@
+"""PNG plots of a run: speeds with re-balancing steps, accuracies, utilization rates."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def speeds(step_rows: list[dict], path: pathlib.Path) -> None:
+  """s_k and d_speed over training; re-balancing steps marked per modality."""
+  steps = np.array([r["step"] for r in step_rows])
+  n = len([k for k in step_rows[0] if k.startswith("s_")])
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
+                                    gridspec_kw={"height_ratios": [3, 1]})
+  for k in range(n):
+    top.plot(steps, [r[f"s_{k}"] for r in step_rows], label=f"$s_{k}$")
+  top.plot(steps, [r["d_speed"] for r in step_rows], "k--", lw=1, label="d_speed")
+  top.axhline(0, color="grey", lw=0.5)
+  top.set_ylabel("conditional learning speed (log10)")
+  top.legend(loc="best")
+  targets = np.array([r["target"] for r in step_rows])
+  for k in range(n):
+    hit = steps[targets == k]
+    bottom.vlines(hit, k - 0.4, k + 0.4, color=f"C{k}", lw=0.8)
+  bottom.set_yticks(range(n), [f"re-bal. m{k}" for k in range(n)])
+  bottom.set_ylim(-0.6, n - 0.4)
+  bottom.set_xlabel("step")
+  share = ", ".join(f"m{k}: {np.mean(targets == k):.0%}" for k in range(n))
+  top.set_title(f"Conditional learning speeds (re-balancing steps {share})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def accuracy(epoch_rows: list[dict], path: pathlib.Path) -> None:
+  """Per-branch (and fused) train and validation accuracy per epoch."""
+  epochs = [r["epoch"] for r in epoch_rows]
+  keys = sorted({k[len("val_"):] for k in epoch_rows[0]
+                 if k.startswith("val_") and k.endswith("accuracy")})
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for i, key in enumerate(keys):
+    label = key.replace("_accuracy", "").replace("_", " ") if key != "accuracy" else "fused ŷ"
+    ax.plot(epochs, [r.get(f"train_{key}", np.nan) for r in epoch_rows], color=f"C{i}",
+            ls="--", label=f"{label} (train)")
+    ax.plot(epochs, [r[f"val_{key}"] for r in epoch_rows], color=f"C{i}", marker="o",
+            label=f"{label} (validation)")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(0, 1.02)
+  ax.legend(loc="lower right", fontsize="small")
+  ax.set_title("Accuracy per branch")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def utilization(summary: dict, path: pathlib.Path) -> None:
+  """Bars of the conditional utilization rates u(m_j|m_k) and d_util."""
+  keys = [k for k in summary if k.startswith("u(")] + (["d_util"] if "d_util" in summary else [])
+  values = [summary[k] for k in keys]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.bar(keys, values, color=["C0" if v >= 0 else "C3" for v in values])
+  ax.axhline(0, color="grey", lw=0.5)
+  for i, v in enumerate(values):
+    ax.annotate(f"{v:+.3f}", (i, v), ha="center", va="bottom" if v >= 0 else "top")
+  ax.set_ylabel("rate (negative: removing the modality helped)")
+  ax.set_title(f"Conditional utilization ({summary.get('method', '')}, test split)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,375 @@
+"""The experiment trainer: ``train_and_evaluate(config, workdir)``.
+
+A run leaves in its workdir:
+
+* ``config.json``: the resolved config (a workdir of another config is refused);
+* ``metrics/steps.jsonl`` (every step: loss, accuracies, μ, s_k, d_speed, target) and
+  ``metrics/epochs.jsonl`` (train and validation accuracy per branch), with CSV copies, and
+  TensorBoard event files in ``tensorboard/``;
+* ``checkpoints/latest`` and ``checkpoints/best`` (best validation accuracy; never test):
+  orbax checkpoints of the whole train state (parameters, BatchNorm statistics, fusion
+  running means, optimizer and balancing state) and the data position;
+* ``summary.json``: test accuracy of ŷ and of each branch, ``test_biased`` accuracy,
+  conditional utilization rates and d_util, share of re-balancing steps per modality,
+  wall time and samples/s (all from the best checkpoint);
+* ``plots/``: speeds.png (s_0, s_1, d_speed with re-balancing steps marked),
+  accuracy.png (per-branch train/validation accuracy), utilization.png.
+
+Running again with the same workdir resumes from the latest checkpoint: all randomness is
+a function of (seed, step), so the resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from gml_jax import input_pipeline, models, plots
+from gml_jax.balancing import balanced_multimodal
+from gml_jax.train import (TrainState, compile_eval_step, compile_train_step,
+                           create_train_state, data_mesh, make_eval_step, make_train_step,
+                           replicate, shard_batch)
+from gml_jax.utilization import conditional_utilization
+
+# --------------------------------------------------------------------------------------
+# Building blocks from the config
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, num_modalities: int):
+  if config.model.name == "small_cnn":
+    return models.fusion_network(lambda: models.small_cnn_stages(config.model.width),
+                                 num_modalities, num_classes, fusion_after=(1, 2),
+                                 ratio=config.model.ratio)
+  if config.model.name == "resnet18":
+    return models.fusion_network(models.resnet18_stages, num_modalities, num_classes,
+                                 fusion_after=(2, 3, 4), ratio=config.model.ratio)
+  raise ValueError(f"Unknown model.name {config.model.name!r}; expected small_cnn or resnet18.")
+
+
+def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  o = config.optimizer
+  if o.name == "sgd":
+    inner = optax.sgd(o.learning_rate, momentum=o.momentum or None)
+  elif o.name == "adam":
+    inner = optax.adam(o.learning_rate)
+  else:
+    raise ValueError(f"Unknown optimizer.name {o.name!r}; expected sgd or adam.")
+  if o.weight_decay:
+    inner = optax.chain(optax.add_decayed_weights(o.weight_decay), inner)
+  b = config.balance
+  return balanced_multimodal(
+      inner, models.group_labels, method=b.method, alpha=b.alpha, window=b.window,
+      warmup_steps=b.warmup_epochs * steps_per_epoch, update=b.update_mode, seed=config.seed)
+
+
+# --------------------------------------------------------------------------------------
+# Workdir: config, logs, checkpoints
+
+
+def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json, or refuses a workdir that holds a run of another config."""
+  path = workdir / "config.json"
+  current = json.loads(config.to_json_best_effort(sort_keys=True))
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved != current:
+      diff = sorted(k for k in _flatten(saved).keys() | _flatten(current).keys()
+                    if _flatten(saved).get(k) != _flatten(current).get(k))
+      raise ValueError(
+          f"Workdir {workdir} holds a run of another config (differs in: {', '.join(diff)}). "
+          "Use a new --workdir, or the same config to resume that run.")
+    return
+  _atomic_write(path, json.dumps(current, indent=2, sort_keys=True))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+class MetricLog:
+  """Append-only JSON lines, cut back to a step on resume, with a CSV copy on flush."""
+
+  def __init__(self, path: pathlib.Path, resume_step: int):
+    self.path = path
+    rows = []
+    if path.exists():  # rows past the restored checkpoint belong to the lost future
+      rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+      rows = [r for r in rows if r["step"] <= resume_step]
+    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    self.rows = rows
+
+  def append(self, rows: list[dict]) -> None:
+    self.rows += rows
+    with self.path.open("a") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+
+  def write_csv(self) -> None:
+    if not self.rows:
+      return
+    keys = list(dict.fromkeys(k for r in self.rows for k in r))
+    with self.path.with_suffix(".csv").open("w", newline="") as f:
+      writer = csv.DictWriter(f, keys)
+      writer.writeheader()
+      writer.writerows(self.rows)
+
+
+def _checkpoint_manager(path: pathlib.Path) -> ocp.CheckpointManager:
+  # Orbax writes into a temporary directory and renames it when complete: a run killed
+  # mid-save leaves the previous checkpoint intact.
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=1))
+
+
+def _save(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
+  manager.save(int(meta["step"]), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  manager.wait_until_finished()
+
+
+def _restore(manager: ocp.CheckpointManager, target: TrainState) -> tuple[TrainState, dict]:
+  step = manager.latest_step()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax reports structure/shape mismatches in many ways
+    raise ValueError(
+        f"Checkpoint {manager.directory}/{step} does not fit this model and optimizer "
+        f"(saved by another config or code version?): {e}") from e
+  return restored.state, restored.meta
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(eval_step, state, source, modalities, batch_size, mesh) -> dict:
+  """Accuracy and loss of ŷ and of each branch over a whole split (normal fusion)."""
+  totals = None
+  for batch in input_pipeline.eval_batches(source, modalities, batch_size):
+    sums = eval_step(state, shard_batch(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  out = {"accuracy": float(totals["correct"]) / count,
+         "loss": float(totals["loss_sum"]) / count}
+  for k, c in enumerate(totals["branch_correct"]):
+    out[f"branch_{k}_accuracy"] = float(c) / count
+  return out
+
+
+def _step_rows(metrics: list[dict], first_step: int) -> list[dict]:
+  """Per-step metric dicts (fetched together, one host sync) -> JSON rows."""
+  rows = []
+  for i, m in enumerate(jax.device_get(metrics)):
+    row = {"step": first_step + i, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+           "d_speed": float(m["d_speed"]), "target": int(m["target"])}
+    for k in range(len(m["speeds"])):
+      row |= {f"branch_{k}_accuracy": float(m["branch_accuracy"][k]),
+              f"s_{k}": float(m["speeds"][k]), f"mu_main_{k}": float(m["mu_main"][k]),
+              f"mu_fusion_{k}": float(m["mu_fusion"][k])}
+    rows.append(row)
+  return rows
+
+
+# --------------------------------------------------------------------------------------
+# The run
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after_steps: int | None = None) -> dict | None:
+  """Trains and evaluates ``config`` in ``workdir``; returns the summary (None when
+  stopped early by ``stop_after_steps``, for a later resume)."""
+  workdir = pathlib.Path(workdir).expanduser().resolve()
+  is_writer = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)
+  if is_writer:
+    check_workdir_config(workdir, config)
+
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config.data_dir = str(pathlib.Path(config.data.data_dir).expanduser())
+  builder = input_pipeline.load_builder(data_config)
+  sources = builder.as_data_source()
+  modalities = input_pipeline.MODALITIES[config.data.name]
+  num_classes = builder.info.features["label"].num_classes
+  spe = input_pipeline.steps_per_epoch(sources["train"], config.batch_size)
+  total_steps = config.num_epochs * spe
+
+  mesh = data_mesh()
+  model = build_model(config, num_classes, len(modalities))
+  tx = build_optimizer(config, spe)
+  first = {k: np.asarray(v)[None] for k, v in sources["train"][0].items()}
+  example = input_pipeline.to_model_batch(first, modalities)["inputs"]
+  state = replicate(create_train_state(model, tx, example, config.seed), mesh)
+  train_step = compile_train_step(make_train_step(model, tx), mesh)
+  eval_step = compile_eval_step(make_eval_step(model), mesh)
+
+  latest = _checkpoint_manager(workdir / "checkpoints" / "latest")
+  best = _checkpoint_manager(workdir / "checkpoints" / "best")
+  meta = {"step": 0, "best_val_accuracy": -1.0, "best_step": -1, "train_seconds": 0.0}
+  if latest.latest_step() is not None:
+    state, meta = _restore(latest, state)
+    print(f"Resuming {workdir} from step {meta['step']}.")
+  step = int(meta["step"])
+  step_log = MetricLog(_metrics_dir(workdir) / "steps.jsonl", step) if is_writer else None
+  epoch_log = MetricLog(_metrics_dir(workdir) / "epochs.jsonl", step) if is_writer else None
+  tb = _tensorboard(workdir) if is_writer else None
+
+  def checkpoint(manager):
+    meta.update(step=step)
+    _save(manager, state, meta)
+
+  pending, pending_from = [], step
+  started = time.perf_counter()
+  bar = tqdm(total=total_steps, initial=step, unit="step", desc=config.experiment,
+             disable=not is_writer)
+  while step < total_steps:
+    epoch, start = divmod(step, spe)
+    for batch in input_pipeline.train_batches(sources["train"], modalities, config.batch_size,
+                                              config.seed, epoch, start):
+      state, metrics = train_step(state, shard_batch(batch, mesh))
+      pending.append(metrics)
+      step += 1
+      bar.update()
+      at_epoch_end = step % spe == 0
+      stopping = stop_after_steps is not None and step >= stop_after_steps
+      if len(pending) >= config.log_every_steps or at_epoch_end or stopping:
+        rows = _step_rows(pending, pending_from)
+        pending, pending_from = [], step
+        last = rows[-1]
+        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}",
+                        d_speed=f"{last['d_speed']:+.3f}")
+        if is_writer:
+          step_log.append(rows)
+          _tb_write(tb, rows)
+      if at_epoch_end:
+        meta["train_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
+        val = evaluate(eval_step, state, sources["validation"], modalities,
+                       config.eval_batch_size, mesh)
+        if is_writer:
+          this_epoch = [r for r in step_log.rows if step - spe <= r["step"] < step]
+          row = _epoch_row(epoch + 1, step, this_epoch, val)
+          epoch_log.append([row])
+          _tb_write(tb, [row], prefix="epoch/")
+        if val["accuracy"] > meta["best_val_accuracy"]:
+          meta.update(best_val_accuracy=val["accuracy"], best_step=step)
+          checkpoint(best)
+        checkpoint(latest)
+        started = time.perf_counter()
+      elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        checkpoint(latest)
+      if stopping:
+        meta["train_seconds"] += time.perf_counter() - started
+        checkpoint(latest)
+        bar.close()
+        if is_writer:
+          step_log.write_csv()
+          epoch_log.write_csv()
+        return None
+  bar.close()
+
+  # Final evaluation with the best checkpoint (chosen on validation accuracy).
+  state, _ = _restore(best, state)
+  summary = final_summary(config, model, eval_step, state, sources, modalities, mesh, meta,
+                          builder, step_log.rows if is_writer else [])
+  if is_writer:
+    step_log.write_csv()
+    epoch_log.write_csv()
+    _atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
+    plot_dir = workdir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    plots.speeds(step_log.rows, plot_dir / "speeds.png")
+    plots.accuracy(epoch_log.rows, plot_dir / "accuracy.png")
+    plots.utilization(summary, plot_dir / "utilization.png")
+    tb.close()
+  return summary
+
+
+def _metrics_dir(workdir: pathlib.Path) -> pathlib.Path:
+  path = workdir / "metrics"
+  path.mkdir(exist_ok=True)
+  return path
+
+
+def _epoch_row(epoch: int, step: int, step_rows: list[dict], val: dict) -> dict:
+  """Mean training metrics over the epoch's steps, validation metrics, last speeds."""
+  row = {"epoch": epoch, "step": step}
+  keys = [k for k in step_rows[0] if k == "loss" or k.endswith("accuracy")]
+  row |= {f"train_{k}": float(np.mean([r[k] for r in step_rows])) for k in keys}
+  row |= {f"val_{k}": v for k, v in val.items()}
+  row |= {k: v for k, v in step_rows[-1].items() if k.startswith("s_") or k == "d_speed"}
+  return row
+
+
+def final_summary(config, model, eval_step, state, sources, modalities, mesh, meta, builder,
+                  step_rows) -> dict:
+  test = evaluate(eval_step, state, sources["test"], modalities, config.eval_batch_size, mesh)
+  biased = evaluate(eval_step, state, sources["test_biased"], modalities,
+                    config.eval_batch_size, mesh)
+  util = conditional_utilization(
+      model, state.variables,
+      (shard_batch(b, mesh) for b in input_pipeline.eval_batches(
+          sources["train"], modalities, config.eval_batch_size)),
+      (shard_batch(b, mesh) for b in input_pipeline.eval_batches(
+          sources["test"], modalities, config.eval_batch_size)))
+  targets = np.asarray([r["target"] for r in step_rows]) if step_rows else np.zeros(0)
+  steps = int(meta["step"])
+  summary = {
+      "experiment": config.experiment,
+      "method": config.balance.method,
+      "update": config.balance.update_mode,
+      "data_source": builder.info.metadata.get("mnist_source", "manual"),
+      "best_step": int(meta["best_step"]),
+      "best_val_accuracy": meta["best_val_accuracy"],
+      "test_accuracy": test["accuracy"],
+      "test_biased_accuracy": biased["accuracy"],
+  }
+  for k in range(len(modalities)):
+    summary[f"test_branch_{k}_accuracy"] = test[f"branch_{k}_accuracy"]
+    summary[f"test_biased_branch_{k}_accuracy"] = biased[f"branch_{k}_accuracy"]
+  summary |= {k: v for k, v in util.as_dict().items() if k.startswith(("u(", "d_util"))}
+  for k in range(len(modalities)):
+    summary[f"rebalance_share_m{k}"] = float(np.mean(targets == k)) if len(targets) else 0.0
+  summary["steps"] = steps
+  summary["train_seconds"] = meta["train_seconds"]
+  summary["samples_per_s"] = steps * config.batch_size / max(meta["train_seconds"], 1e-9)
+  return summary
+
+
+# --------------------------------------------------------------------------------------
+# TensorBoard
+
+
+def _tensorboard(workdir: pathlib.Path):
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+  return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _tb_write(writer, rows: list[dict], prefix: str = "train/") -> None:
+  for row in rows:
+    for key, value in row.items():
+      if key not in ("step", "epoch"):
+        writer.add_scalar(prefix + key, value, row["step"])
+  writer.flush()
