@@ -1,4 +1,5 @@
 # gml_jax: `make demo` runs the main job, `make test` runs the tests. Both install first.
+# `make train EXP=colored_mnist METHOD=guided` runs any experiment of experiments/.
 #
 # The virtual environment uses python3.12 when one runs here (it takes current JAX
 # releases), else python3 (3.11 takes JAX 0.10.x); override with `make PYTHON=...`.
@@ -7,9 +8,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 python3; do \
   $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; done)
+EXP ?= colored_mnist
+METHOD ?= guided
+WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 
-.PHONY: help install test demo clean
+.PHONY: help install test train demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,8 +30,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: install  ## run the test suite (CPU, 8 simulated devices, no network)
 	$(PY) -m pytest
 
-demo: install  ## vanilla vs random vs guided on the synthetic task; pass flags with ARGS="..."
-	$(PY) -m gml_jax.demo $(ARGS)
+train: install  ## train experiments/$(EXP).py:$(METHOD) in $(WORKDIR); overrides: ARGS="--config.num_epochs=20"
+	$(PY) -m gml_jax.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) $(ARGS)
+
+demo: install  ## the main job: guided Colored MNIST on the embedded MNIST subset, in runs/demo
+	$(MAKE) --no-print-directory train EXP=colored_mnist METHOD=guided WORKDIR=runs/demo
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache  # runs/ is kept

@@ -1,0 +1,155 @@
+"""The Colored MNIST job end to end on dummy data: CLI, artifacts, resume, bad input."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import colored_mnist
+from gml_jax import input_pipeline, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DUMMY = ROOT / "data_prep" / "colored_mnist" / "dummy_data"
+CONFIG = ROOT / "experiments" / "colored_mnist.py"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The dummy dataset, built once (180 train, 20 validation, 100 + 100 test digits)."""
+  path = tmp_path_factory.mktemp("tfds")
+  input_pipeline.load_builder(tiny_config("guided", path).data)
+  return path
+
+
+def tiny_config(method, data_dir):
+  c = colored_mnist.get_config(method)
+  c.data.data_dir, c.data.manual_dir = str(data_dir), str(DUMMY)
+  c.model.width, c.batch_size, c.eval_batch_size = 4, 32, 64
+  c.num_epochs, c.log_every_steps = 2, 2  # 5 steps per epoch
+  return c
+
+
+def tiny_flags(data_dir):
+  return [f"--config.data.data_dir={data_dir}", f"--config.data.manual_dir={DUMMY}",
+          "--config.model.width=4", "--config.batch_size=32", "--config.eval_batch_size=64",
+          "--config.num_epochs=2", "--config.log_every_steps=2"]
+
+
+def run_cli(*args):
+  env = os.environ | {"XLA_FLAGS": ""}  # one device: quicker start for a subprocess
+  return subprocess.run([sys.executable, "-m", "gml_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "random", "guided"])
+def test_cli_trains_and_writes_artifacts(method, data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  result = run_cli(f"--config={CONFIG}:{method}", f"--workdir={workdir}", *tiny_flags(data_dir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "test_biased accuracy" in result.stdout and "u(m1|m0)" in result.stdout
+
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["balance"]["method"] == method and config["model"]["width"] == 4
+  steps = [json.loads(l) for l in (workdir / "metrics" / "steps.jsonl").read_text().splitlines()]
+  epochs = [json.loads(l) for l in (workdir / "metrics" / "epochs.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in steps] == list(range(10)) and [r["epoch"] for r in epochs] == [1, 2]
+  assert (workdir / "metrics" / "steps.csv").read_text().startswith("step,")
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  for name in ("speeds", "accuracy", "utilization"):
+    assert (workdir / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+  assert len(list((workdir / "checkpoints" / "latest").iterdir())) == 1
+  assert len(list((workdir / "checkpoints" / "best").iterdir())) == 1
+
+  summary = json.loads((workdir / "summary.json").read_text())
+  for key in ("test_accuracy", "test_biased_accuracy", "test_branch_0_accuracy",
+              "test_branch_1_accuracy", "best_val_accuracy", "rebalance_share_m0",
+              "rebalance_share_m1"):
+    assert 0.0 <= summary[key] <= 1.0, key
+  for key in ("u(m1|m0)", "u(m0|m1)", "d_util", "train_seconds", "samples_per_s"):
+    assert math.isfinite(summary[key]), key
+  targets = [r["target"] for r in steps]
+  assert summary["rebalance_share_m0"] == pytest.approx(targets.count(0) / 10)
+  assert summary["data_source"] == "idx" and summary["steps"] == 10
+  if method == "vanilla":
+    assert set(targets) == {-1}
+  else:  # warm-up is the first epoch (5 steps); re-balancing happens after it only
+    assert set(targets[:5]) == {-1} and set(targets[5:]) & {0, 1}
+
+
+def _restore_raw(workdir):
+  manager = ocp.CheckpointManager(workdir / "checkpoints" / "latest")
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  return step, restored.state
+
+
+def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
+  config = tiny_config("random", data_dir)  # random: decisions from (seed, step)
+  whole = trainer.train_and_evaluate(config, tmp_path / "whole")
+  # Interrupted mid-epoch (step 3 of 5), then twice more, then finished.
+  for stop in (3, 7):
+    assert trainer.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=stop) is None
+  resumed = trainer.train_and_evaluate(config, tmp_path / "resumed")
+
+  (s1, state1), (s2, state2) = _restore_raw(tmp_path / "whole"), _restore_raw(tmp_path / "resumed")
+  assert s1 == s2 == 10
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state1, state2)
+  for key in ("test_accuracy", "u(m1|m0)", "u(m0|m1)", "rebalance_share_m0", "best_step"):
+    assert whole[key] == pytest.approx(resumed[key], abs=1e-6), key
+  rows = lambda d: [json.loads(l) for l in (d / "metrics" / "steps.jsonl").read_text().splitlines()]
+  a, b = rows(tmp_path / "whole"), rows(tmp_path / "resumed")
+  assert [r["step"] for r in b] == list(range(10))
+  for ra, rb in zip(a, b):
+    assert ra["target"] == rb["target"]
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+
+
+def test_unknown_config_field_is_an_error(data_dir, tmp_path):
+  result = run_cli(f"--config={CONFIG}:guided", f"--workdir={tmp_path}",
+                   "--config.balance.alpah=0.1")
+  assert result.returncode != 0
+  assert "alpah" in result.stderr
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_unknown_variant_is_an_error(tmp_path):
+  result = run_cli(f"--config={CONFIG}:greedy", f"--workdir={tmp_path}")
+  assert result.returncode != 0 and "Unknown variant 'greedy'" in result.stderr
+
+
+def test_missing_manual_dataset(tmp_path):
+  config = tiny_config("guided", tmp_path / "tfds")
+  config.data.manual_dir = str(tmp_path / "no_mnist_here")
+  with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+    trainer.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_workdir_of_another_config_is_refused(data_dir, tmp_path):
+  config = tiny_config("guided", data_dir)
+  trainer.train_and_evaluate(config, tmp_path, stop_after_steps=2)
+  saved = (tmp_path / "config.json").read_text()
+  other = tiny_config("guided", data_dir)
+  other.optimizer.learning_rate = 0.5
+  with pytest.raises(ValueError, match=r"another config \(differs in: optimizer.learning_rate\)"):
+    trainer.train_and_evaluate(other, tmp_path)
+  assert (tmp_path / "config.json").read_text() == saved  # nothing overwritten
+  assert _restore_raw(tmp_path)[0] == 2
+
+
+def test_bad_config_values(data_dir, tmp_path):
+  config = tiny_config("guided", data_dir)
+  config.balance.window = 0
+  with pytest.raises(ValueError, match="window"):
+    trainer.train_and_evaluate(config, tmp_path / "a")
+  config = tiny_config("guided", data_dir)
+  config.balance.update_mode = "everything"
+  with pytest.raises(ValueError, match="Unknown update mode 'everything'"):
+    trainer.train_and_evaluate(config, tmp_path / "b")
