@@ -2,12 +2,13 @@ r"""Trains and evaluates one experiment config.
 
   python -m gml_jax.main --config experiments/colored_mnist.py:guided --workdir runs/cm_guided
   python -m gml_jax.main --config experiments/colored_mnist.py:vanilla --workdir runs/cm_v \
-      --config.num_epochs=20 --config.balance.update=all
+      --config.num_epochs=20 --config.balance.update_mode=all
 
 --config is a Python file with get_config(variant); every field can be overridden with
---config.<field>=<value> (an unknown field is an error). Running again with the same
---workdir resumes the run from its latest checkpoint. See gml_jax/trainer.py for what a
-run writes.
+--config.<field>=<value> (an unknown field is an error); the fields, their defaults and
+meanings are in the config file, and --print_config shows the resolved config. Running again
+with the same --workdir resumes the run from its latest checkpoint. See gml_jax/trainer.py
+for what a run writes.
 """
 
 from absl import app, flags, logging
@@ -25,7 +26,9 @@ _WORKDIR = flags.DEFINE_string(
 _STOP_AFTER_STEPS = flags.DEFINE_integer(
     "stop_after_steps", None, "Checkpoint and stop once this many steps are done (the run "
     "resumes from there when started again).")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (with overrides) and exit.")
+flags.mark_flags_as_required(["config"])
 
 
 def format_summary(summary: dict) -> str:
@@ -50,10 +53,15 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)  # keep tfds/orbax INFO lines off the console
+  logging.set_verbosity(logging.ERROR)  # keep tfds/orbax log lines off the console
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _PRINT_CONFIG.value:
+    print(_CONFIG.value)
+    return
   workdir = _WORKDIR.value
+  if not workdir:
+    raise app.UsageError("--workdir is required (where the run is written or resumed).")
   summary = trainer.train_and_evaluate(_CONFIG.value, workdir, _STOP_AFTER_STEPS.value)
   if summary is None:
     print(f"Stopped after {_STOP_AFTER_STEPS.value} steps; run again to resume.")

@@ -84,8 +84,8 @@ class Utilization:
     out = {"accuracy": float(self.accuracy)}
     for k in range(n):
       out[f"branch_{k}_accuracy"] = float(self.branch_accuracy[k])
-    for j in range(n):
-      for k in range(n):
+    for k in range(n):
+      for j in range(n):
         if j != k:
           out[f"u(m{j}|m{k})"] = float(self.rates[j, k])
     if n == 2:

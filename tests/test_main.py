@@ -153,3 +153,9 @@ def test_bad_config_values(data_dir, tmp_path):
   config.balance.update_mode = "everything"
   with pytest.raises(ValueError, match="Unknown update mode 'everything'"):
     trainer.train_and_evaluate(config, tmp_path / "b")
+
+
+def test_print_config_shows_overrides():
+  result = run_cli(f"--config={CONFIG}:random", "--config.balance.alpha=0.2", "--print_config")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "alpha: 0.2" in result.stdout and "method: random" in result.stdout
