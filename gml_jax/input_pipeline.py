@@ -37,24 +37,68 @@ def load_builder(data_config):
   """The prepared tfds builder of ``data_config`` (building it if needed).
 
   ``data_config`` fields: ``name``, ``builder_config``, ``data_dir``, ``manual_dir``
-  (optional; when given it must hold the dataset's manual files).
+  (optional; when given it must hold the dataset's manual files). With several processes,
+  process 0 builds while the others wait.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
   module = _builder_module(data_config.name)
   manual_dir = data_config.get("manual_dir") or None
   if manual_dir is not None:
     check = getattr(module, "check_manual_dir", None)
     if check is not None:
       check(manual_dir)
-  builder = module.Builder(config=data_config.builder_config,
-                           data_dir=data_config.data_dir, file_format="array_record")
+  make = lambda: module.Builder(config=data_config.builder_config,
+                                data_dir=data_config.data_dir, file_format="array_record")
+  if jax.process_index() == 0:
+    _prepare(make(), data_config, manual_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices("gml_jax: dataset prepared")
+  return make()
+
+
+def _prepare(builder, data_config, manual_dir) -> None:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   if not builder.is_prepared():
     print(f"Building {builder.name}/{data_config.builder_config} in {data_config.data_dir} ...")
     tfds.disable_progress_bar()
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return builder
+
+
+class DatasetCorruptError(RuntimeError):
+  """A prepared dataset file cannot be read."""
+
+
+class CheckedSource:
+  """A random-access data source whose read errors name the dataset files and the fix."""
+
+  def __init__(self, source, split: str, data_dir: str):
+    self._source, self._split, self._data_dir = source, split, data_dir
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    try:
+      return self._source[index]
+    except (RuntimeError, OSError, ValueError) as e:
+      raise DatasetCorruptError(
+          f"Cannot read example {index} of split '{self._split}' from {self._data_dir}: {e}\n"
+          f"The prepared files are corrupt or truncated; delete {self._data_dir} and run "
+          "again to rebuild them.") from e
+
+
+def open_splits(builder) -> dict[str, CheckedSource]:
+  """Every split of a prepared builder as a checked data source; reads the first and the
+  last example of each, which fails at once on a truncated file."""
+  sources = {}
+  for split, source in builder.as_data_source().items():
+    checked = CheckedSource(source, split, str(builder.data_dir))
+    checked[0], checked[len(checked) - 1]  # pylint: disable=pointless-statement
+    sources[split] = checked
+  return sources
 
 
 def to_model_batch(examples: dict, modalities: tuple[str, ...]) -> dict:
@@ -97,11 +141,17 @@ def train_batches(source, modalities, global_batch_size: int, seed: int, epoch: 
 
 
 def eval_batches(source, modalities, global_batch_size: int) -> Iterator[dict]:
-  """Every example of this process's shard once; the last batch is padded and carries
-  ``mask`` (0 on padding)."""
+  """Every example of the split exactly once over all processes.
+
+  Process p reads examples p, p + P, p + 2P, ...; every process yields the same number of
+  batches (that of the largest shard), padded where needed and carrying ``mask`` (0 on
+  padding), so that batches line up across processes.
+  """
   local = local_batch_size(global_batch_size)
-  ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-  for start in range(0, len(ds), local):
+  count, process = jax.process_count(), jax.process_index()
+  ds = grain.MapDataset.source(source)[process::count]
+  largest = -(-len(source) // count)
+  for start in range(0, largest, local):
     idx = np.arange(start, start + local)
     examples = [ds[int(i)] for i in np.minimum(idx, len(ds) - 1)]
     stacked = {k: np.stack([e[k] for e in examples]) for k in examples[0]}

@@ -11,6 +11,7 @@ with the same --workdir resumes the run from its latest checkpoint. See gml_jax/
 for what a run writes.
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -26,6 +27,14 @@ _WORKDIR = flags.DEFINE_string(
 _STOP_AFTER_STEPS = flags.DEFINE_integer(
     "stop_after_steps", None, "Checkpoint and stop once this many steps are done (the run "
     "resumes from there when started again).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Run as one process of a multi-process job (jax.distributed): "
+    "automatic on Cloud TPU VMs and under Slurm; elsewhere also give --coordinator_address, "
+    "--num_processes and --process_id.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for --distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes, for --distributed.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for --distributed.")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config (with overrides) and exit.")
 flags.mark_flags_as_required(["config"])
@@ -62,9 +71,11 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir:
     raise app.UsageError("--workdir is required (where the run is written or resumed).")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   summary = trainer.train_and_evaluate(_CONFIG.value, workdir, _STOP_AFTER_STEPS.value)
-  if summary is None:
-    print(f"Stopped after {_STOP_AFTER_STEPS.value} steps; run again to resume.")
+  if summary is None or jax.process_index() != 0:
     return
   print("\n" + format_summary(summary))
   print(f"\nSummary: {workdir}/summary.json   plots: {workdir}/plots/   "

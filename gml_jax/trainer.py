@@ -16,7 +16,9 @@ A run leaves in its workdir:
   accuracy.png (per-branch train/validation accuracy), utilization.png.
 
 Running again with the same workdir resumes from the latest checkpoint: all randomness is
-a function of (seed, step), so the resumed run continues exactly where it stopped.
+a function of (seed, step), so the resumed run continues exactly where it stopped. SIGTERM
+or SIGINT stops a run at the next metrics fetch with a checkpoint; a diverged (NaN/inf)
+loss stops it without one, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -76,8 +80,10 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
 # Workdir: config, logs, checkpoints
 
 
-def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json, or refuses a workdir that holds a run of another config."""
+def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                         write: bool = True) -> None:
+  """Refuses a workdir that holds a run of another config; else writes config.json (when
+  ``write``: process 0 only)."""
   path = workdir / "config.json"
   current = json.loads(config.to_json_best_effort(sort_keys=True))
   if path.exists():
@@ -89,7 +95,8 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
           f"Workdir {workdir} holds a run of another config (differs in: {', '.join(diff)}). "
           "Use a new --workdir, or the same config to resume that run.")
     return
-  _atomic_write(path, json.dumps(current, indent=2, sort_keys=True))
+  if write:
+    _atomic_write(path, json.dumps(current, indent=2, sort_keys=True))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -171,7 +178,7 @@ def evaluate(eval_step, state, source, modalities, batch_size, mesh) -> dict:
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
-  out = {"accuracy": float(totals["correct"]) / count,
+  out = {"examples": int(count), "accuracy": float(totals["correct"]) / count,
          "loss": float(totals["loss_sum"]) / count}
   for k, c in enumerate(totals["branch_correct"]):
     out[f"branch_{k}_accuracy"] = float(c) / count
@@ -196,28 +203,77 @@ def _step_rows(metrics: list[dict], first_step: int) -> list[dict]:
 # The run
 
 
+class StopSignal:
+  """Turns SIGTERM and SIGINT into a request to stop at the next safe point (a checkpoint
+  is written there); a second signal acts as usual, so Ctrl-C twice still interrupts."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    signal.signal(signum, self._previous[signum])
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (every process calls this at the same steps)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+def _check_finite(rows: list[dict], workdir: pathlib.Path, last_checkpoint) -> None:
+  bad = next((r for r in rows if not np.isfinite(r["loss"])), None)
+  if bad is not None:
+    kept = (f"the last good checkpoint (step {last_checkpoint}) is kept in "
+            f"{workdir / 'checkpoints' / 'latest'}" if last_checkpoint is not None
+            else "no checkpoint had been written yet")
+    raise FloatingPointError(
+        f"The training loss is {bad['loss']} at step {bad['step']}: stopped without saving "
+        f"this state; {kept}. Lower optimizer.learning_rate, or check the data.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after_steps: int | None = None) -> dict | None:
-  """Trains and evaluates ``config`` in ``workdir``; returns the summary (None when
-  stopped early by ``stop_after_steps``, for a later resume)."""
+  """Trains and evaluates ``config`` in ``workdir``; returns the summary, or None when the
+  run stopped early (``stop_after_steps``, SIGTERM or SIGINT) after a checkpoint."""
   workdir = pathlib.Path(workdir).expanduser().resolve()
   is_writer = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)
-  if is_writer:
-    check_workdir_config(workdir, config)
 
+  # ---- Everything that can reject the config comes before anything is written.
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.data_dir = str(pathlib.Path(config.data.data_dir).expanduser())
   builder = input_pipeline.load_builder(data_config)
-  sources = builder.as_data_source()
+  sources = input_pipeline.open_splits(builder)
   modalities = input_pipeline.MODALITIES[config.data.name]
   num_classes = builder.info.features["label"].num_classes
   spe = input_pipeline.steps_per_epoch(sources["train"], config.batch_size)
   total_steps = config.num_epochs * spe
-
-  mesh = data_mesh()
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % jax.device_count():
+      raise ValueError(f"config.{name}={config[name]} is not divisible by the "
+                       f"{jax.device_count()} devices; use a multiple of {jax.device_count()}.")
   model = build_model(config, num_classes, len(modalities))
   tx = build_optimizer(config, spe)
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  check_workdir_config(workdir, config, write=is_writer)
+
+  # ---- State, steps, and the run so far.
+  mesh = data_mesh()
   first = {k: np.asarray(v)[None] for k, v in sources["train"][0].items()}
   example = input_pipeline.to_model_batch(first, modalities)["inputs"]
   state = replicate(create_train_state(model, tx, example, config.seed), mesh)
@@ -236,66 +292,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tb = _tensorboard(workdir) if is_writer else None
 
   def checkpoint(manager):
-    meta.update(step=step)
-    _save(manager, state, meta)
+    if manager.latest_step() != step:
+      meta.update(step=step)
+      _save(manager, state, meta)
 
+  def write_tables():
+    if is_writer:
+      step_log.write_csv()
+      epoch_log.write_csv()
+
+  # ---- Training.
   pending, pending_from = [], step
   started = time.perf_counter()
   bar = tqdm(total=total_steps, initial=step, unit="step", desc=config.experiment,
              disable=not is_writer)
-  while step < total_steps:
-    epoch, start = divmod(step, spe)
-    for batch in input_pipeline.train_batches(sources["train"], modalities, config.batch_size,
-                                              config.seed, epoch, start):
-      state, metrics = train_step(state, shard_batch(batch, mesh))
-      pending.append(metrics)
-      step += 1
-      bar.update()
-      at_epoch_end = step % spe == 0
-      stopping = stop_after_steps is not None and step >= stop_after_steps
-      if len(pending) >= config.log_every_steps or at_epoch_end or stopping:
+  with StopSignal() as stop_signal:
+    while step < total_steps:
+      epoch, start = divmod(step, spe)
+      for batch in input_pipeline.train_batches(sources["train"], modalities,
+                                                config.batch_size, config.seed, epoch, start):
+        state, metrics = train_step(state, shard_batch(batch, mesh))
+        pending.append(metrics)
+        step += 1
+        bar.update()
+        at_epoch_end = step % spe == 0
+        checkpoint_due = at_epoch_end or (
+            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+        stop_asked = stop_after_steps is not None and step >= stop_after_steps
+        # Metrics reach the host here, and only here: every checkpoint follows a check
+        # that the loss is finite, so a diverged state is never saved.
+        if not (len(pending) >= config.log_every_steps or checkpoint_due or stop_asked):
+          continue
         rows = _step_rows(pending, pending_from)
         pending, pending_from = [], step
-        last = rows[-1]
-        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}",
-                        d_speed=f"{last['d_speed']:+.3f}")
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", acc=f"{rows[-1]['accuracy']:.2f}",
+                        d_speed=f"{rows[-1]['d_speed']:+.3f}")
         if is_writer:
           step_log.append(rows)
           _tb_write(tb, rows)
-      if at_epoch_end:
-        meta["train_seconds"] += time.perf_counter() - started
-        started = time.perf_counter()
-        val = evaluate(eval_step, state, sources["validation"], modalities,
-                       config.eval_batch_size, mesh)
-        if is_writer:
-          this_epoch = [r for r in step_log.rows if step - spe <= r["step"] < step]
-          row = _epoch_row(epoch + 1, step, this_epoch, val)
-          epoch_log.append([row])
-          _tb_write(tb, [row], prefix="epoch/")
-        if val["accuracy"] > meta["best_val_accuracy"]:
-          meta.update(best_val_accuracy=val["accuracy"], best_step=step)
-          checkpoint(best)
-        checkpoint(latest)
-        started = time.perf_counter()
-      elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-        checkpoint(latest)
-      if stopping:
-        meta["train_seconds"] += time.perf_counter() - started
-        checkpoint(latest)
-        bar.close()
-        if is_writer:
-          step_log.write_csv()
-          epoch_log.write_csv()
-        return None
+        _check_finite(rows, workdir, latest.latest_step())
+        preempted = stop_signal.agreed()
+        if at_epoch_end:
+          meta["train_seconds"] += time.perf_counter() - started
+          val = evaluate(eval_step, state, sources["validation"], modalities,
+                         config.eval_batch_size, mesh)
+          if is_writer:
+            this_epoch = [r for r in step_log.rows if step - spe <= r["step"] < step]
+            row = _epoch_row(epoch + 1, step, this_epoch, val)
+            epoch_log.append([row])
+            _tb_write(tb, [row], prefix="epoch/")
+          if val["accuracy"] > meta["best_val_accuracy"]:
+            meta.update(best_val_accuracy=val["accuracy"], best_step=step)
+            checkpoint(best)
+          started = time.perf_counter()
+        if checkpoint_due or stop_asked or preempted:
+          meta["train_seconds"] += time.perf_counter() - started
+          started = time.perf_counter()
+          checkpoint(latest)
+        if stop_asked or preempted:
+          bar.close()
+          write_tables()
+          why = "a stop signal" if preempted else f"--stop_after_steps={stop_after_steps}"
+          print(f"Stopped by {why} at step {step}; checkpoint saved in {workdir}. "
+                "Run the same command again to resume.")
+          return None
   bar.close()
 
-  # Final evaluation with the best checkpoint (chosen on validation accuracy).
+  # ---- Final evaluation with the best checkpoint (chosen on validation accuracy).
   state, _ = _restore(best, state)
   summary = final_summary(config, model, eval_step, state, sources, modalities, mesh, meta,
                           builder, step_log.rows if is_writer else [])
+  write_tables()
   if is_writer:
-    step_log.write_csv()
-    epoch_log.write_csv()
     _atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
     plot_dir = workdir / "plots"
     plot_dir.mkdir(exist_ok=True)
@@ -342,6 +410,7 @@ def final_summary(config, model, eval_step, state, sources, modalities, mesh, me
       "data_source": builder.info.metadata.get("mnist_source", "manual"),
       "best_step": int(meta["best_step"]),
       "best_val_accuracy": meta["best_val_accuracy"],
+      "test_examples": test["examples"],
       "test_accuracy": test["accuracy"],
       "test_biased_accuracy": biased["accuracy"],
   }

@@ -40,9 +40,9 @@ def _stroke_color(split):
 
 
 def test_splits_sizes_and_source(built):
-  # 200 training digits: 10% held out for validation; 100 test digits, colored twice.
+  # 210 training digits: 10% held out for validation; 99 test digits, colored twice.
   assert {k: v.num_examples for k, v in built.info.splits.items()} == {
-      "train": 180, "validation": 20, "test": 100, "test_biased": 100}
+      "train": 189, "validation": 21, "test": 99, "test_biased": 99}
   assert built.info.metadata["mnist_source"] == "idx"
 
 

@@ -2,50 +2,13 @@
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from experiments import colored_mnist
-from gml_jax import input_pipeline, trainer
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-DUMMY = ROOT / "data_prep" / "colored_mnist" / "dummy_data"
-CONFIG = ROOT / "experiments" / "colored_mnist.py"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """The dummy dataset, built once (180 train, 20 validation, 100 + 100 test digits)."""
-  path = tmp_path_factory.mktemp("tfds")
-  input_pipeline.load_builder(tiny_config("guided", path).data)
-  return path
-
-
-def tiny_config(method, data_dir):
-  c = colored_mnist.get_config(method)
-  c.data.data_dir, c.data.manual_dir = str(data_dir), str(DUMMY)
-  c.model.width, c.batch_size, c.eval_batch_size = 4, 32, 64
-  c.num_epochs, c.log_every_steps = 2, 2  # 5 steps per epoch
-  return c
-
-
-def tiny_flags(data_dir):
-  return [f"--config.data.data_dir={data_dir}", f"--config.data.manual_dir={DUMMY}",
-          "--config.model.width=4", "--config.batch_size=32", "--config.eval_batch_size=64",
-          "--config.num_epochs=2", "--config.log_every_steps=2"]
-
-
-def run_cli(*args):
-  env = os.environ | {"XLA_FLAGS": ""}  # one device: quicker start for a subprocess
-  return subprocess.run([sys.executable, "-m", "gml_jax.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+from gml_jax import trainer
+from run_helpers import (CONFIG, DUMMY, assert_states_close, restore_latest, run_cli,
+                         tiny_config, tiny_flags)
 
 
 @pytest.mark.parametrize("method", ["vanilla", "random", "guided"])
@@ -83,14 +46,6 @@ def test_cli_trains_and_writes_artifacts(method, data_dir, tmp_path):
     assert set(targets[:5]) == {-1} and set(targets[5:]) & {0, 1}
 
 
-def _restore_raw(workdir):
-  manager = ocp.CheckpointManager(workdir / "checkpoints" / "latest")
-  step = manager.latest_step()
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  return step, restored.state
-
-
 def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
   config = tiny_config("random", data_dir)  # random: decisions from (seed, step)
   whole = trainer.train_and_evaluate(config, tmp_path / "whole")
@@ -99,9 +54,9 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
     assert trainer.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=stop) is None
   resumed = trainer.train_and_evaluate(config, tmp_path / "resumed")
 
-  (s1, state1), (s2, state2) = _restore_raw(tmp_path / "whole"), _restore_raw(tmp_path / "resumed")
+  (s1, state1), (s2, state2) = restore_latest(tmp_path / "whole"), restore_latest(tmp_path / "resumed")
   assert s1 == s2 == 10
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state1, state2)
+  assert_states_close(state1, state2, rtol=1e-6, atol=1e-7)
   for key in ("test_accuracy", "u(m1|m0)", "u(m0|m1)", "rebalance_share_m0", "best_step"):
     assert whole[key] == pytest.approx(resumed[key], abs=1e-6), key
   rows = lambda d: [json.loads(l) for l in (d / "metrics" / "steps.jsonl").read_text().splitlines()]
@@ -141,7 +96,7 @@ def test_workdir_of_another_config_is_refused(data_dir, tmp_path):
   with pytest.raises(ValueError, match=r"another config \(differs in: optimizer.learning_rate\)"):
     trainer.train_and_evaluate(other, tmp_path)
   assert (tmp_path / "config.json").read_text() == saved  # nothing overwritten
-  assert _restore_raw(tmp_path)[0] == 2
+  assert restore_latest(tmp_path)[0] == 2
 
 
 def test_bad_config_values(data_dir, tmp_path):

@@ -1,0 +1,75 @@
+"""Helpers for tests that run the Colored MNIST job on its dummy data."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from experiments import colored_mnist
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DUMMY = ROOT / "data_prep" / "colored_mnist" / "dummy_data"
+CONFIG = ROOT / "experiments" / "colored_mnist.py"
+
+
+def tiny_config(method, data_dir):
+  """5 steps per epoch (189 train digits, batch 32), 2 epochs, a 4-channel CNN."""
+  c = colored_mnist.get_config(method)
+  c.data.data_dir, c.data.manual_dir = str(data_dir), str(DUMMY)
+  c.model.width, c.batch_size, c.eval_batch_size = 4, 32, 64
+  c.num_epochs, c.log_every_steps = 2, 2
+  return c
+
+
+def tiny_flags(data_dir, **overrides):
+  fields = {"data.data_dir": data_dir, "data.manual_dir": DUMMY, "model.width": 4,
+            "batch_size": 32, "eval_batch_size": 64, "num_epochs": 2, "log_every_steps": 2}
+  fields |= {k.replace("__", "."): v for k, v in overrides.items()}
+  return [f"--config.{k}={v}" for k, v in fields.items()]
+
+
+def cli_command(method, workdir, data_dir, *extra, **overrides):
+  return [sys.executable, "-m", "gml_jax.main", f"--config={CONFIG}:{method}",
+          f"--workdir={workdir}", *tiny_flags(data_dir, **overrides), *extra]
+
+
+def cli_env(devices=1):
+  return os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def run_cli(*args, devices=1, timeout=300):
+  return subprocess.run([sys.executable, "-m", "gml_jax.main", *args], cwd=ROOT,
+                        env=cli_env(devices), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def step_rows(workdir):
+  path = pathlib.Path(workdir) / "metrics" / "steps.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def restore_latest(workdir):
+  """(step, state as a tree of numpy arrays) of a run's latest checkpoint, whatever
+  devices or processes saved it."""
+  step = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints" / "latest").latest_step()
+  path = pathlib.Path(workdir) / "checkpoints" / "latest" / str(step) / "state"
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        checkpointer.metadata(path).item_metadata)
+  return step, jax.tree.map(np.asarray, checkpointer.restore(path, target))
+
+
+def assert_states_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
