@@ -186,10 +186,11 @@ def evaluate(eval_step, state, source, modalities, batch_size, mesh) -> dict:
 
 
 def _step_rows(metrics: list[dict], first_step: int) -> list[dict]:
-  """Per-step metric dicts (fetched together, one host sync) -> JSON rows."""
+  """Per-step metric dicts (fetched together, one host sync) -> JSON rows; a row's step is
+  the number of steps done after it (1, 2, ...), as in checkpoints."""
   rows = []
   for i, m in enumerate(jax.device_get(metrics)):
-    row = {"step": first_step + i, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+    row = {"step": first_step + i + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
            "d_speed": float(m["d_speed"]), "target": int(m["target"])}
     for k in range(len(m["speeds"])):
       row |= {f"branch_{k}_accuracy": float(m["branch_accuracy"][k]),
@@ -337,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           val = evaluate(eval_step, state, sources["validation"], modalities,
                          config.eval_batch_size, mesh)
           if is_writer:
-            this_epoch = [r for r in step_log.rows if step - spe <= r["step"] < step]
+            this_epoch = [r for r in step_log.rows if step - spe < r["step"] <= step]
             row = _epoch_row(epoch + 1, step, this_epoch, val)
             epoch_log.append([row])
             _tb_write(tb, [row], prefix="epoch/")

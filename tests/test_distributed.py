@@ -31,7 +31,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
 
   multi_rows, single_rows = step_rows(tmp_path / "multi"), step_rows(tmp_path / "single")
-  assert [r["step"] for r in multi_rows] == list(range(10))
+  assert [r["step"] for r in multi_rows] == list(range(1, 11))
   assert [r["target"] for r in multi_rows] == [r["target"] for r in single_rows]
   assert any(r["target"] >= 0 for r in multi_rows)
   for a, b in zip(multi_rows, single_rows):

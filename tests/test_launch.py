@@ -1,0 +1,25 @@
+"""The multi-host make targets expand to the documented commands (dry run: nothing runs)."""
+
+import subprocess
+
+from run_helpers import ROOT
+
+
+def _dry_run(*args):
+  out = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True,
+                       check=True).stdout
+  return out.strip().splitlines()[-1]
+
+
+def test_train_tpu_runs_make_train_distributed_on_every_worker():
+  line = _dry_run("train-tpu", "TPU=my-tpu", "ZONE=us-central2-b", "METHOD=vanilla",
+                  "WORKDIR=/mnt/w", "ARGS=--config.num_epochs=3")
+  assert line.startswith("gcloud compute tpus tpu-vm ssh my-tpu --zone=us-central2-b --worker=all")
+  assert ("make train EXP=colored_mnist METHOD=vanilla WORKDIR=/mnt/w "
+          "ARGS='--distributed --config.num_epochs=3'") in line
+
+
+def test_train_slurm_runs_one_distributed_process_per_node():
+  line = _dry_run("train-slurm", "WORKDIR=/shared/w")
+  assert line.startswith("srun --ntasks-per-node=1 .venv/bin/python -m gml_jax.main")
+  assert "--config experiments/colored_mnist.py:guided --workdir /shared/w --distributed" in line
