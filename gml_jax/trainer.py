@@ -89,8 +89,8 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   if path.exists():
     saved = json.loads(path.read_text())
     if saved != current:
-      diff = sorted(k for k in _flatten(saved).keys() | _flatten(current).keys()
-                    if _flatten(saved).get(k) != _flatten(current).get(k))
+      saved, current = _flatten(saved), _flatten(current)
+      diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
       raise ValueError(
           f"Workdir {workdir} holds a run of another config (differs in: {', '.join(diff)}). "
           "Use a new --workdir, or the same config to resume that run.")
@@ -116,13 +116,14 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
 
 
 class MetricLog:
-  """Append-only JSON lines, cut back to a step on resume, with a CSV copy on flush."""
+  """Append-only JSON lines, cut back to the restored step on resume, with a CSV copy."""
 
   def __init__(self, path: pathlib.Path, resume_step: int):
     self.path = path
     rows = []
     if path.exists():  # rows past the restored checkpoint belong to the lost future
-      rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+      lines = path.read_text().splitlines()
+      rows = [json.loads(l) for l in lines[:-1]] + _parse_last(lines[-1:])
       rows = [r for r in rows if r["step"] <= resume_step]
     _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
     self.rows = rows
@@ -140,6 +141,14 @@ class MetricLog:
       writer = csv.DictWriter(f, keys)
       writer.writeheader()
       writer.writerows(self.rows)
+
+
+def _parse_last(lines: list[str]) -> list[dict]:
+  """The last row, unless a hard kill cut it short mid-write."""
+  try:
+    return [json.loads(l) for l in lines]
+  except json.JSONDecodeError:
+    return []
 
 
 def _checkpoint_manager(path: pathlib.Path) -> ocp.CheckpointManager:

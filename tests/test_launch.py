@@ -1,14 +1,18 @@
 """The multi-host make targets expand to the documented commands (dry run: nothing runs)."""
 
+import os
 import subprocess
 
 from run_helpers import ROOT
 
 
-def _dry_run(*args):
-  out = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True,
-                       check=True).stdout
-  return out.strip().splitlines()[-1]
+def _dry_run(target, *args):
+  """The command that ``make target`` runs, printed by ``make -n`` (which runs nothing)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # under make test
+  out = subprocess.run(["make", "-n", "--no-print-directory", target, *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, check=True).stdout
+  (line,) = [l for l in out.splitlines() if l.startswith(("gcloud", "srun"))]
+  return line
 
 
 def test_train_tpu_runs_make_train_distributed_on_every_worker():
