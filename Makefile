@@ -17,7 +17,14 @@ METHOD ?= guided
 WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 
-.PHONY: help install test train demo train-tpu train-slurm clean
+# XLA:CPU runs convolutions faster outside its YNN fusions (benchmarks/RESULTS.md): on by
+# default for train, demo and bench; `make train CPU_XLA_FLAGS=` turns it off. CPU-only flag.
+CPU_XLA_FLAGS ?= --xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+RUN_ENV = XLA_FLAGS="$(CPU_XLA_FLAGS) $(XLA_FLAGS)"
+TORCH_PYTHON ?= .venv-torch/bin/python
+TORCH_BASE_PYTHON ?= python3.11
+
+.PHONY: help install test train demo bench train-tpu train-slurm clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,16 +43,22 @@ test: install  ## run the test suite (CPU, 8 simulated devices, no network)
 	$(PY) -m pytest
 
 train: install  ## train experiments/$(EXP).py:$(METHOD) in $(WORKDIR); overrides: ARGS="--config.num_epochs=20"
-	$(PY) -m gml_jax.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) $(ARGS)
+	$(RUN_ENV) $(PY) -m gml_jax.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) $(ARGS)
 
 demo: install  ## the main job: guided Colored MNIST on the embedded MNIST subset, in runs/demo
 	$(MAKE) --no-print-directory train EXP=colored_mnist METHOD=guided WORKDIR=runs/demo
+
+bench: install  ## JAX vs the PyTorch reference, interleaved: table + benchmarks/results.json; ARGS="--help"
+	@$(TORCH_PYTHON) -c 'import torch' >/dev/null 2>&1 || { \
+	  $(TORCH_BASE_PYTHON) -m venv .venv-torch && \
+	  .venv-torch/bin/pip install --quiet 'torch==2.13.0' numpy; }
+	$(RUN_ENV) $(PY) -m benchmarks.bench --torch-python $(TORCH_PYTHON) $(ARGS)
 
 train-tpu:  ## every worker of Cloud TPU VM $(TPU) in $(ZONE) runs `make train` with --distributed
 	gcloud compute tpus tpu-vm ssh $(TPU) --zone=$(ZONE) --worker=all --command="cd $(REMOTE_DIR) && make train EXP=$(EXP) METHOD=$(METHOD) WORKDIR=$(WORKDIR) ARGS='--distributed $(ARGS)'"
 
 train-slurm: install  ## inside a Slurm allocation: one process per node, all its GPUs, --distributed
-	srun --ntasks-per-node=1 $(PY) -m gml_jax.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) --distributed $(ARGS)
+	srun --ntasks-per-node=1 env $(RUN_ENV) $(PY) -m gml_jax.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) --distributed $(ARGS)
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) *.egg-info .pytest_cache  # runs/ is kept
+	rm -rf $(VENV) .venv-torch *.egg-info .pytest_cache  # runs/ is kept

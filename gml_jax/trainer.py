@@ -40,9 +40,10 @@ from tqdm import tqdm
 
 from gml_jax import input_pipeline, models, plots
 from gml_jax.balancing import balanced_multimodal
-from gml_jax.train import (TrainState, compile_eval_step, compile_train_step,
-                           create_train_state, data_mesh, make_eval_step, make_train_step,
-                           replicate, shard_batch)
+from gml_jax.train import (TrainState, compile_eval_step, compile_multi_step,
+                           compile_train_step, create_train_state, data_mesh, make_eval_step,
+                           make_multi_step, make_train_step, replicate, shard_batch,
+                           shard_stacked_batches, stack_batches)
 from gml_jax.utilization import conditional_utilization
 
 # --------------------------------------------------------------------------------------
@@ -194,11 +195,19 @@ def evaluate(eval_step, state, source, modalities, batch_size, mesh) -> dict:
   return out
 
 
-def _step_rows(metrics: list[dict], first_step: int) -> list[dict]:
-  """Per-step metric dicts (fetched together, one host sync) -> JSON rows; a row's step is
-  the number of steps done after it (1, 2, ...), as in checkpoints."""
+def _step_rows(pending: list[tuple[dict, int | None]], first_step: int) -> list[dict]:
+  """Metrics of the calls since the last fetch -> one JSON row per step (one host sync).
+
+  ``pending`` holds (metrics, steps) per call; ``steps`` is None for a single-step call and
+  the length of the leading step axis for a multi-step call. A row's step is the number of
+  steps done after it (1, 2, ...), as in checkpoints.
+  """
+  per_step = []
+  for metrics, steps in jax.device_get(pending):
+    per_step += [metrics] if steps is None else [
+        jax.tree.map(lambda x, i=i: x[i], metrics) for i in range(steps)]
   rows = []
-  for i, m in enumerate(jax.device_get(metrics)):
+  for i, m in enumerate(per_step):
     row = {"step": first_step + i + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
            "d_speed": float(m["d_speed"]), "target": int(m["target"])}
     for k in range(len(m["speeds"])):
@@ -207,6 +216,17 @@ def _step_rows(metrics: list[dict], first_step: int) -> list[dict]:
               f"mu_fusion_{k}": float(m["mu_fusion"][k])}
     rows.append(row)
   return rows
+
+
+def _call_size(step: int, k: int, spe: int, checkpoint_every: int, stop_after) -> int:
+  """Steps the next call may take: ``k``, unless an epoch end, a checkpoint or a requested
+  stop comes sooner (then single steps lead up to it, so that no call crosses it)."""
+  limits = [k, spe - step % spe]
+  if checkpoint_every:
+    limits.append(checkpoint_every - step % checkpoint_every)
+  if stop_after is not None:
+    limits.append(max(stop_after - step, 1))
+  return min(limits)
 
 
 # --------------------------------------------------------------------------------------
@@ -287,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   first = {k: np.asarray(v)[None] for k, v in sources["train"][0].items()}
   example = input_pipeline.to_model_batch(first, modalities)["inputs"]
   state = replicate(create_train_state(model, tx, example, config.seed), mesh)
-  train_step = compile_train_step(make_train_step(model, tx), mesh)
+  step_fn = make_train_step(model, tx)
+  train_step = compile_train_step(step_fn, mesh)
   eval_step = compile_eval_step(make_eval_step(model), mesh)
 
   latest = _checkpoint_manager(workdir / "checkpoints" / "latest")
@@ -312,29 +333,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       epoch_log.write_csv()
 
   # ---- Training.
-  pending, pending_from = [], step
+  pending, pending_from, pending_steps = [], step, 0
   started = time.perf_counter()
   bar = tqdm(total=total_steps, initial=step, unit="step", desc=config.experiment,
              disable=not is_writer)
+  k = config.steps_per_call
+  multi_step = compile_multi_step(make_multi_step(step_fn, k), mesh) if k > 1 else None
   with StopSignal() as stop_signal:
     while step < total_steps:
       epoch, start = divmod(step, spe)
-      for batch in input_pipeline.train_batches(sources["train"], modalities,
-                                                config.batch_size, config.seed, epoch, start):
-        state, metrics = train_step(state, shard_batch(batch, mesh))
-        pending.append(metrics)
-        step += 1
-        bar.update()
+      batches = input_pipeline.train_batches(sources["train"], modalities, config.batch_size,
+                                             config.seed, epoch, start)
+      at_epoch_end = False
+      while not at_epoch_end:
+        size = _call_size(step, k, spe, config.checkpoint_every_steps, stop_after_steps)
+        if size == k > 1:
+          chunk = stack_batches([next(batches) for _ in range(k)])
+          state, metrics = multi_step(state, shard_stacked_batches(chunk, mesh))
+        else:
+          size = 1
+          state, metrics = train_step(state, shard_batch(next(batches), mesh))
+        pending.append((metrics, size if size > 1 else None))
+        pending_steps += size
+        step += size
+        bar.update(size)
         at_epoch_end = step % spe == 0
         checkpoint_due = at_epoch_end or (
             config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
         stop_asked = stop_after_steps is not None and step >= stop_after_steps
         # Metrics reach the host here, and only here: every checkpoint follows a check
         # that the loss is finite, so a diverged state is never saved.
-        if not (len(pending) >= config.log_every_steps or checkpoint_due or stop_asked):
+        if not (pending_steps >= config.log_every_steps or checkpoint_due or stop_asked):
           continue
         rows = _step_rows(pending, pending_from)
-        pending, pending_from = [], step
+        pending, pending_from, pending_steps = [], step, 0
         bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", acc=f"{rows[-1]['accuracy']:.2f}",
                         d_speed=f"{rows[-1]['d_speed']:+.3f}")
         if is_writer:

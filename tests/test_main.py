@@ -103,3 +103,17 @@ def test_print_config_shows_overrides():
   result = run_cli(f"--config={CONFIG}:random", "--config.balance.alpha=0.2", "--print_config")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "alpha: 0.2" in result.stdout and "method: random" in result.stdout
+
+
+def test_steps_per_call_gives_the_same_run(data_dir, tmp_path):
+  one = tiny_config("random", data_dir)
+  three = tiny_config("random", data_dir)
+  three.steps_per_call = 3  # 5 steps per epoch: one 3-step call, then 2 single steps
+  a = trainer.train_and_evaluate(one, tmp_path / "one")
+  b = trainer.train_and_evaluate(three, tmp_path / "three")
+  rows_a = [json.loads(l) for l in (tmp_path / "one/metrics/steps.jsonl").read_text().splitlines()]
+  rows_b = [json.loads(l) for l in (tmp_path / "three/metrics/steps.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows_b] == list(range(1, 11))
+  assert [r["target"] for r in rows_a] == [r["target"] for r in rows_b]
+  assert_states_close(restore_latest(tmp_path / "one")[1], restore_latest(tmp_path / "three")[1])
+  assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)

@@ -150,3 +150,20 @@ def test_uneven_batch_is_refused():
   _, _, mesh, _ = _setup()
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     gml_jax.shard_batch(_batches(1, size=12)[0], mesh)
+
+
+def test_multi_step_call_equals_single_steps():
+  batches = _batches(6, seed=3)
+  single = _train(_setup(method="random", seed=1), batches)
+  model, tx, mesh, state = _setup(method="random", seed=1)
+  multi = gml_jax.train.compile_multi_step(
+      gml_jax.train.make_multi_step(gml_jax.make_train_step(model, tx), 3), mesh)
+  targets = []
+  for chunk in (batches[:3], batches[3:]):
+    stacked = gml_jax.train.shard_stacked_batches(gml_jax.train.stack_batches(chunk), mesh)
+    state, metrics = multi(state, stacked)
+    targets += np.asarray(metrics["target"]).tolist()
+  assert targets == [int(m["target"]) for _, _, m in single]
+  assert any(t >= 0 for t in targets)  # re-balancing steps inside the multi-step calls
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.device_get(state), single[-1][1])

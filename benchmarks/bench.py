@@ -1,0 +1,319 @@
+"""Train-step benchmark: gml_jax against a PyTorch reference of the same work (`make bench`).
+
+For every workload (the Colored MNIST CNN pair at batch 64 and 256, the ModelNet40
+ResNet-18 pair at 224x224, batch 8) and method (vanilla, random, guided) it measures the
+steady-state step time and samples/s of
+
+* ``jax``: gml_jax's compiled train step, one step per call;
+* ``jax_xK``: K steps per compiled call (``gml_jax.train.make_multi_step``), when asked;
+* ``plain``: the same model, loss and SGD step in JAX without the balancing transform,
+  to measure what balancing costs;
+* ``torch``: the PyTorch reference (``benchmarks/torch_reference.py``), in a worker process
+  of its own interpreter, with the authors' way of bookkeeping (host sync per tensor);
+
+interleaved (jax, torch, jax, torch, ...) so that both see the same machine load, and
+reports medians over the repeats, compile time, compilations per model across all modes
+(normal and re-balancing steps of each modality), XLA's memory estimate of the step, and
+the ratios torch ÷ jax step time (> 1: JAX faster) and guided ÷ vanilla and guided ÷ plain.
+
+  python -m benchmarks.bench --torch-python .venv-torch/bin/python
+  python -m benchmarks.bench --workloads cnn_b64 --repeats 3 --no-torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gml_jax
+from gml_jax import train
+from benchmarks.workloads import ALPHA, LEARNING_RATE, METHODS, WINDOW, WORKLOADS
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def build_model(workload: dict):
+  if workload["model"] == "cnn":
+    return gml_jax.small_cnn_fusion(workload["classes"])
+  return gml_jax.resnet18_fusion(workload["classes"])
+
+
+def host_batches(workload: dict, count: int, seed: int = 0) -> list[dict]:
+  rng = np.random.default_rng(seed)
+  shape = lambda c: (workload["batch"], workload["size"], workload["size"], c)
+  return [{"inputs": tuple(rng.normal(size=shape(c)).astype(np.float32)
+                           for c in workload["channels"]),
+           "label": rng.integers(0, workload["classes"], workload["batch"]).astype(np.int32)}
+          for _ in range(count)]
+
+
+# --------------------------------------------------------------------------------------
+# JAX runners: each returns a function run(steps) -> seconds, after compiling.
+
+
+class JaxRunner:
+  """gml_jax's train step for one workload and method, ``steps_per_call`` steps a call."""
+
+  def __init__(self, workload: dict, method: str, steps_per_call: int = 1):
+    self.model = build_model(workload)
+    self.mesh = gml_jax.data_mesh()
+    # α = 0 and no warm-up keep re-balancing busy, so every mode is compiled and timed.
+    tx = gml_jax.balanced_multimodal(optax.sgd(LEARNING_RATE), gml_jax.group_labels,
+                                     method=method, alpha=0.0 if method == "guided" else ALPHA,
+                                     window=WINDOW, warmup_steps=0, seed=0)
+    example = host_batches(workload, 1)[0]["inputs"]
+    self.state = gml_jax.replicate(
+        gml_jax.create_train_state(self.model, tx, [x[:1] for x in example], 0), self.mesh)
+    self.traces = 0
+    step = gml_jax.make_train_step(self.model, tx)
+
+    def counted(state, batch):
+      self.traces += 1
+      return step(state, batch)
+
+    self.k = steps_per_call
+    if steps_per_call == 1:
+      self.fn = gml_jax.compile_train_step(counted, self.mesh)
+      self.batch = gml_jax.shard_batch(host_batches(workload, 1)[0], self.mesh)
+    else:
+      self.fn = train.compile_multi_step(train.make_multi_step(counted, steps_per_call),
+                                         self.mesh)
+      stacked = train.stack_batches(host_batches(workload, steps_per_call))
+      self.batch = train.shard_stacked_batches(stacked, self.mesh)
+    start = time.perf_counter()
+    compiled = self.fn.lower(self.state, self.batch).compile()
+    self.compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    self.memory_bytes = (None if memory is None else int(
+        memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes))
+    self.targets = set()
+
+  def run(self, steps: int) -> float:
+    calls = max(1, steps // self.k)
+    self.state, metrics = self.fn(self.state, self.batch)  # warm (first call compiles)
+    jax.block_until_ready(metrics)
+    targets = []  # device arrays: collected without a host sync per step
+    start = time.perf_counter()
+    for _ in range(calls):
+      self.state, metrics = self.fn(self.state, self.batch)
+      targets.append(metrics["target"])
+    jax.block_until_ready(self.state)
+    seconds = time.perf_counter() - start
+    self.targets.update(np.ravel(jax.device_get(targets)).tolist())
+    return seconds / (calls * self.k)
+
+
+class PlainRunner:
+  """The same model, loss and SGD step without the balancing transform."""
+
+  def __init__(self, workload: dict):
+    model = build_model(workload)
+    mesh = gml_jax.data_mesh()
+    tx = optax.sgd(LEARNING_RATE)
+    example = host_batches(workload, 1)[0]
+    variables = model.init(jax.random.key(0), tuple(x[:1] for x in example["inputs"]),
+                           train=False)
+    params = variables.pop("params")
+    self.state = gml_jax.replicate((params, dict(variables), tx.init(params)), mesh)
+
+    def step(state, batch):
+      params, model_state, opt_state = state
+
+      def loss_fn(p):
+        (_, branch_logits), new_state = model.apply(
+            {"params": p, **model_state}, tuple(batch["inputs"]), train=True,
+            mutable=list(model_state))
+        return jnp.sum(train.branch_losses(branch_logits, batch["label"])), new_state
+
+      grads, new_state = jax.grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), new_state, opt_state), None
+
+    self.fn = jax.jit(step, donate_argnums=0)
+    self.batch = gml_jax.shard_batch(example, mesh)
+
+  def run(self, steps: int) -> float:
+    self.state, _ = self.fn(self.state, self.batch)
+    jax.block_until_ready(self.state)
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.state, _ = self.fn(self.state, self.batch)
+    jax.block_until_ready(self.state)
+    return (time.perf_counter() - start) / steps
+
+
+class TorchWorker:
+  """The PyTorch reference in its own interpreter, driven over a pipe."""
+
+  def __init__(self, python: str):
+    self.proc = subprocess.Popen(
+        [python, str(ROOT / "benchmarks" / "torch_reference.py")], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+  def ask(self, **msg) -> dict:
+    self.proc.stdin.write(json.dumps(msg) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError("The PyTorch worker exited; run it by hand to see why: "
+                         f"{self.proc.args[0]} benchmarks/torch_reference.py")
+    return json.loads(line)
+
+  def close(self):
+    self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+    self.proc.stdin.close()
+    self.proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------------------
+
+
+def bench_workload(name: str, args, torch: TorchWorker | None) -> list[dict]:
+  workload = WORKLOADS[name]
+  cnn = workload["model"] == "cnn"
+  steps = args.steps if cnn else args.resnet_steps
+  rows = []
+  plain = PlainRunner(workload)
+  torch_info = torch.ask(cmd="setup", workload=name, seed=0) if torch else None
+  for method in args.methods:
+    runners = {"jax": JaxRunner(workload, method)}
+    for k in args.steps_per_call if cnn else args.resnet_steps_per_call:
+      runners[f"jax_x{k}"] = JaxRunner(workload, method, k)
+    times = {key: [] for key in [*runners, "plain", "torch"]}
+    for _ in range(args.repeats):  # interleaved: every implementation once per round
+      for key, runner in runners.items():
+        times[key].append(runner.run(steps))
+      times["plain"].append(plain.run(steps))
+      if torch:
+        times["torch"].append(torch.ask(cmd="run", method=method, steps=steps)["seconds"] / steps)
+    for key, samples in times.items():
+      if not samples:
+        continue
+      median = statistics.median(samples)
+      runner = runners.get(key)
+      rows.append({
+          "workload": name, "method": method, "impl": key, "step_ms": 1e3 * median,
+          "samples_per_s": workload["batch"] / median,
+          "spread_pct": 100 * (max(samples) - min(samples)) / median,
+          "compile_s": getattr(runner, "compile_seconds", None),
+          "compilations": getattr(runner, "traces", None),
+          "modes_seen": sorted(runner.targets) if runner else None,
+          "xla_memory_mb": (runner.memory_bytes / 2**20
+                            if runner and runner.memory_bytes is not None else None),
+          "params": torch_info["params"] if key == "torch" and torch_info else None,
+      })
+  return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+  """torch ÷ jax per workload and method, and the balancing overheads."""
+  at = {(r["workload"], r["method"], r["impl"]): r["step_ms"] for r in rows}
+  out = []
+  for (w, m, impl), ms in at.items():
+    if not impl.startswith("jax"):
+      continue
+    entry = {"workload": w, "method": m, "impl": impl}
+    if (w, m, "torch") in at:
+      entry["torch_over_jax"] = at[(w, m, "torch")] / ms
+    if (w, "vanilla", impl) in at:
+      entry["over_vanilla"] = ms / at[(w, "vanilla", impl)]
+    if impl == "jax" and (w, m, "plain") in at:
+      entry["over_plain"] = ms / at[(w, m, "plain")]
+    out.append(entry)
+  return out
+
+
+def format_tables(rows, ratio_rows) -> str:
+  lines = [f"{'workload':12} {'method':8} {'impl':8} {'ms/step':>9} {'samples/s':>10} "
+           f"{'spread':>7} {'compile s':>9} {'compiles':>8} {'XLA MB':>7}"]
+  for r in rows:
+    fmt = lambda v, f: format(v, f) if v is not None else "-"
+    lines.append(f"{r['workload']:12} {r['method']:8} {r['impl']:8} {r['step_ms']:9.2f} "
+                 f"{r['samples_per_s']:10.0f} {r['spread_pct']:6.0f}% "
+                 f"{fmt(r['compile_s'], '9.1f'):>9} {fmt(r['compilations'], 'd'):>8} "
+                 f"{fmt(r['xla_memory_mb'], '7.0f'):>7}")
+  lines += ["", f"{'workload':12} {'method':8} {'impl':8} {'torch/jax':>9} "
+                f"{'÷vanilla':>9} {'÷plain':>7}"]
+  for r in ratio_rows:
+    fmt = lambda k: f"{r[k]:.3f}" if k in r else "-"
+    lines.append(f"{r['workload']:12} {r['method']:8} {r['impl']:8} {fmt('torch_over_jax'):>9} "
+                 f"{fmt('over_vanilla'):>9} {fmt('over_plain'):>7}")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                      help=f"comma-separated, of {list(WORKLOADS)}")
+  parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+  parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
+  parser.add_argument("--steps", type=int, default=40, help="timed steps per round (CNN)")
+  parser.add_argument("--resnet-steps", type=int, default=4,
+                      help="timed steps per round (ResNet-18)")
+  parser.add_argument("--steps-per-call", default="8",
+                      help="also time K steps per compiled call, for each K (comma-separated;"
+                           " empty: none), CNN workloads")
+  parser.add_argument("--resnet-steps-per-call", default="4",
+                      help="the same for the ResNet-18 workload (its unrolled calls compile slowly)")
+  parser.add_argument("--torch-python", default=None,
+                      help="interpreter with torch==2.13.0 for the PyTorch reference")
+  parser.add_argument("--no-torch", action="store_true", help="JAX only")
+  parser.add_argument("--json", default="benchmarks/results.json", help="output JSON file")
+  args = parser.parse_args(argv)
+  args.workloads = [w for w in args.workloads.split(",") if w]
+  unknown = [w for w in args.workloads if w not in WORKLOADS]
+  if unknown:
+    parser.error(f"unknown workloads {unknown}; expected some of {list(WORKLOADS)}")
+  args.methods = [m for m in args.methods.split(",") if m]
+  args.steps_per_call = [int(k) for k in args.steps_per_call.split(",") if k]
+  args.resnet_steps_per_call = [int(k) for k in args.resnet_steps_per_call.split(",") if k]
+  if not args.no_torch and not args.torch_python:
+    parser.error("give --torch-python (an interpreter with torch) or --no-torch")
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  torch = None if args.no_torch else TorchWorker(args.torch_python)
+  rows = []
+  try:
+    for name in args.workloads:
+      print(f"benchmarking {name} ...", flush=True)
+      rows += bench_workload(name, args, torch)
+  finally:
+    if torch:
+      torch.close()
+  ratio_rows = ratios(rows)
+  result = {
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpus": os.cpu_count(), "device": str(jax.devices()[0]),
+                  "device_count": jax.device_count()},
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "flax": flax.__version__, "optax": optax.__version__},
+      "command": " ".join(["python -m benchmarks.bench", *(argv or sys.argv[1:])]),
+      "rows": rows, "ratios": ratio_rows,
+  }
+  print(format_tables(rows, ratio_rows))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"\nWrote {args.json}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
