@@ -135,11 +135,13 @@ class Trainer:
     torch.manual_seed(seed)
     random.seed(seed)
     w = WORKLOADS[workload]
-    self.model = build(workload).train()
+    self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    self.model = build(workload).train().to(self.device)
     self.opt = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
     shape = lambda c: (w["batch"], c, w["size"], w["size"])
-    self.x0, self.x1 = torch.randn(shape(w["channels"][0])), torch.randn(shape(w["channels"][1]))
-    self.y = torch.randint(0, w["classes"], (w["batch"],))
+    self.x0 = torch.randn(shape(w["channels"][0]), device=self.device)
+    self.x1 = torch.randn(shape(w["channels"][1]), device=self.device)
+    self.y = torch.randint(0, w["classes"], (w["batch"],), device=self.device)
     self.reset()
 
   def reset(self):
@@ -195,6 +197,8 @@ def serve():
       start = time.perf_counter()
       for _ in range(msg["steps"]):
         trainer.step(msg["method"])
+      if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
       reply = {"seconds": time.perf_counter() - start}
     else:
       return
