@@ -185,33 +185,46 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def _place_batches(tree: Any, mesh: Mesh, batch_axis: int) -> Any:
+  """This process's rows of ``tree`` -> global arrays split over ``data`` on ``batch_axis``."""
+  size = mesh.shape[DATA_AXIS]
+  for leaf in jax.tree.leaves(tree):
+    global_size = leaf.shape[batch_axis] * jax.process_count()
+    if global_size % size:
+      raise ValueError(
+          f"Batch size {global_size} is not divisible by the {size} devices of the "
+          f"'{DATA_AXIS}' mesh axis; choose a batch size that is a multiple of {size}."
+      )
+  sharding = _batch_sharding(mesh, batch_axis)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
   """This process's part of a batch -> global arrays split over the ``data`` axis.
 
   With one process the part is the whole batch; with several, each passes its own rows
   and the global batch is their concatenation in process order.
   """
-  size = mesh.shape[DATA_AXIS]
-  for leaf in jax.tree.leaves(batch):
-    global_size = leaf.shape[0] * jax.process_count()
-    if global_size % size:
-      raise ValueError(
-          f"Batch size {global_size} is not divisible by the {size} devices of the "
-          f"'{DATA_AXIS}' mesh axis; choose a batch size that is a multiple of {size}."
-      )
-  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return _place_batches(batch, mesh, batch_axis=0)
+
+
+def _batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(*[None] * batch_axis, DATA_AXIS))
+
+
+def _jit_step(step: Callable, mesh: Mesh, batch_axis: int) -> Callable:
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      step,
+      in_shardings=(replicated, _batch_sharding(mesh, batch_axis)),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+  )
 
 
 def compile_train_step(train_step: Callable, mesh: Mesh) -> Callable:
   """``jax.jit`` of a train step: state replicated (and donated), batch sharded on ``data``."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(
-      train_step,
-      in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS))),
-      out_shardings=(replicated, replicated),
-      donate_argnums=0,
-  )
+  return _jit_step(train_step, mesh, batch_axis=0)
 
 
 def make_multi_step(train_step: Callable, steps: int) -> Callable:
@@ -240,31 +253,17 @@ def stack_batches(batches: list[dict]) -> dict:
 def compile_multi_step(multi_step: Callable, mesh: Mesh) -> Callable:
   """``jax.jit`` of a multi-step: state replicated (and donated), batches sharded on
   ``data`` along their second axis."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(
-      multi_step,
-      in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))),
-      out_shardings=(replicated, replicated),
-      donate_argnums=0,
-  )
+  return _jit_step(multi_step, mesh, batch_axis=1)
 
 
 def shard_stacked_batches(batches: dict, mesh: Mesh) -> dict:
   """Like :func:`shard_batch` for stacked batches [steps, batch, ...] of this process."""
-  sharding = NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
-  size = mesh.shape[DATA_AXIS]
-  for leaf in jax.tree.leaves(batches):
-    if (leaf.shape[1] * jax.process_count()) % size:
-      raise ValueError(f"Batch size {leaf.shape[1] * jax.process_count()} is not divisible by "
-                       f"the {size} devices of the '{DATA_AXIS}' mesh axis.")
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batches)
+  return _place_batches(batches, mesh, batch_axis=1)
 
 
 def compile_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
   """``jax.jit`` of an eval step: state replicated, batch sharded on ``data``."""
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(
-      eval_step,
-      in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS))),
-      out_shardings=replicated,
+      eval_step, in_shardings=(replicated, _batch_sharding(mesh, 0)), out_shardings=replicated
   )
