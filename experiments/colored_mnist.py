@@ -42,6 +42,9 @@ def get_config(variant: str = "guided") -> config_dict.ConfigDict:
   c.data.builder_config = "var_0.02"  # color jitter variance σ²: var_0.02 or var_0.05
   c.data.data_dir = "~/tensorflow_datasets"  # where the built dataset is kept
   c.data.manual_dir = ""  # MNIST IDX files; empty: tfds 'mnist' if prepared, else embedded
+  c.data.image_size = 0  # 0: as stored (28)
+  c.data.normalize = "none"  # pixels / 255
+  c.data.hflip = False  # no flips: digits are not mirror-symmetric
 
   c.model = config_dict.ConfigDict()
   c.model.name = "small_cnn"
@@ -60,6 +63,17 @@ def get_config(variant: str = "guided") -> config_dict.ConfigDict:
   c.balance.window = 5  # Q: re-balancing steps per decision, authors' value
   c.balance.warmup_epochs = 1  # the authors balance from the second epoch on
   c.balance.update_mode = "branch"  # branch (paper) or all (authors' code)
+
+  # Learning rate: "constant", or "plateau" (x factor after more than `patience` epochs
+  # whose training loss improved by less than `threshold`, relative; not below min_lr).
+  c.schedule = config_dict.ConfigDict()
+  c.schedule.name = "constant"
+  c.schedule.factor = 0.3
+  c.schedule.patience = 10
+  c.schedule.threshold = 1e-3
+  c.schedule.min_lr = 1e-6
+  # Stop once the training accuracy has been 100% in this many epochs (0: never).
+  c.early_stop_full_train_accuracy_epochs = 0
 
   c.batch_size = 64  # global, over all devices and processes
   c.num_epochs = 10

@@ -12,6 +12,7 @@ is assembled across processes by :func:`gml_jax.train.shard_batch`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pathlib
 from typing import Iterator
@@ -21,7 +22,63 @@ import jax
 import numpy as np
 
 # Per dataset: the feature of each modality, in modality order.
-MODALITIES = {"colored_mnist": ("gray", "colored")}
+MODALITIES = {"colored_mnist": ("gray", "colored"), "modelnet40_views": ("view_0", "view_1")}
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """How examples become model inputs.
+
+  Attributes:
+    modalities: the feature of each modality, in order.
+    image_size: resize images to this square size (0: keep the stored size).
+    normalize: "none" (pixels / 255) or "imagenet" (then ImageNet mean and std).
+    hflip: random horizontal flips in training (one draw per example, all modalities).
+  """
+
+  modalities: tuple[str, ...]
+  image_size: int = 0
+  normalize: str = "none"
+  hflip: bool = False
+
+  @classmethod
+  def from_config(cls, data_config) -> "Preprocess":
+    if data_config.name not in MODALITIES:
+      raise ValueError(f"Unknown dataset {data_config.name!r}; known: {sorted(MODALITIES)}.")
+    if data_config.normalize not in ("none", "imagenet"):
+      raise ValueError(f"Unknown data.normalize {data_config.normalize!r}; expected none or "
+                       "imagenet.")
+    return cls(MODALITIES[data_config.name], data_config.image_size, data_config.normalize,
+               data_config.hflip)
+
+  def resize(self, example: dict) -> dict:
+    if not self.image_size:
+      return example
+    out = dict(example)
+    for m in self.modalities:
+      image = np.asarray(example[m])
+      if image.shape[:2] != (self.image_size, self.image_size):
+        from PIL import Image  # pylint: disable=g-import-not-at-top
+
+        resized = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).resize(
+            (self.image_size, self.image_size), Image.BILINEAR)
+        out[m] = np.asarray(resized).reshape(self.image_size, self.image_size, -1)
+    return out
+
+  def flip(self, example: dict, rng: np.random.Generator) -> dict:
+    if not (self.hflip and rng.random() < 0.5):
+      return example
+    # The width axis is the one before the channels, for images and videos alike.
+    return example | {m: np.flip(np.asarray(example[m]), axis=-2) for m in self.modalities}
+
+  def batch(self, examples: dict) -> dict:
+    """Stacked examples -> ``{"inputs": (m_0, m_1, ...), "label"}`` as float32 / int32."""
+    inputs = tuple(np.asarray(examples[m], np.float32) / 255.0 for m in self.modalities)
+    if self.normalize == "imagenet":
+      inputs = tuple((x - IMAGENET_MEAN) / IMAGENET_STD for x in inputs)
+    return {"inputs": inputs, "label": np.asarray(examples["label"], np.int32)}
 
 
 def _builder_module(name: str):
@@ -101,14 +158,6 @@ def open_splits(builder) -> dict[str, CheckedSource]:
   return sources
 
 
-def to_model_batch(examples: dict, modalities: tuple[str, ...]) -> dict:
-  """uint8 images -> float32 in [0, 1], as ``{"inputs": (m_0, m_1, ...), "label"}``."""
-  return {
-      "inputs": tuple(np.asarray(examples[m], np.float32) / 255.0 for m in modalities),
-      "label": np.asarray(examples["label"], np.int32),
-  }
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
@@ -129,18 +178,21 @@ def steps_per_epoch(source, global_batch_size: int) -> int:
   return steps
 
 
-def train_batches(source, modalities, global_batch_size: int, seed: int, epoch: int,
+def train_batches(source, prep: Preprocess, global_batch_size: int, seed: int, epoch: int,
                   start: int = 0) -> Iterator[dict]:
-  """This process's batches of epoch ``epoch``, from batch ``start`` on."""
-  ds = grain.MapDataset.source(source).shuffle(seed=_epoch_seed(seed, epoch))
+  """This process's batches of epoch ``epoch``, from batch ``start`` on (random flips are
+  drawn per example from (seed, epoch), so a resumed epoch flips the same way)."""
+  epoch_seed = _epoch_seed(seed, epoch)
+  ds = grain.MapDataset.source(source).shuffle(seed=epoch_seed)
   ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds.map(prep.resize).random_map(prep.flip, seed=epoch_seed)
   ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
   ds = ds[start : steps_per_epoch(source, global_batch_size)]
-  ds = ds.map(lambda examples: to_model_batch(examples, modalities))
+  ds = ds.map(prep.batch)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
 
 
-def eval_batches(source, modalities, global_batch_size: int) -> Iterator[dict]:
+def eval_batches(source, prep: Preprocess, global_batch_size: int) -> Iterator[dict]:
   """Every example of the split exactly once over all processes.
 
   Process p reads examples p, p + P, p + 2P, ...; every process yields the same number of
@@ -153,9 +205,9 @@ def eval_batches(source, modalities, global_batch_size: int) -> Iterator[dict]:
   largest = -(-len(source) // count)
   for start in range(0, largest, local):
     idx = np.arange(start, start + local)
-    examples = [ds[int(i)] for i in np.minimum(idx, len(ds) - 1)]
-    stacked = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    yield to_model_batch(stacked, modalities) | {"mask": (idx < len(ds)).astype(np.float32)}
+    examples = [prep.resize(ds[int(i)]) for i in np.minimum(idx, len(ds) - 1)]
+    stacked = {k: np.stack([e[k] for e in examples]) for k in prep.modalities + ("label",)}
+    yield prep.batch(stacked) | {"mask": (idx < len(ds)).astype(np.float32)}
 
 
 def default_data_dir() -> str:

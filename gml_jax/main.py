@@ -48,6 +48,8 @@ def format_summary(summary: dict) -> str:
   n = len([k for k in summary if k.startswith("test_branch_")])
   lines.append(f"{'':24}{'fused':>8}" + "".join(f"{f'branch {k}':>10}" for k in range(n)))
   for split, prefix in (("test", "test_"), ("test_biased", "test_biased_")):
+    if prefix + "accuracy" not in summary:
+      continue
     lines.append(f"{split + ' accuracy':24}{summary[prefix + 'accuracy']:>8.4f}" + "".join(
         f"{summary[f'{prefix}branch_{k}_accuracy']:>10.4f}" for k in range(n)))
   lines.append("")

@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from gml_jax import input_pipeline, models, plots
-from gml_jax.balancing import balanced_multimodal
+from gml_jax.balancing import balance_state, balanced_multimodal
 from gml_jax.train import (TrainState, compile_eval_step, compile_multi_step,
                            compile_train_step, create_train_state, data_mesh, make_eval_step,
                            make_multi_step, make_train_step, replicate, shard_batch,
@@ -62,19 +62,55 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, num_modalit
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The configured optimizer inside the balancing transform; its learning rate is a
+  hyperparameter in the optimizer state, so a schedule can change it between steps."""
   o = config.optimizer
-  if o.name == "sgd":
-    inner = optax.sgd(o.learning_rate, momentum=o.momentum or None)
-  elif o.name == "adam":
-    inner = optax.adam(o.learning_rate)
-  else:
+  if o.name not in ("sgd", "adam"):
     raise ValueError(f"Unknown optimizer.name {o.name!r}; expected sgd or adam.")
-  if o.weight_decay:
-    inner = optax.chain(optax.add_decayed_weights(o.weight_decay), inner)
+
+  def make_inner(learning_rate):
+    if o.name == "sgd":
+      inner = optax.sgd(learning_rate, momentum=o.momentum or None)
+    else:
+      inner = optax.adam(learning_rate)
+    if o.weight_decay:
+      inner = optax.chain(optax.add_decayed_weights(o.weight_decay), inner)
+    return inner
+
   b = config.balance
   return balanced_multimodal(
-      inner, models.group_labels, method=b.method, alpha=b.alpha, window=b.window,
+      optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate),
+      models.group_labels, method=b.method, alpha=b.alpha, window=b.window,
       warmup_steps=b.warmup_epochs * steps_per_epoch, update=b.update_mode, seed=config.seed)
+
+
+def learning_rate(opt_state) -> float:
+  return float(balance_state(opt_state).inner_state.hyperparams["learning_rate"])
+
+
+def with_learning_rate(opt_state, value: float, mesh):
+  """The optimizer state with a new learning rate (replicated like the rest)."""
+  inner = opt_state.inner_state
+  hyperparams = dict(inner.hyperparams)
+  hyperparams["learning_rate"] = replicate(
+      np.asarray(value, np.asarray(hyperparams["learning_rate"]).dtype), mesh)
+  return opt_state._replace(inner_state=inner._replace(hyperparams=hyperparams))
+
+
+def plateau(schedule: ml_collections.ConfigDict, tracker: dict, loss: float,
+            lr: float) -> float:
+  """Reduce-on-plateau, as PyTorch's ReduceLROnPlateau (mode min, relative threshold):
+  after more than ``patience`` epochs whose training loss did not improve on the best by
+  a factor (1 - threshold), multiply the learning rate by ``factor`` (not below
+  ``min_lr``). ``tracker`` ({"best", "bad_epochs"}) is updated in place; returns the rate."""
+  if loss < tracker["best"] * (1 - schedule.threshold):
+    tracker.update(best=loss, bad_epochs=0)
+    return lr
+  tracker["bad_epochs"] += 1
+  if tracker["bad_epochs"] > schedule.patience:
+    tracker["bad_epochs"] = 0
+    return max(lr * schedule.factor, schedule.min_lr)
+  return lr
 
 
 # --------------------------------------------------------------------------------------
@@ -117,25 +153,28 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
 
 
 class MetricLog:
-  """Append-only JSON lines, cut back to the restored step on resume, with a CSV copy."""
+  """Append-only JSON lines, cut back to the restored step on resume, with a CSV copy.
+  Every process keeps the rows; only the one with ``write`` touches the files."""
 
-  def __init__(self, path: pathlib.Path, resume_step: int):
-    self.path = path
+  def __init__(self, path: pathlib.Path, resume_step: int, write: bool = True):
+    self.path, self.write = path, write
     rows = []
     if path.exists():  # rows past the restored checkpoint belong to the lost future
       lines = path.read_text().splitlines()
       rows = [json.loads(l) for l in lines[:-1]] + _parse_last(lines[-1:])
       rows = [r for r in rows if r["step"] <= resume_step]
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    if write:
+      _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
     self.rows = rows
 
   def append(self, rows: list[dict]) -> None:
     self.rows += rows
-    with self.path.open("a") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
+    if self.write:
+      with self.path.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
   def write_csv(self) -> None:
-    if not self.rows:
+    if not self.rows or not self.write:
       return
     keys = list(dict.fromkeys(k for r in self.rows for k in r))
     with self.path.with_suffix(".csv").open("w", newline="") as f:
@@ -180,10 +219,10 @@ def _restore(manager: ocp.CheckpointManager, target: TrainState) -> tuple[TrainS
 # Evaluation
 
 
-def evaluate(eval_step, state, source, modalities, batch_size, mesh) -> dict:
+def evaluate(eval_step, state, source, prep, batch_size, mesh) -> dict:
   """Accuracy and loss of ŷ and of each branch over a whole split (normal fusion)."""
   totals = None
-  for batch in input_pipeline.eval_batches(source, modalities, batch_size):
+  for batch in input_pipeline.eval_batches(source, prep, batch_size):
     sums = eval_step(state, shard_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
@@ -288,7 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   data_config.data_dir = str(pathlib.Path(config.data.data_dir).expanduser())
   builder = input_pipeline.load_builder(data_config)
   sources = input_pipeline.open_splits(builder)
-  modalities = input_pipeline.MODALITIES[config.data.name]
+  prep = input_pipeline.Preprocess.from_config(config.data)
+  modalities = prep.modalities
   num_classes = builder.info.features["label"].num_classes
   spe = input_pipeline.steps_per_epoch(sources["train"], config.batch_size)
   total_steps = config.num_epochs * spe
@@ -298,14 +338,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        f"{jax.device_count()} devices; use a multiple of {jax.device_count()}.")
   model = build_model(config, num_classes, len(modalities))
   tx = build_optimizer(config, spe)
+  if config.schedule.name not in ("constant", "plateau"):
+    raise ValueError(f"Unknown schedule.name {config.schedule.name!r}; expected constant or "
+                     "plateau.")
 
   workdir.mkdir(parents=True, exist_ok=True)
   check_workdir_config(workdir, config, write=is_writer)
 
   # ---- State, steps, and the run so far.
   mesh = data_mesh()
-  first = {k: np.asarray(v)[None] for k, v in sources["train"][0].items()}
-  example = input_pipeline.to_model_batch(first, modalities)["inputs"]
+  first = prep.resize(sources["train"][0])
+  example = prep.batch({k: np.asarray(first[k])[None] for k in (*modalities, "label")})["inputs"]
   state = replicate(create_train_state(model, tx, example, config.seed), mesh)
   step_fn = make_train_step(model, tx)
   train_step = compile_train_step(step_fn, mesh)
@@ -313,13 +356,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   latest = _checkpoint_manager(workdir / "checkpoints" / "latest")
   best = _checkpoint_manager(workdir / "checkpoints" / "best")
-  meta = {"step": 0, "best_val_accuracy": -1.0, "best_step": -1, "train_seconds": 0.0}
+  meta = {"step": 0, "best_val_accuracy": -1.0, "best_step": -1, "train_seconds": 0.0,
+          "plateau": {"best": float("inf"), "bad_epochs": 0}, "full_accuracy_epochs": 0}
   if latest.latest_step() is not None:
     state, meta = _restore(latest, state)
     print(f"Resuming {workdir} from step {meta['step']}.")
   step = int(meta["step"])
-  step_log = MetricLog(_metrics_dir(workdir) / "steps.jsonl", step) if is_writer else None
-  epoch_log = MetricLog(_metrics_dir(workdir) / "epochs.jsonl", step) if is_writer else None
+  # Every process reads the logs (decisions at epoch ends use them); process 0 writes.
+  step_log = MetricLog(_metrics_dir(workdir) / "steps.jsonl", step, write=is_writer)
+  epoch_log = MetricLog(_metrics_dir(workdir) / "epochs.jsonl", step, write=is_writer)
   tb = _tensorboard(workdir) if is_writer else None
 
   def checkpoint(manager):
@@ -328,9 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       _save(manager, state, meta)
 
   def write_tables():
-    if is_writer:
-      step_log.write_csv()
-      epoch_log.write_csv()
+    step_log.write_csv()
+    epoch_log.write_csv()
 
   # ---- Training.
   pending, pending_from, pending_steps = [], step, 0
@@ -339,10 +383,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              disable=not is_writer)
   k = config.steps_per_call
   multi_step = compile_multi_step(make_multi_step(step_fn, k), mesh) if k > 1 else None
+  finished = False
   with StopSignal() as stop_signal:
-    while step < total_steps:
+    while step < total_steps and not finished:
       epoch, start = divmod(step, spe)
-      batches = input_pipeline.train_batches(sources["train"], modalities, config.batch_size,
+      batches = input_pipeline.train_batches(sources["train"], prep, config.batch_size,
                                              config.seed, epoch, start)
       at_epoch_end = False
       while not at_epoch_end:
@@ -369,23 +414,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         pending, pending_from, pending_steps = [], step, 0
         bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", acc=f"{rows[-1]['accuracy']:.2f}",
                         d_speed=f"{rows[-1]['d_speed']:+.3f}")
+        step_log.append(rows)
         if is_writer:
-          step_log.append(rows)
           _tb_write(tb, rows)
         _check_finite(rows, workdir, latest.latest_step())
         preempted = stop_signal.agreed()
         if at_epoch_end:
           meta["train_seconds"] += time.perf_counter() - started
-          val = evaluate(eval_step, state, sources["validation"], modalities,
+          val = evaluate(eval_step, state, sources["validation"], prep,
                          config.eval_batch_size, mesh)
+          this_epoch = [r for r in step_log.rows if step - spe < r["step"] <= step]
+          row = _epoch_row(epoch + 1, step, this_epoch, val) | {
+              "learning_rate": learning_rate(state.opt_state)}
+          epoch_log.append([row])
           if is_writer:
-            this_epoch = [r for r in step_log.rows if step - spe < r["step"] <= step]
-            row = _epoch_row(epoch + 1, step, this_epoch, val)
-            epoch_log.append([row])
             _tb_write(tb, [row], prefix="epoch/")
           if val["accuracy"] > meta["best_val_accuracy"]:
             meta.update(best_val_accuracy=val["accuracy"], best_step=step)
             checkpoint(best)
+          state, finished = _end_of_epoch(config, state, row, meta, mesh)
+          if finished:  # early stop: a full checkpoint, then the final evaluation
+            checkpoint(latest)
+            break
           started = time.perf_counter()
         if checkpoint_due or stop_asked or preempted:
           meta["train_seconds"] += time.perf_counter() - started
@@ -402,8 +452,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ---- Final evaluation with the best checkpoint (chosen on validation accuracy).
   state, _ = _restore(best, state)
-  summary = final_summary(config, model, eval_step, state, sources, modalities, mesh, meta,
-                          builder, step_log.rows if is_writer else [])
+  summary = final_summary(config, model, eval_step, state, sources, prep, mesh, meta,
+                          builder, step_log.rows)
   write_tables()
   if is_writer:
     _atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
@@ -414,6 +464,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     plots.utilization(summary, plot_dir / "utilization.png")
     tb.close()
   return summary
+
+
+def _end_of_epoch(config, state: TrainState, row: dict, meta: dict, mesh):
+  """The learning-rate schedule and the early stop, from the epoch's training metrics.
+  Returns (state, whether training is finished)."""
+  if config.schedule.name == "plateau":
+    lr = learning_rate(state.opt_state)
+    new_lr = plateau(config.schedule, meta["plateau"], row["train_loss"], lr)
+    if new_lr != lr:
+      print(f"\nEpoch {row['epoch']}: training loss on a plateau, learning rate {lr:g} -> "
+            f"{new_lr:g}.")
+      state = state.replace(opt_state=with_learning_rate(state.opt_state, new_lr, mesh))
+  patience = config.early_stop_full_train_accuracy_epochs
+  if patience and row["train_accuracy"] >= 1.0:
+    meta["full_accuracy_epochs"] += 1
+    if meta["full_accuracy_epochs"] >= patience:
+      print(f"\nEarly stop after epoch {row['epoch']}: training accuracy 100% in "
+            f"{patience} epochs.")
+      return state, True
+  return state, False
 
 
 def _metrics_dir(workdir: pathlib.Path) -> pathlib.Path:
@@ -432,36 +502,33 @@ def _epoch_row(epoch: int, step: int, step_rows: list[dict], val: dict) -> dict:
   return row
 
 
-def final_summary(config, model, eval_step, state, sources, modalities, mesh, meta, builder,
+def final_summary(config, model, eval_step, state, sources, prep, mesh, meta, builder,
                   step_rows) -> dict:
-  test = evaluate(eval_step, state, sources["test"], modalities, config.eval_batch_size, mesh)
-  biased = evaluate(eval_step, state, sources["test_biased"], modalities,
-                    config.eval_batch_size, mesh)
-  util = conditional_utilization(
-      model, state.variables,
-      (shard_batch(b, mesh) for b in input_pipeline.eval_batches(
-          sources["train"], modalities, config.eval_batch_size)),
-      (shard_batch(b, mesh) for b in input_pipeline.eval_batches(
-          sources["test"], modalities, config.eval_batch_size)))
-  targets = np.asarray([r["target"] for r in step_rows]) if step_rows else np.zeros(0)
-  steps = int(meta["step"])
+  """Accuracies on the test splits (``test``, and ``test_biased`` where the dataset has
+  one), utilization rates, re-balancing shares and speed."""
+  n = len(prep.modalities)
   summary = {
       "experiment": config.experiment,
       "method": config.balance.method,
       "update": config.balance.update_mode,
-      "data_source": builder.info.metadata.get("mnist_source", "manual"),
+      "data_source": (builder.info.metadata or {}).get("mnist_source", "manual"),
       "best_step": int(meta["best_step"]),
       "best_val_accuracy": meta["best_val_accuracy"],
-      "test_examples": test["examples"],
-      "test_accuracy": test["accuracy"],
-      "test_biased_accuracy": biased["accuracy"],
   }
-  for k in range(len(modalities)):
-    summary[f"test_branch_{k}_accuracy"] = test[f"branch_{k}_accuracy"]
-    summary[f"test_biased_branch_{k}_accuracy"] = biased[f"branch_{k}_accuracy"]
+  for split in [s for s in ("test", "test_biased") if s in sources]:
+    result = evaluate(eval_step, state, sources[split], prep, config.eval_batch_size, mesh)
+    summary[f"{split}_examples"] = result["examples"]
+    summary[f"{split}_accuracy"] = result["accuracy"]
+    for k in range(n):
+      summary[f"{split}_branch_{k}_accuracy"] = result[f"branch_{k}_accuracy"]
+  batches = lambda split: (shard_batch(b, mesh) for b in input_pipeline.eval_batches(
+      sources[split], prep, config.eval_batch_size))
+  util = conditional_utilization(model, state.variables, batches("train"), batches("test"))
   summary |= {k: v for k, v in util.as_dict().items() if k.startswith(("u(", "d_util"))}
-  for k in range(len(modalities)):
+  targets = np.asarray([r["target"] for r in step_rows])
+  for k in range(n):
     summary[f"rebalance_share_m{k}"] = float(np.mean(targets == k)) if len(targets) else 0.0
+  steps = int(meta["step"])
   summary["steps"] = steps
   summary["train_seconds"] = meta["train_seconds"]
   summary["samples_per_s"] = steps * config.batch_size / max(meta["train_seconds"], 1e-9)

@@ -68,7 +68,8 @@ def test_eval_batches_cover_every_example_once_across_processes(processes, monke
   monkeypatch.setattr(jax, "process_count", lambda: processes)
   for p in range(processes):
     monkeypatch.setattr(jax, "process_index", lambda p=p: p)
-    batches = list(input_pipeline.eval_batches(source, ("gray", "colored"), 4 * processes))
+    prep = input_pipeline.Preprocess(("gray", "colored"))
+    batches = list(input_pipeline.eval_batches(source, prep, 4 * processes))
     batch_counts.append(len(batches))
     for b in batches:
       assert len(b["label"]) == 4

@@ -133,6 +133,7 @@ def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
     ("balance.method", "greedy", "Unknown method 'greedy'"),
     ("balance.update_mode", "everything", "Unknown update mode 'everything'"),
     ("optimizer.name", "lion", "Unknown optimizer.name 'lion'"),
+    ("schedule.name", "cosine", "Unknown schedule.name 'cosine'"),
 ])
 def test_bad_config_values_are_refused_before_writing(field, value, message, data_dir, tmp_path):
   config = tiny_config("guided", data_dir)

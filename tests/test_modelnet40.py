@@ -1,0 +1,102 @@
+"""The ModelNet40 two-view builder on dummy data laid out like the real renders, and the
+experiment through the CLI on tiny images."""
+
+import json
+import pathlib
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from data_prep.modelnet40_views import Builder, check_manual_dir
+from data_prep.modelnet40_views import modelnet40_views_dataset_builder as mn
+from run_helpers import ROOT, run_cli
+
+DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
+
+
+def build(data_dir, manual_dir=DUMMY, config="views_0_6"):
+  builder = Builder(config=config, data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return builder
+
+
+def _all(source):
+  return [source[i] for i in range(len(source))]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  return build(tmp_path_factory.mktemp("tfds"))
+
+
+def test_splits_labels_and_class_names(built):
+  splits = {k: v.num_examples for k, v in built.info.splits.items()}
+  assert splits == {"train": 12, "validation": 3, "test": 6}  # 15 train objects: 20% held out
+  names = built.info.features["label"].names
+  assert len(names) == 40 and names[0] == "airplane" and names[-1] == "xbox"
+  sources = built.as_data_source()
+  objects = {s: [e["object"] for e in _all(sources[s])] for s in splits}
+  assert not set(objects["train"]) & set(objects["validation"])
+  for split, examples in ((s, _all(sources[s])) for s in splits):
+    for e in examples:
+      obj = e["object"].decode() if isinstance(e["object"], bytes) else e["object"]
+      assert names[e["label"]] == obj.rsplit("_", 1)[0]  # airplane_0003 -> airplane
+      assert e["view_0"].shape == e["view_1"].shape == (24, 24, 3)
+      assert e["view_0"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("config, views", [("views_0_6", (0, 6)), ("views_0_3", (0, 3))])
+def test_view_selection(config, views, tmp_path):
+  source = build(tmp_path, config=config).as_data_source()["test"]
+  for e in _all(source):
+    for m, view in enumerate(views):
+      assert e[f"view_{m}"].max() == 20 + 15 * view  # the dummy views encode their index
+
+
+def test_archive_equals_folder(built, tmp_path):
+  archive_dir = tmp_path / "manual"
+  archive_dir.mkdir()
+  with tarfile.open(archive_dir / "shaded_images.tar.gz", "w:gz") as tar:
+    tar.add(DUMMY / mn.ROOT_NAME, arcname=mn.ROOT_NAME)
+  from_tar = build(tmp_path / "tfds", manual_dir=archive_dir).as_data_source()["test"]
+  from_folder = built.as_data_source()["test"]
+  key = lambda e: e["object"]
+  for a, b in zip(sorted(_all(from_tar), key=key), sorted(_all(from_folder), key=key)):
+    np.testing.assert_array_equal(a["view_1"], b["view_1"])
+    assert a["label"] == b["label"]
+
+
+def test_missing_and_malformed_renders(tmp_path):
+  with pytest.raises(FileNotFoundError, match="modelnet40_images_new_12x"):
+    check_manual_dir(tmp_path)
+  broken = tmp_path / "broken"
+  shutil.copytree(DUMMY, broken)
+  (broken / mn.ROOT_NAME / "bed" / "test" / "bed_0006.obj.shaded_v007.png").unlink()
+  with pytest.raises(FileNotFoundError, match=r"Missing view .*bed_0006.obj.shaded_v007.png"):
+    build(tmp_path / "tfds1", manual_dir=broken)
+  (broken / mn.ROOT_NAME / "bed" / "test" / "bed_0006.obj.shaded_v007.png").write_bytes(b"junk")
+  with pytest.raises(ValueError, match="bed_0006.obj.shaded_v007.png is not a readable PNG"):
+    build(tmp_path / "tfds2", manual_dir=broken)
+
+
+def test_cli_trains_modelnet40_with_the_authors_recipe(tmp_path):
+  workdir = tmp_path / "run"
+  result = run_cli(
+      "--config=experiments/modelnet40.py:guided", f"--workdir={workdir}",
+      f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.manual_dir={DUMMY}",
+      "--config.data.image_size=32", "--config.batch_size=4", "--config.eval_batch_size=4",
+      "--config.num_epochs=3", "--config.log_every_steps=1",
+      "--config.schedule.patience=0", "--config.schedule.threshold=0.99")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["test_examples"] == 6 and "test_biased_accuracy" not in summary
+  assert 0 <= summary["test_accuracy"] <= 1 and np.isfinite(summary["d_util"])
+  epochs = [json.loads(l) for l in (workdir / "metrics/epochs.jsonl").read_text().splitlines()]
+  # 12 training objects, batch 4: 3 steps per epoch. The first epoch sets the best loss;
+  # each later one is a plateau (threshold 0.99, patience 0): x0.3 for the next epoch.
+  assert [e["step"] for e in epochs] == [3, 6, 9]
+  assert [e["learning_rate"] for e in epochs] == pytest.approx([0.1, 0.1, 0.03])

@@ -1,0 +1,44 @@
+"""Trainer features any config can use: the plateau schedule and the early stop."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from gml_jax import trainer
+from run_helpers import tiny_config
+
+SCHEDULE = ml_collections.ConfigDict(
+    {"name": "plateau", "factor": 0.3, "patience": 2, "threshold": 0.1, "min_lr": 0.01})
+
+
+def test_plateau_follows_reduce_lr_on_plateau():
+  # Hand-derived: best 1.0; 0.95 is not a 10% improvement -> bad epochs 1, 2, 3 > patience 2
+  # -> lr x 0.3; then 0.5 improves; three bad epochs again -> x 0.3, floored at 0.01.
+  tracker, lr, rates = {"best": float("inf"), "bad_epochs": 0}, 0.1, []
+  for loss in (1.0, 0.95, 0.95, 0.95, 0.5, 0.49, 0.48, 0.47, 0.47):
+    lr = trainer.plateau(SCHEDULE, tracker, loss, lr)
+    rates.append(lr)
+  np.testing.assert_allclose(rates, [0.1, 0.1, 0.1, 0.03, 0.03, 0.03, 0.03, 0.01, 0.01])
+
+
+def test_plateau_schedule_changes_the_learning_rate_in_training(data_dir, tmp_path):
+  config = tiny_config("vanilla", data_dir)
+  config.num_epochs = 3
+  config.schedule.update(name="plateau", patience=0, threshold=0.99, factor=0.5, min_lr=1e-4)
+  trainer.train_and_evaluate(config, tmp_path)
+  epochs = [json.loads(l) for l in (tmp_path / "metrics/epochs.jsonl").read_text().splitlines()]
+  # threshold 0.99: no epoch improves on the first; patience 0: halve after each. The log
+  # gives the rate each epoch trained with.
+  assert [e["learning_rate"] for e in epochs] == pytest.approx([0.01, 0.01, 0.005])
+
+
+def test_early_stop_after_epochs_at_full_training_accuracy(data_dir, tmp_path):
+  config = tiny_config("vanilla", data_dir)
+  config.early_stop_full_train_accuracy_epochs = 2
+  meta = {"plateau": {}, "full_accuracy_epochs": 0}
+  state = object()  # untouched with a constant schedule
+  assert trainer._end_of_epoch(config, state, {"epoch": 1, "train_accuracy": 1.0}, meta, None) == (state, False)
+  assert trainer._end_of_epoch(config, state, {"epoch": 2, "train_accuracy": 0.9}, meta, None) == (state, False)
+  assert trainer._end_of_epoch(config, state, {"epoch": 3, "train_accuracy": 1.0}, meta, None) == (state, True)
