@@ -40,7 +40,8 @@ import optax
 
 import gml_jax
 from gml_jax import train
-from benchmarks.workloads import ALPHA, LEARNING_RATE, METHODS, WINDOW, WORKLOADS
+from benchmarks.workloads import (ALPHA, DEFAULT_WORKLOADS, LEARNING_RATE, METHODS, WINDOW,
+                                  WORKLOADS)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -48,12 +49,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def build_model(workload: dict):
   if workload["model"] == "cnn":
     return gml_jax.small_cnn_fusion(workload["classes"])
+  if workload["model"] == "i3d":
+    return gml_jax.models.i3d_fusion(workload["classes"])
   return gml_jax.resnet18_fusion(workload["classes"])
 
 
 def host_batches(workload: dict, count: int, seed: int = 0) -> list[dict]:
   rng = np.random.default_rng(seed)
-  shape = lambda c: (workload["batch"], workload["size"], workload["size"], c)
+  frames = (workload["frames"],) if "frames" in workload else ()
+  shape = lambda c: (workload["batch"], *frames, workload["size"], workload["size"], c)
   return [{"inputs": tuple(rng.normal(size=shape(c)).astype(np.float32)
                            for c in workload["channels"]),
            "label": rng.integers(0, workload["classes"], workload["batch"]).astype(np.int32)}
@@ -184,9 +188,11 @@ class TorchWorker:
 def bench_workload(name: str, args, torch: TorchWorker | None) -> list[dict]:
   workload = WORKLOADS[name]
   cnn = workload["model"] == "cnn"
-  steps = args.steps if cnn else args.resnet_steps
+  steps = args.steps if cnn else args.resnet_steps  # ResNet-18 and I3D: slow steps
   rows = []
   plain = PlainRunner(workload)
+  if not workload.get("torch", True):
+    torch = None
   torch_info = torch.ask(cmd="setup", workload=name, seed=0) if torch else None
   for method in args.methods:
     runners = {"jax": JaxRunner(workload, method)}
@@ -257,7 +263,7 @@ def format_tables(rows, ratio_rows) -> str:
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workloads", default=",".join(WORKLOADS),
+  parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                       help=f"comma-separated, of {list(WORKLOADS)}")
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
   parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")

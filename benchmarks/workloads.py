@@ -7,7 +7,12 @@ WORKLOADS = {
     "cnn_b256": {"model": "cnn", "batch": 256, "size": 28, "channels": (1, 3), "classes": 10},
     "resnet18_b8": {"model": "resnet18", "batch": 8, "size": 224, "channels": (3, 3),
                     "classes": 40},
+    # NVGesture's I3D pair on 32-frame 112x112 RGB and depth clips; JAX only (the PyTorch
+    # reference has no I3D). Not in the default set: a step takes tens of seconds on a CPU.
+    "i3d_b8": {"model": "i3d", "batch": 8, "size": 112, "frames": 32, "channels": (3, 1),
+               "classes": 25, "torch": False},
 }
+DEFAULT_WORKLOADS = ("cnn_b64", "cnn_b256", "resnet18_b8")
 METHODS = ("vanilla", "random", "guided")
 LEARNING_RATE = 0.01  # plain SGD on both sides: zeroed gradients then freeze exactly
 ALPHA, WINDOW = 0.01, 5

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 # Per dataset: the feature of each modality, in modality order.
-MODALITIES = {"colored_mnist": ("gray", "colored"), "modelnet40_views": ("view_0", "view_1")}
+MODALITIES = {"colored_mnist": ("gray", "colored"), "modelnet40_views": ("view_0", "view_1"),
+              "nvgesture": ("rgb", "depth")}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 

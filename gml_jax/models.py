@@ -13,11 +13,14 @@ Variable layout (every collection follows it, which is what :func:`group_labels`
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from gml_jax.fusion import MMTM
 
@@ -244,6 +247,87 @@ def resnet18_stages() -> list[nn.Module]:
   ]
 
 
+class Unit3D(nn.Module):
+  """3-D convolution (no bias), BatchNorm, ReLU: the unit of I3D."""
+
+  features: int
+  kernel: tuple[int, int, int] = (1, 1, 1)
+  strides: tuple[int, int, int] = (1, 1, 1)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = nn.Conv(self.features, self.kernel, strides=self.strides, padding="SAME",
+                use_bias=False)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3)(x)
+    return nn.relu(x)
+
+
+class InceptionBlock(nn.Module):
+  """I3D's Inception module; ``features`` = (1x1, 3x3 reduce, 3x3, 3x3 reduce, 3x3, pool
+  projection), as in Carreira & Zisserman (2017)."""
+
+  features: tuple[int, int, int, int, int, int]
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    a, b_reduce, b, c_reduce, c, pool = self.features
+    branch_a = Unit3D(a)(x, train)
+    branch_b = Unit3D(b, (3, 3, 3))(Unit3D(b_reduce)(x, train), train)
+    branch_c = Unit3D(c, (3, 3, 3))(Unit3D(c_reduce)(x, train), train)
+    pooled = nn.max_pool(x, (3, 3, 3), strides=(1, 1, 1), padding="SAME")
+    return jnp.concatenate([branch_a, branch_b, branch_c, Unit3D(pool)(pooled, train)], -1)
+
+
+class I3DStage(nn.Module):
+  """Optional 3-D max pooling, then Inception modules."""
+
+  blocks: Sequence[tuple[int, ...]]
+  pool: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.pool is not None:
+      x = nn.max_pool(x, self.pool[0], strides=self.pool[1], padding="SAME")
+    for features in self.blocks:
+      x = InceptionBlock(tuple(features))(x, train)
+    return x
+
+
+class I3DStem(nn.Module):
+  """conv 7x7x7-64 /2, pool 1x3x3 /1x2x2, conv 1x1x1-64, conv 3x3x3-192, pool 1x3x3."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = Unit3D(64, (7, 7, 7), (2, 2, 2))(x, train)
+    x = nn.max_pool(x, (1, 3, 3), strides=(1, 2, 2), padding="SAME")
+    x = Unit3D(64)(x, train)
+    x = Unit3D(192, (3, 3, 3))(x, train)
+    return nn.max_pool(x, (1, 3, 3), strides=(1, 2, 2), padding="SAME")
+
+
+I3D_BLOCKS = {  # Inception modules of I3D, by name
+    "3b": (64, 96, 128, 16, 32, 32), "3c": (128, 128, 192, 32, 96, 64),
+    "4b": (192, 96, 208, 16, 48, 64), "4c": (160, 112, 224, 24, 64, 64),
+    "4d": (128, 128, 256, 24, 64, 64), "4e": (112, 144, 288, 32, 64, 64),
+    "4f": (256, 160, 320, 32, 128, 128), "5b": (256, 160, 320, 32, 128, 128),
+    "5c": (384, 192, 384, 48, 128, 128),
+}
+
+
+def i3d_stages() -> list[nn.Module]:
+  """I3D (Inception-v1 inflated to 3-D) as six stages; the last three end in Mixed_4f,
+  Mixed_5b and Mixed_5c, where the gesture model fuses."""
+  b = I3D_BLOCKS
+  return [
+      I3DStem(),
+      I3DStage((b["3b"], b["3c"])),
+      I3DStage((b["4b"], b["4c"], b["4d"], b["4e"]), pool=((3, 3, 3), (2, 2, 2))),
+      I3DStage((b["4f"],)),
+      I3DStage((b["5b"],), pool=((2, 2, 2), (2, 2, 2))),
+      I3DStage((b["5c"],)),
+  ]
+
+
 # --------------------------------------------------------------------------------------
 # Ready-made networks
 
@@ -270,6 +354,65 @@ def small_cnn_fusion(num_classes: int = 10, num_modalities: int = 2, width: int 
   )
 
 
+def i3d_fusion(num_classes: int = 25, num_modalities: int = 2):
+  """The NVGesture model: I3D branches, MMTM after Mixed_4f, Mixed_5b and Mixed_5c."""
+  return fusion_network(i3d_stages, num_modalities, num_classes, fusion_after=(3, 4, 5))
+
+
 def resnet18_fusion(num_classes: int = 40, num_modalities: int = 2):
   """The ModelNet40 model (§5): ResNet-18 branches, MMTM after layer2, layer3, layer4."""
   return fusion_network(resnet18_stages, num_modalities, num_classes, fusion_after=(2, 3, 4))
+
+
+# --------------------------------------------------------------------------------------
+# Converted weights
+
+
+def load_branch_weights(variables: dict, branch: int, path) -> dict:
+  """Loads converted weights (e.g. Kinetics-pretrained I3D) into branch ``branch``.
+
+  ``path`` is an ``.npz`` file whose keys are ``<collection>/<path inside the branch>``,
+  e.g. ``params/stages_0/Unit3D_0/Conv_0/kernel`` or
+  ``batch_stats/stages_0/Unit3D_0/BatchNorm_0/mean``. Every parameter and statistic of the
+  branch but its classifier ``head`` must be in the file with its shape; the one exception
+  is a first convolution trained on another number of input channels (RGB weights for a
+  depth branch), whose kernel is averaged over its input channels and repeated. Returns new
+  variables; the others are untouched.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"Pretrained weights file {path} does not exist.")
+  data = np.load(path)
+  name = f"branches_{branch}"
+  out = {col: dict(tree) for col, tree in variables.items()}
+  expected = set()
+  for col in ("params", "batch_stats"):
+    if name not in variables.get(col, {}):
+      continue
+    flat = traverse_util.flatten_dict(variables[col][name], sep="/")
+    keys = {f"{col}/{k}": k for k in flat if not k.startswith("head/")}
+    expected |= set(keys)
+    missing = sorted(k for k in keys if k not in data.files)
+    if missing:
+      raise ValueError(f"{path} lacks {len(missing)} weights of branch {branch}, e.g. "
+                       f"{missing[:3]}; expected keys like {sorted(keys)[:2]}.")
+    new = dict(flat)
+    for key, inner in keys.items():
+      new[inner] = _fit(data[key], flat[inner].shape, f"{path}:{key}")
+    out[col][name] = traverse_util.unflatten_dict(new, sep="/")
+  unexpected = sorted(set(data.files) - expected)
+  unexpected = [k for k in unexpected if "/head/" not in f"/{k.split('/', 1)[-1]}"]
+  if unexpected:
+    raise ValueError(f"{path} has weights that branch {branch} does not: {unexpected[:3]}.")
+  return out
+
+
+def _fit(weight: np.ndarray, shape: tuple, where: str) -> jnp.ndarray:
+  if weight.shape == tuple(shape):
+    return jnp.asarray(weight)
+  same_but_input = (weight.ndim == len(shape) >= 3 and weight.shape[:-2] == tuple(shape[:-2])
+                    and weight.shape[-1] == shape[-1])
+  if not same_but_input:
+    raise ValueError(f"{where}: shape {weight.shape} does not fit {tuple(shape)}.")
+  averaged = weight.mean(axis=-2, keepdims=True)
+  return jnp.asarray(np.repeat(averaged, shape[-2], axis=-2))

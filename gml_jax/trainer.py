@@ -58,7 +58,11 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, num_modalit
   if config.model.name == "resnet18":
     return models.fusion_network(models.resnet18_stages, num_modalities, num_classes,
                                  fusion_after=(2, 3, 4), ratio=config.model.ratio)
-  raise ValueError(f"Unknown model.name {config.model.name!r}; expected small_cnn or resnet18.")
+  if config.model.name == "i3d":
+    return models.fusion_network(models.i3d_stages, num_modalities, num_classes,
+                                 fusion_after=(3, 4, 5), ratio=config.model.ratio)
+  raise ValueError(f"Unknown model.name {config.model.name!r}; expected small_cnn, resnet18 "
+                   "or i3d.")
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -341,6 +345,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.schedule.name not in ("constant", "plateau"):
     raise ValueError(f"Unknown schedule.name {config.schedule.name!r}; expected constant or "
                      "plateau.")
+  for path in config.model.get("pretrained", ()):
+    if path and not pathlib.Path(path).is_file():
+      raise FileNotFoundError(f"Pretrained weights file {path} (config.model.pretrained) "
+                              "does not exist.")
 
   workdir.mkdir(parents=True, exist_ok=True)
   check_workdir_config(workdir, config, write=is_writer)
@@ -349,7 +357,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = data_mesh()
   first = prep.resize(sources["train"][0])
   example = prep.batch({k: np.asarray(first[k])[None] for k in (*modalities, "label")})["inputs"]
-  state = replicate(create_train_state(model, tx, example, config.seed), mesh)
+  state = create_train_state(model, tx, example, config.seed)
+  for branch, path in enumerate(config.model.get("pretrained", ())):
+    if path:  # converted weights; a checkpoint, when there is one, replaces them below
+      variables = models.load_branch_weights(state.variables, branch, path)
+      state = state.replace(params=variables.pop("params"), model_state=variables)
+  state = replicate(state, mesh)
   step_fn = make_train_step(model, tx)
   train_step = compile_train_step(step_fn, mesh)
   eval_step = compile_eval_step(make_eval_step(model), mesh)

@@ -1,0 +1,146 @@
+"""NVGesture: the builder on generated videos laid out like the real tree, the I3D pair
+against the known architecture, converted weights, and a few steps through the CLI."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import traverse_util
+
+from data_prep.nvgesture import Builder, check_manual_dir
+from data_prep.nvgesture import nvgesture_dataset_builder as nvg
+from gml_jax import models
+from run_helpers import ROOT, run_cli
+
+DUMMY = ROOT / "data_prep" / "nvgesture" / "dummy_data"
+
+
+def build(data_dir, manual_dir=DUMMY):
+  builder = Builder(config="frames8_32px", data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return builder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  return build(tmp_path_factory.mktemp("tfds"))
+
+
+def test_splits_shapes_labels_and_sampled_frames(built):
+  splits = {k: v.num_examples for k, v in built.info.splits.items()}
+  assert splits == {"train": 11, "validation": 1, "test": 3}  # 12 train recordings, 10% held out
+  test = built.as_data_source()["test"]
+  labels = []
+  for i in range(len(test)):
+    e = test[i]
+    assert e["rgb"].shape == (8, 32, 32, 3) and e["depth"].shape == (8, 32, 32, 1)
+    assert e["rgb"].dtype == e["depth"].dtype == np.uint8
+    labels.append(e["label"])
+    # Annotated frames [2, 10), 8 samples: frames 2..9; frame i has brightness 20 i, and
+    # the color clip's red channel a tint of 10 (label + 1).
+    np.testing.assert_allclose(e["depth"].mean(axis=(1, 2, 3)), 20 * np.arange(2, 10), atol=4)
+    np.testing.assert_allclose(e["rgb"][..., 0].mean(axis=(1, 2)),
+                               20 * np.arange(2, 10) + 10 * (e["label"] + 1), atol=4)
+  assert sorted(labels) == [0, 1, 2]
+
+
+def test_list_parsing_and_bad_input(tmp_path):
+  entries = nvg.parse_list(DUMMY / nvg.LISTS["train"])
+  assert entries[0] == nvg.Entry("./Video_data/class_01/subject0_r0", ("sk_color", 2, 10),
+                                 ("sk_depth", 2, 10), 0)
+  with pytest.raises(FileNotFoundError, match="nvgesture_train_correct_cvpr2016_v2.lst"):
+    check_manual_dir(tmp_path)
+  broken = tmp_path / "broken"
+  shutil.copytree(DUMMY, broken)
+  lst = broken / nvg.LISTS["test"]
+  lst.write_text(lst.read_text() + "path:./Video_data/x depth:sk_depth:2 label:3\n")
+  with pytest.raises(ValueError, match=r"cvpr2016_v2.lst:4: malformed line"):
+    nvg.parse_list(lst)
+  lst.write_text("path:./Video_data/class_09/none depth:sk_depth:2:10 color:sk_color:2:10 "
+                 "label:9\n")
+  with pytest.raises(FileNotFoundError, match=r"Missing video .*class_09/none/sk_color.avi"):
+    build(tmp_path / "tfds", manual_dir=broken)
+  with pytest.raises(ValueError, match=r"cannot take frames \[2, 40\)"):
+    nvg.read_clip(DUMMY / "Video_data/class_01/subject0_r0/sk_color.avi", 2, 40, 4, 8)
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_i3d_pair_matches_the_architecture():
+  model = models.i3d_fusion(num_classes=25)
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), [jnp.zeros((1, 8, 32, 32, 3)), jnp.zeros((1, 8, 32, 32, 1))],
+      train=False))["params"]
+  unit = lambda cin, cout, k=1: k ** 3 * cin * cout + 2 * cout  # conv (no bias) + BN
+  def inception(cin, a, br, b, cr, c, pool):
+    return (unit(cin, a) + unit(cin, br) + unit(br, b, 3) + unit(cin, cr) + unit(cr, c, 3)
+            + unit(cin, pool), a + b + c + pool)
+  total, channels = unit(3, 64, 7) + unit(64, 64) + unit(64, 192, 3), 192
+  for name in ("3b", "3c", "4b", "4c", "4d", "4e", "4f", "5b", "5c"):
+    count, channels = inception(channels, *models.I3D_BLOCKS[name])
+    total += count
+  assert channels == 1024
+  assert _count(params["branches_0"]) == total + 1024 * 25 + 25
+  assert _count(params["branches_1"]) == total - 7 ** 3 * 2 * 64 + 1024 * 25 + 25  # depth: 1 channel
+  # MMTM after Mixed_4f (832 channels), Mixed_5b (832), Mixed_5c (1024).
+  for i, c in enumerate((832, 832, 1024)):
+    assert params[f"fusion_{i}"]["squeeze"]["kernel"].shape == (2 * c, c)
+
+
+def test_converted_weights_load_into_a_branch(tmp_path):
+  model = models.i3d_fusion(num_classes=25)
+  inputs = [jnp.zeros((1, 8, 32, 32, 3)), jnp.zeros((1, 8, 32, 32, 1))]
+  variables = model.init(jax.random.key(0), inputs, train=False)
+  # A "converted" RGB checkpoint: another initialisation, with a 400-way head to ignore.
+  other = model.init(jax.random.key(1), inputs, train=False)
+  flat = {}
+  for col in ("params", "batch_stats"):
+    for key, value in traverse_util.flatten_dict(other[col]["branches_0"], sep="/").items():
+      flat[f"{col}/{key}"] = np.asarray(value) + (0.5 if col == "batch_stats" else 0.0)
+  flat["params/head/kernel"] = np.zeros((1024, 400), np.float32)
+  path = tmp_path / "i3d_rgb.npz"
+  np.savez(path, **flat)
+
+  loaded = models.load_branch_weights(variables, 0, path)
+  rgb = loaded["params"]["branches_0"]
+  np.testing.assert_array_equal(rgb["stages_3"]["InceptionBlock_0"]["Unit3D_0"]["Conv_0"]["kernel"],
+                                flat["params/stages_3/InceptionBlock_0/Unit3D_0/Conv_0/kernel"])
+  np.testing.assert_array_equal(loaded["batch_stats"]["branches_0"]["stages_0"]["Unit3D_0"]["BatchNorm_0"]["mean"],
+                                flat["batch_stats/stages_0/Unit3D_0/BatchNorm_0/mean"])
+  # The head and the other branch keep their own values.
+  np.testing.assert_array_equal(rgb["head"]["kernel"], variables["params"]["branches_0"]["head"]["kernel"])
+  jax.tree.map(np.testing.assert_array_equal, loaded["params"]["branches_1"],
+               variables["params"]["branches_1"])
+
+  # RGB weights into the depth branch: the first kernel averaged over its 3 input channels.
+  depth = models.load_branch_weights(variables, 1, path)["params"]["branches_1"]
+  first = flat["params/stages_0/Unit3D_0/Conv_0/kernel"]
+  np.testing.assert_allclose(depth["stages_0"]["Unit3D_0"]["Conv_0"]["kernel"],
+                             first.mean(axis=-2, keepdims=True), rtol=1e-6)
+
+  del flat["params/stages_5/InceptionBlock_0/Unit3D_0/Conv_0/kernel"]
+  np.savez(tmp_path / "partial.npz", **flat)
+  with pytest.raises(ValueError, match="lacks 1 weights of branch 0"):
+    models.load_branch_weights(variables, 0, tmp_path / "partial.npz")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    models.load_branch_weights(variables, 0, tmp_path / "nothing.npz")
+
+
+def test_cli_trains_nvgesture(tmp_path):
+  workdir = tmp_path / "run"
+  result = run_cli(
+      "--config=experiments/nvgesture.py:guided", f"--workdir={workdir}",
+      f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.manual_dir={DUMMY}",
+      "--config.data.builder_config=frames8_32px", "--config.batch_size=4",
+      "--config.eval_batch_size=4", "--config.num_epochs=2", "--config.log_every_steps=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["test_examples"] == 3 and summary["steps"] == 4
+  assert np.isfinite(summary["d_util"]) and 0 <= summary["test_accuracy"] <= 1
