@@ -22,57 +22,25 @@ Results here: none yet (the renders cannot be downloaded on our machines; the pi
 tested on dummy data laid out like the real tree).
 """
 
-from ml_collections import config_dict
-
-VARIANTS = ("vanilla", "random", "guided")
+from experiments.common import VARIANTS, base_config  # noqa: F401 (VARIANTS: for users)
 
 
-def get_config(variant: str = "guided") -> config_dict.ConfigDict:
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r} of modelnet40; expected one of {VARIANTS}.")
-  c = config_dict.ConfigDict()
-  c.experiment = "modelnet40"
-  c.seed = 0
-
-  c.data = config_dict.ConfigDict()
+def get_config(variant: str = "guided"):
+  c = base_config("modelnet40", variant)
   c.data.name = "modelnet40_views"
   c.data.builder_config = "views_0_6"  # views_0_6 (default), views_0_3, views_0_1
-  c.data.data_dir = "~/tensorflow_datasets"
-  c.data.manual_dir = ""  # the renders: modelnet40_images_new_12x/ or its archive
+  # data.manual_dir: the renders, modelnet40_images_new_12x/ or its archive (required).
   c.data.image_size = 224
   c.data.normalize = "imagenet"
   c.data.hflip = True
-
-  c.model = config_dict.ConfigDict()
   c.model.name = "resnet18"
-  c.model.width = 64  # unused by resnet18 (fixed widths); kept for a uniform config
-  c.model.ratio = 4.0
-
-  c.optimizer = config_dict.ConfigDict()
-  c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 0.1
   c.optimizer.momentum = 0.0
-  c.optimizer.weight_decay = 0.0
-
-  c.balance = config_dict.ConfigDict()
-  c.balance.method = variant
-  c.balance.alpha = 0.01
-  c.balance.window = 5
-  c.balance.warmup_epochs = 1
-  c.balance.update_mode = "branch"
-
-  c.schedule = config_dict.ConfigDict()
-  c.schedule.name = "plateau"
-  c.schedule.factor = 0.3
-  c.schedule.patience = 10
-  c.schedule.threshold = 1e-3
-  c.schedule.min_lr = 1e-6
+  c.schedule.name = "plateau"  # x0.3, patience 10, threshold 1e-3, floor 1e-6 (common.py)
   c.early_stop_full_train_accuracy_epochs = 5
-
   c.batch_size = 8
   c.num_epochs = 300
   c.eval_batch_size = 32
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 0
-  c.steps_per_call = 1
+  # α 0.01, Q 5, one warm-up epoch, update "branch": as in experiments/common.py.
   return c

@@ -20,59 +20,22 @@ a recipe for this experiment), batch 8, 60 epochs, training from scratch. Result
 none yet (no dataset on our machines; the pipeline is tested on generated videos).
 """
 
-from ml_collections import config_dict
-
-VARIANTS = ("vanilla", "random", "guided")
+from experiments.common import VARIANTS, base_config  # noqa: F401 (VARIANTS: for users)
 
 
-def get_config(variant: str = "guided") -> config_dict.ConfigDict:
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r} of nvgesture; expected one of {VARIANTS}.")
-  c = config_dict.ConfigDict()
-  c.experiment = "nvgesture"
-  c.seed = 0
-
-  c.data = config_dict.ConfigDict()
+def get_config(variant: str = "guided"):
+  c = base_config("nvgesture", variant)
   c.data.name = "nvgesture"
-  c.data.builder_config = "frames32_112px"  # or frames64_224px; frames8_32px for smoke tests
-  c.data.data_dir = "~/tensorflow_datasets"
-  c.data.manual_dir = ""  # list files and Video_data/ (required)
-  c.data.image_size = 0  # clips are sized by the builder config
-  c.data.normalize = "none"
-  c.data.hflip = False  # gestures have a direction: no flips
-
-  c.model = config_dict.ConfigDict()
+  c.data.builder_config = "frames32_112px"  # or frames64_224px; frames8_32px: smoke tests
+  # data.manual_dir: list files and Video_data/ (required). Clips are sized by the builder
+  # config; no flips (gestures have a direction).
   c.model.name = "i3d"
-  c.model.width = 64  # unused by i3d (fixed widths); kept for a uniform config
-  c.model.ratio = 4.0
-  # Converted weights per branch (.npz), "" to train from scratch.
-  c.model.pretrained = ("", "")
-
-  c.optimizer = config_dict.ConfigDict()
-  c.optimizer.name = "sgd"
-  c.optimizer.learning_rate = 0.01
-  c.optimizer.momentum = 0.9
-  c.optimizer.weight_decay = 1e-4
-
-  c.balance = config_dict.ConfigDict()
-  c.balance.method = variant
-  c.balance.alpha = 0.01
-  c.balance.window = 5
-  c.balance.warmup_epochs = 1
-  c.balance.update_mode = "branch"
-
-  c.schedule = config_dict.ConfigDict()
+  # model.pretrained: converted weights per branch (.npz), "" to train from scratch.
+  c.optimizer.weight_decay = 1e-4  # SGD lr 0.01 momentum 0.9 (common.py)
   c.schedule.name = "plateau"
-  c.schedule.factor = 0.3
-  c.schedule.patience = 10
-  c.schedule.threshold = 1e-3
-  c.schedule.min_lr = 1e-6
   c.early_stop_full_train_accuracy_epochs = 5
-
   c.batch_size = 8
   c.num_epochs = 60
   c.eval_batch_size = 16
   c.log_every_steps = 20
-  c.checkpoint_every_steps = 0
-  c.steps_per_call = 1
   return c

@@ -18,6 +18,16 @@ DUMMY = ROOT / "data_prep" / "colored_mnist" / "dummy_data"
 CONFIG = ROOT / "experiments" / "colored_mnist.py"
 
 
+def build_dataset(builder_class, config, data_dir, manual_dir):
+  """Builds a data_prep builder (array_record, no TensorFlow) into ``data_dir``."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = builder_class(config=config, data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return builder
+
+
 def tiny_config(method, data_dir):
   """5 steps per epoch (189 train digits, batch 32), 2 epochs, a 4-channel CNN."""
   c = colored_mnist.get_config(method)

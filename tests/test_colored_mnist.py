@@ -6,19 +6,16 @@ import shutil
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from data_prep.colored_mnist import Builder, colored_mnist_dataset_builder, mnist_sources
+from run_helpers import build_dataset
 
 DUMMY = pathlib.Path(__file__).resolve().parent.parent / "data_prep" / "colored_mnist" / "dummy_data"
 COLORS = colored_mnist_dataset_builder.CLASS_COLORS
 
 
 def build(data_dir, manual_dir=DUMMY, config="var_0.02"):
-  builder = Builder(config=config, data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  return builder
+  return build_dataset(Builder, config, data_dir, manual_dir)
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,21 @@
 experiment through the CLI on tiny images."""
 
 import json
-import pathlib
 import shutil
 import tarfile
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from data_prep.modelnet40_views import Builder, check_manual_dir
 from data_prep.modelnet40_views import modelnet40_views_dataset_builder as mn
-from run_helpers import ROOT, run_cli
+from run_helpers import ROOT, build_dataset, run_cli
 
 DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
 
 
 def build(data_dir, manual_dir=DUMMY, config="views_0_6"):
-  builder = Builder(config=config, data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  return builder
+  return build_dataset(Builder, config, data_dir, manual_dir)
 
 
 def _all(source):

@@ -8,22 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from flax import traverse_util
 
 from data_prep.nvgesture import Builder, check_manual_dir
 from data_prep.nvgesture import nvgesture_dataset_builder as nvg
 from gml_jax import models
-from run_helpers import ROOT, run_cli
+from run_helpers import ROOT, build_dataset, run_cli
 
 DUMMY = ROOT / "data_prep" / "nvgesture" / "dummy_data"
 
 
 def build(data_dir, manual_dir=DUMMY):
-  builder = Builder(config="frames8_32px", data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  return builder
+  return build_dataset(Builder, "frames8_32px", data_dir, manual_dir)
 
 
 @pytest.fixture(scope="module")
