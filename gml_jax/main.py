@@ -55,7 +55,9 @@ def format_summary(summary: dict) -> str:
   lines.append("")
   for key in [k for k in summary if k.startswith("u(")] + ["d_util"]:
     if key in summary:
-      lines.append(f"{key:24}{summary[key]:>+8.4f}")
+      value = summary[key]
+      lines.append(f"{key:24}" + (f"{value:>+8.4f}" if value is not None else
+                                  "   undefined (a branch has test accuracy 0)"))
   shares = ", ".join(f"m{k} {summary[f'rebalance_share_m{k}']:.1%}" for k in range(n))
   lines.append(f"{'re-balancing steps':24}{shares}")
   lines.append(f"{'training':24}{summary['steps']} steps, {summary['train_seconds']:.1f} s, "

@@ -62,6 +62,7 @@ def accuracy(epoch_rows: list[dict], path: pathlib.Path) -> None:
 def utilization(summary: dict, path: pathlib.Path) -> None:
   """Bars of the conditional utilization rates u(m_j|m_k) and d_util."""
   keys = [k for k in summary if k.startswith("u(")] + (["d_util"] if "d_util" in summary else [])
+  keys = [k for k in keys if summary[k] is not None]  # undefined: a branch scored 0
   values = [summary[k] for k in keys]
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.bar(keys, values, color=["C0" if v >= 0 else "C3" for v in values])

@@ -79,17 +79,19 @@ class Utilization:
     return float(self.rates[1, 0] - self.rates[0, 1])
 
   def as_dict(self) -> dict:
-    """Flat, JSON-ready values with names like ``u(m1|m0)``."""
+    """Flat, JSON-ready values with names like ``u(m1|m0)``. A rate is undefined (None)
+    when its branch has accuracy 0; so is d_util then."""
     n = len(self.branch_accuracy)
+    defined = lambda x: float(x) if np.isfinite(x) else None
     out = {"accuracy": float(self.accuracy)}
     for k in range(n):
       out[f"branch_{k}_accuracy"] = float(self.branch_accuracy[k])
     for k in range(n):
       for j in range(n):
         if j != k:
-          out[f"u(m{j}|m{k})"] = float(self.rates[j, k])
+          out[f"u(m{j}|m{k})"] = defined(self.rates[j, k])
     if n == 2:
-      out["d_util"] = self.d_util
+      out["d_util"] = defined(self.d_util)
     return out
 
 

@@ -89,7 +89,9 @@ def test_cli_trains_modelnet40_with_the_authors_recipe(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["test_examples"] == 6 and "test_biased_accuracy" not in summary
-  assert 0 <= summary["test_accuracy"] <= 1 and np.isfinite(summary["d_util"])
+  assert 0 <= summary["test_accuracy"] <= 1
+  # 6 test objects: a branch may score 0, which leaves the rates undefined (None).
+  assert summary["d_util"] is None or np.isfinite(summary["d_util"])
   epochs = [json.loads(l) for l in (workdir / "metrics/epochs.jsonl").read_text().splitlines()]
   # 12 training objects, batch 4: 3 steps per epoch. The first epoch sets the best loss;
   # each later one is a plateau (threshold 0.99, patience 0): x0.3 for the next epoch.

@@ -139,4 +139,6 @@ def test_cli_trains_nvgesture(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["test_examples"] == 3 and summary["steps"] == 4
-  assert np.isfinite(summary["d_util"]) and 0 <= summary["test_accuracy"] <= 1
+  # 3 test clips after 4 steps: a branch may score 0, which leaves its rate undefined.
+  assert summary["d_util"] is None or np.isfinite(summary["d_util"])
+  assert 0 <= summary["test_accuracy"] <= 1

@@ -76,3 +76,16 @@ def test_squeeze_means_are_training_means():
   means = gml_jax.squeeze_means(model, variables, train)
   np.testing.assert_allclose(means["fusion_0"]["squeeze_1"], [(1 - 1 + 1 + 1 - 1) / 5])
   np.testing.assert_allclose(means["fusion_0"]["squeeze_0"], [1.0])
+
+
+def test_rates_of_a_branch_with_zero_accuracy_are_undefined():
+  model, variables = _constructed_model()
+  train = [_batch([1, 1, 0, 0])]
+  # Labels opposite to the sign of m_1: both branches (which read that sign) are always wrong.
+  flipped = _batch([1, 0, 1, 0])
+  flipped = flipped | {"label": 1 - flipped["label"]}
+  result = gml_jax.conditional_utilization(model, variables, train, [flipped])
+  np.testing.assert_array_equal(result.branch_accuracy, [0.0, 0.0])
+  summary = result.as_dict()
+  assert summary["u(m1|m0)"] is summary["u(m0|m1)"] is summary["d_util"] is None
+  assert summary["branch_1_accuracy"] == 0.0
