@@ -29,13 +29,13 @@ TORCH_BASE_PYTHON ?= python3.11
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-install: $(VENV)/.installed  ## create $(VENV) and install gml_jax; JAX_EXTRA=tpu or cuda12 for accelerators
+install: $(VENV)/.installed  ## create $(VENV) and install gml_jax with the runner (.[experiments,dev]); JAX_EXTRA=tpu or cuda12 for accelerators
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; run make PYTHON=/path/to/python3.12"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[experiments,dev]'
 	$(if $(JAX_EXTRA),$(PY) -m pip install --quiet -U 'jax[$(JAX_EXTRA)]')
 	@touch $@
 
@@ -43,7 +43,7 @@ test: install  ## run the test suite (CPU, 8 simulated devices, no network)
 	$(PY) -m pytest
 
 train: install  ## train experiments/$(EXP).py:$(METHOD) in $(WORKDIR); overrides: ARGS="--config.num_epochs=20"
-	$(RUN_ENV) $(PY) -m gml_jax.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) $(ARGS)
+	$(RUN_ENV) $(PY) -m gml_jax.runner.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) $(ARGS)
 
 demo: install  ## the main job: guided Colored MNIST on the embedded MNIST subset, in runs/demo
 	$(MAKE) --no-print-directory train EXP=colored_mnist METHOD=guided WORKDIR=runs/demo
@@ -58,7 +58,7 @@ train-tpu:  ## every worker of Cloud TPU VM $(TPU) in $(ZONE) runs `make train` 
 	gcloud compute tpus tpu-vm ssh $(TPU) --zone=$(ZONE) --worker=all --command="cd $(REMOTE_DIR) && make train EXP=$(EXP) METHOD=$(METHOD) WORKDIR=$(WORKDIR) ARGS='--distributed $(ARGS)'"
 
 train-slurm: install  ## inside a Slurm allocation: one process per node, all its GPUs, --distributed
-	srun --ntasks-per-node=1 env $(RUN_ENV) $(PY) -m gml_jax.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) --distributed $(ARGS)
+	srun --ntasks-per-node=1 env $(RUN_ENV) $(PY) -m gml_jax.runner.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) --distributed $(ARGS)
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .venv-torch *.egg-info .pytest_cache  # runs/ is kept

@@ -5,7 +5,7 @@ ResNet-18 pair at 224x224, batch 8) and method (vanilla, random, guided) it meas
 steady-state step time and samples/s of
 
 * ``jax``: gml_jax's compiled train step, one step per call;
-* ``jax_xK``: K steps per compiled call (``gml_jax.train.make_multi_step``), when asked;
+* ``jax_xK``: K steps per compiled call (``gml_jax.steps.make_multi_step``), when asked;
 * ``plain``: the same model, loss and SGD step in JAX without the balancing transform,
   to measure what balancing costs;
 * ``torch``: the PyTorch reference (``benchmarks/torch_reference.py``), in a worker process
@@ -39,19 +39,15 @@ import numpy as np
 import optax
 
 import gml_jax
-from gml_jax import train
-from benchmarks.workloads import (ALPHA, DEFAULT_WORKLOADS, LEARNING_RATE, METHODS, WINDOW,
-                                  WORKLOADS)
+from gml_jax import steps
+from gml_jax.balancing import METHODS
+from benchmarks.workloads import ALPHA, DEFAULT_WORKLOADS, LEARNING_RATE, WINDOW, WORKLOADS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def build_model(workload: dict):
-  if workload["model"] == "cnn":
-    return gml_jax.small_cnn_fusion(workload["classes"])
-  if workload["model"] == "i3d":
-    return gml_jax.models.i3d_fusion(workload["classes"])
-  return gml_jax.resnet18_fusion(workload["classes"])
+  return gml_jax.models.build(workload["model"], workload["classes"])
 
 
 def host_batches(workload: dict, count: int, seed: int = 0) -> list[dict]:
@@ -93,10 +89,10 @@ class JaxRunner:
       self.fn = gml_jax.compile_train_step(counted, self.mesh)
       self.batch = gml_jax.shard_batch(host_batches(workload, 1)[0], self.mesh)
     else:
-      self.fn = train.compile_multi_step(train.make_multi_step(counted, steps_per_call),
+      self.fn = steps.compile_multi_step(steps.make_multi_step(counted, steps_per_call),
                                          self.mesh)
-      stacked = train.stack_batches(host_batches(workload, steps_per_call))
-      self.batch = train.shard_stacked_batches(stacked, self.mesh)
+      stacked = steps.stack_batches(host_batches(workload, steps_per_call))
+      self.batch = steps.shard_stacked_batches(stacked, self.mesh)
     start = time.perf_counter()
     compiled = self.fn.lower(self.state, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start
@@ -140,7 +136,8 @@ class PlainRunner:
         (_, branch_logits), new_state = model.apply(
             {"params": p, **model_state}, tuple(batch["inputs"]), train=True,
             mutable=list(model_state))
-        return jnp.sum(train.branch_losses(branch_logits, batch["label"])), new_state
+        losses = steps.branch_cross_entropy(branch_logits, batch["label"])
+        return jnp.sum(jnp.mean(losses, axis=-1)), new_state
 
       grads, new_state = jax.grad(loss_fn, has_aux=True)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
@@ -187,7 +184,7 @@ class TorchWorker:
 
 def bench_workload(name: str, args, torch: TorchWorker | None) -> list[dict]:
   workload = WORKLOADS[name]
-  cnn = workload["model"] == "cnn"
+  cnn = workload["model"] == "small_cnn"
   steps = args.steps if cnn else args.resnet_steps  # ResNet-18 and I3D: slow steps
   rows = []
   plain = PlainRunner(workload)

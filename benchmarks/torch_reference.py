@@ -112,7 +112,7 @@ class FusionNet(nn.Module):
 
 def build(workload):
   w = WORKLOADS[workload]
-  if w["model"] == "cnn":
+  if w["model"] == "small_cnn":
     return FusionNet(cnn_stages, w["channels"], w["classes"], (1, 2), (64, 64))
   return FusionNet(resnet18_stages, w["channels"], w["classes"], (2, 3, 4), (128, 256, 512))
 

@@ -8,7 +8,7 @@ Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default).
 
 Launch:
 
-  python -m gml_jax.main --config experiments/colored_mnist.py:guided \
+  python -m gml_jax.runner.main --config experiments/colored_mnist.py:guided \
       --workdir runs/colored_mnist_guided
   make train EXP=colored_mnist METHOD=guided            # the same
   make train EXP=colored_mnist METHOD=guided ARGS="--config.data.manual_dir=/data/mnist"

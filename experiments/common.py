@@ -6,7 +6,9 @@ own file shows those values.
 
 from ml_collections import config_dict
 
-VARIANTS = ("vanilla", "random", "guided")
+from gml_jax.balancing import METHODS
+
+VARIANTS = METHODS  # one variant per balancing method
 
 
 def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:

@@ -1,6 +1,14 @@
-"""gml_jax: balanced multi-modal learning in JAX/Flax (Wu et al., ICML 2022)."""
+"""gml_jax: balanced multi-modal learning in JAX/Flax (Wu et al., ICML 2022).
+
+The library: the balancing optax transform (``balancing``), MMTM fusion (``fusion``),
+fusion networks and their backbones (``models``), pure data-parallel train and eval steps
+(``steps``) and the conditional utilization rate (``utilization``). It needs only jax,
+flax, optax, chex and numpy. The experiment runner (CLI, trainer, input pipeline, plots)
+is ``gml_jax.runner``, installed with the ``experiments`` extra and run from a clone.
+"""
 
 from gml_jax.balancing import (
+    METHODS,
     BalanceState,
     balance_state,
     balanced_multimodal,
@@ -18,7 +26,7 @@ from gml_jax.models import (
     resnet18_fusion,
     small_cnn_fusion,
 )
-from gml_jax.train import (
+from gml_jax.steps import (
     TrainState,
     compile_eval_step,
     compile_train_step,
@@ -31,4 +39,4 @@ from gml_jax.train import (
 )
 from gml_jax.utilization import Utilization, conditional_utilization, squeeze_means
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -14,7 +14,7 @@ helps. Rates are reported as measured, negative values included.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import flax.linen as nn
 import jax
@@ -100,6 +100,7 @@ def conditional_utilization(
     variables: dict,
     train_batches: Iterable[dict],
     test_batches: Iterable[dict],
+    baseline: tuple[float, Sequence[float]] | None = None,
 ) -> Utilization:
   """Measures u(m_j | m_k) for every pair of modalities (spec §4).
 
@@ -109,7 +110,11 @@ def conditional_utilization(
       ``(ŷ, ŷ_k stacked [N, B, classes])``.
     variables: the trained model's variables (params and statistics).
     train_batches: the training split (for the mean squeeze vectors).
-    test_batches: the split to measure accuracies on; iterated N + 1 times.
+    test_batches: the split to measure accuracies on; iterated N + 1 times (N with
+      ``baseline``).
+    baseline: (accuracy of ŷ, A(f_k) per branch) with every modality, when already
+      measured on ``test_batches`` (e.g. by the evaluation that reported them): skips that
+      pass.
   """
   means = squeeze_means(model, variables, train_batches)
   with_means = {**variables, SQUEEZE_MEAN: means}
@@ -132,7 +137,10 @@ def conditional_utilization(
       fused, branches, count = fused + float(f), branches + np.asarray(b), count + float(c)
     return fused / count, branches / count
 
-  accuracy, branch_accuracy = accuracies(jnp.zeros(n, bool))
+  if baseline is None:
+    accuracy, branch_accuracy = accuracies(jnp.zeros(n, bool))
+  else:
+    accuracy, branch_accuracy = float(baseline[0]), np.asarray(baseline[1], np.float64)
   ablated = np.full((n, n), np.nan)
   for j in range(n):
     _, without_j = accuracies(jnp.arange(n) == j)

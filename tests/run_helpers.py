@@ -45,7 +45,7 @@ def tiny_flags(data_dir, **overrides):
 
 
 def cli_command(method, workdir, data_dir, *extra, **overrides):
-  return [sys.executable, "-m", "gml_jax.main", f"--config={CONFIG}:{method}",
+  return [sys.executable, "-m", "gml_jax.runner.main", f"--config={CONFIG}:{method}",
           f"--workdir={workdir}", *tiny_flags(data_dir, **overrides), *extra]
 
 
@@ -54,7 +54,7 @@ def cli_env(devices=1):
 
 
 def run_cli(*args, devices=1, timeout=300):
-  return subprocess.run([sys.executable, "-m", "gml_jax.main", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "gml_jax.runner.main", *args], cwd=ROOT,
                         env=cli_env(devices), capture_output=True, text=True, timeout=timeout)
 
 

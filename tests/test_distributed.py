@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from gml_jax import input_pipeline
+from gml_jax.runner import pipeline
 from run_helpers import (ROOT, assert_states_close, cli_command, cli_env, free_port,
                          restore_latest, step_rows)
 
@@ -68,8 +68,8 @@ def test_eval_batches_cover_every_example_once_across_processes(processes, monke
   monkeypatch.setattr(jax, "process_count", lambda: processes)
   for p in range(processes):
     monkeypatch.setattr(jax, "process_index", lambda p=p: p)
-    prep = input_pipeline.Preprocess(("gray", "colored"))
-    batches = list(input_pipeline.eval_batches(source, prep, 4 * processes))
+    prep = pipeline.Preprocess(("gray", "colored"))
+    batches = list(pipeline.host_eval_batches(source, prep, 4 * processes))
     batch_counts.append(len(batches))
     for b in batches:
       assert len(b["label"]) == 4

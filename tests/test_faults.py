@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from gml_jax import input_pipeline, trainer
+from gml_jax.runner import pipeline, trainer, workdir
 from run_helpers import (ROOT, assert_states_close, cli_command, cli_env, restore_latest,
                          step_rows, tiny_config)
 
@@ -108,7 +108,7 @@ def test_corrupt_dataset_files_are_named(data_dir, tmp_path):
   data = train_file.read_bytes()
   train_file.write_bytes(data[: len(data) // 2])
   config = tiny_config("guided", copy)
-  with pytest.raises(input_pipeline.DatasetCorruptError,
+  with pytest.raises(pipeline.DatasetCorruptError,
                      match=r"(?s)split 'train'.*corrupt or truncated; delete"):
     trainer.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run" / "config.json").exists()
@@ -147,7 +147,7 @@ def test_bad_config_values_are_refused_before_writing(field, value, message, dat
 def test_metric_log_drops_a_row_cut_by_a_kill_and_rows_past_the_checkpoint(tmp_path):
   path = tmp_path / "steps.jsonl"
   path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-  log = trainer.MetricLog(path, resume_step=2)
+  log = workdir.MetricLog(path, resume_step=2)
   assert log.rows == [{"step": 1}, {"step": 2}]
   log.append([{"step": 3, "loss": 0.5}])
   assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3, "loss": 0.5}\n'

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from gml_jax import input_pipeline
-from gml_jax.input_pipeline import Preprocess
+from gml_jax.runner import pipeline
+from gml_jax.runner.pipeline import Preprocess
 
 
 class Source:
@@ -31,7 +31,7 @@ def test_imagenet_normalization_and_resize():
 def _flips(seed, epoch):
   prep = Preprocess(("a", "b"), hflip=True)
   flipped = []
-  for batch in input_pipeline.train_batches(Source(), prep, 8, seed, epoch):
+  for batch in pipeline.host_train_batches(Source(), prep, 8, seed, epoch):
     for a, b in zip(*batch["inputs"]):
       assert np.array_equal(a, b)  # one draw per example, for both modalities
       flipped.append(bool(a[0, 0, 0] > a[0, -1, 0]))
@@ -49,5 +49,5 @@ def test_flips_are_seeded_per_epoch_and_about_half():
 def _flips_without():
   prep = Preprocess(("a", "b"), hflip=False)
   return [bool(a[0, 0, 0] > a[0, -1, 0])
-          for batch in input_pipeline.train_batches(Source(), prep, 8, 1, 0)
+          for batch in pipeline.host_train_batches(Source(), prep, 8, 1, 0)
           for a in batch["inputs"][0]]

@@ -26,5 +26,5 @@ def test_train_tpu_runs_make_train_distributed_on_every_worker():
 def test_train_slurm_runs_one_distributed_process_per_node():
   line = _dry_run("train-slurm", "WORKDIR=/shared/w")
   assert line.startswith("srun --ntasks-per-node=1 env XLA_FLAGS=")
-  assert (".venv/bin/python -m gml_jax.main --config experiments/colored_mnist.py:guided "
+  assert (".venv/bin/python -m gml_jax.runner.main --config experiments/colored_mnist.py:guided "
           "--workdir /shared/w --distributed") in line

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from gml_jax import trainer
+from gml_jax.runner import trainer
 from run_helpers import (CONFIG, DUMMY, assert_states_close, restore_latest, run_cli,
                          tiny_config, tiny_flags)
 

@@ -60,7 +60,7 @@ def test_group_labels_cover_every_collection():
 
 
 def test_network_rejects_bad_layouts():
-  stages = lambda: gml_jax.models.small_cnn_stages(4)
+  stages = lambda: gml_jax.models.backbone("small_cnn").stages(4)
   bad_fusion = gml_jax.fusion_network(stages, 2, 3, fusion_after=(1, 5))
   with pytest.raises(ValueError, match="fusion_after"):
     bad_fusion.init(jax.random.key(0), [jnp.zeros((1, 8, 8, 1))] * 2, train=False)

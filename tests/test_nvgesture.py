@@ -80,7 +80,7 @@ def test_i3d_pair_matches_the_architecture():
             + unit(cin, pool), a + b + c + pool)
   total, channels = unit(3, 64, 7) + unit(64, 64) + unit(64, 192, 3), 192
   for name in ("3b", "3c", "4b", "4c", "4d", "4e", "4f", "5b", "5c"):
-    count, channels = inception(channels, *models.I3D_BLOCKS[name])
+    count, channels = inception(channels, *models.backbone("i3d").I3D_BLOCKS[name])
     total += count
   assert channels == 1024
   assert _count(params["branches_0"]) == total + 1024 * 25 + 25

@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gml_jax import trainer
+from gml_jax.runner import schedule, trainer
+from gml_jax.runner.workdir import Progress
 from run_helpers import tiny_config
 
 SCHEDULE = ml_collections.ConfigDict(
@@ -16,9 +17,9 @@ SCHEDULE = ml_collections.ConfigDict(
 def test_plateau_follows_reduce_lr_on_plateau():
   # Hand-derived: best 1.0; 0.95 is not a 10% improvement -> bad epochs 1, 2, 3 > patience 2
   # -> lr x 0.3; then 0.5 improves; three bad epochs again -> x 0.3, floored at 0.01.
-  tracker, lr, rates = {"best": float("inf"), "bad_epochs": 0}, 0.1, []
+  tracker, lr, rates = schedule.PlateauTracker(), 0.1, []
   for loss in (1.0, 0.95, 0.95, 0.95, 0.5, 0.49, 0.48, 0.47, 0.47):
-    lr = trainer.plateau(SCHEDULE, tracker, loss, lr)
+    lr = schedule.plateau(SCHEDULE, tracker, loss, lr)
     rates.append(lr)
   np.testing.assert_allclose(rates, [0.1, 0.1, 0.1, 0.03, 0.03, 0.03, 0.03, 0.01, 0.01])
 
@@ -37,8 +38,8 @@ def test_plateau_schedule_changes_the_learning_rate_in_training(data_dir, tmp_pa
 def test_early_stop_after_epochs_at_full_training_accuracy(data_dir, tmp_path):
   config = tiny_config("vanilla", data_dir)
   config.early_stop_full_train_accuracy_epochs = 2
-  meta = {"plateau": {}, "full_accuracy_epochs": 0}
+  progress = Progress()
   state = object()  # untouched with a constant schedule
-  assert trainer._end_of_epoch(config, state, {"epoch": 1, "train_accuracy": 1.0}, meta, None) == (state, False)
-  assert trainer._end_of_epoch(config, state, {"epoch": 2, "train_accuracy": 0.9}, meta, None) == (state, False)
-  assert trainer._end_of_epoch(config, state, {"epoch": 3, "train_accuracy": 1.0}, meta, None) == (state, True)
+  assert schedule.end_of_epoch(config, state, {"epoch": 1, "train_accuracy": 1.0}, progress, None) == (state, False)
+  assert schedule.end_of_epoch(config, state, {"epoch": 2, "train_accuracy": 0.9}, progress, None) == (state, False)
+  assert schedule.end_of_epoch(config, state, {"epoch": 3, "train_accuracy": 1.0}, progress, None) == (state, True)

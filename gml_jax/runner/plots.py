@@ -74,3 +74,12 @@ def utilization(summary: dict, path: pathlib.Path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def write_run_plots(plot_dir: pathlib.Path, step_rows: list[dict], epoch_rows: list[dict],
+                    summary: dict) -> None:
+  """speeds.png, accuracy.png and utilization.png of a finished run."""
+  plot_dir.mkdir(exist_ok=True)
+  speeds(step_rows, plot_dir / "speeds.png")
+  accuracy(epoch_rows, plot_dir / "accuracy.png")
+  utilization(summary, plot_dir / "utilization.png")

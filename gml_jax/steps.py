@@ -31,14 +31,14 @@ DATA_AXIS = "data"
 class TrainState:
   """Everything a training run carries from step to step.
 
+  The step count lives in the balancing state (``balance_state(opt_state).step``).
+
   Attributes:
-    step: int32, steps taken.
     params: the model parameters.
     model_state: the model's other collections (``batch_stats``, ``fusion_stats``).
     opt_state: the optimizer state, holding the balancing state.
   """
 
-  step: jax.Array
   params: Any
   model_state: Any
   opt_state: Any
@@ -55,7 +55,6 @@ def create_train_state(
   variables = model.init(jax.random.key(seed), tuple(example_inputs), train=False)
   params = variables.pop("params")
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
       params=params,
       model_state=dict(variables),
       opt_state=tx.init(params),
@@ -66,10 +65,11 @@ def create_train_state(
 # Loss and metrics
 
 
-def branch_losses(branch_logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean cross-entropy of every branch: float[N]. The training loss is their sum."""
+def branch_cross_entropy(branch_logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Cross-entropy of every branch and example: float[N, B] from logits [N, B, classes].
+  The training loss is the sum over branches of the mean over examples."""
   ce = jax.vmap(optax.softmax_cross_entropy_with_integer_labels, in_axes=(0, None))
-  return jnp.mean(ce(branch_logits, labels), axis=-1)
+  return ce(branch_logits, labels)
 
 
 def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -106,7 +106,7 @@ def make_train_step(
           cut=target,
           mutable=collections,
       )
-      losses = branch_losses(branch_logits, batch["label"])
+      losses = jnp.mean(branch_cross_entropy(branch_logits, batch["label"]), axis=-1)
       return jnp.sum(losses), (new_model_state, logits, branch_logits, losses)
 
     grads, (new_model_state, logits, branch_logits, losses) = jax.grad(loss_fn, has_aux=True)(
@@ -137,11 +137,8 @@ def make_train_step(
         "speeds": speeds,
         "d_speed": speed_gap(speeds),
         "target": target,
-        "next_target": balance.target,
     }
-    new_state = TrainState(
-        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
-    )
+    new_state = TrainState(params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
 
   return train_step
@@ -154,9 +151,7 @@ def make_eval_step(model: nn.Module) -> Callable[[TrainState, dict], dict]:
   def eval_step(state: TrainState, batch: dict) -> dict:
     logits, branch_logits = model.apply(state.variables, tuple(batch["inputs"]), train=False)
     weight = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-    losses = jax.vmap(optax.softmax_cross_entropy_with_integer_labels, in_axes=(0, None))(
-        branch_logits, batch["label"]
-    )
+    losses = branch_cross_entropy(branch_logits, batch["label"])
     return {
         "count": jnp.sum(weight),
         "correct": jnp.sum(_correct(logits, batch["label"]) * weight),

@@ -1,21 +1,23 @@
 r"""Trains and evaluates one experiment config.
 
-  python -m gml_jax.main --config experiments/colored_mnist.py:guided --workdir runs/cm_guided
-  python -m gml_jax.main --config experiments/colored_mnist.py:vanilla --workdir runs/cm_v \
+  python -m gml_jax.runner.main --config experiments/colored_mnist.py:guided --workdir runs/cm_guided
+  python -m gml_jax.runner.main --config experiments/colored_mnist.py:vanilla --workdir runs/cm_v \
       --config.num_epochs=20 --config.balance.update_mode=all
 
 --config is a Python file with get_config(variant); every field can be overridden with
 --config.<field>=<value> (an unknown field is an error); the fields, their defaults and
 meanings are in the config file, and --print_config shows the resolved config. Running again
-with the same --workdir resumes the run from its latest checkpoint. See gml_jax/trainer.py
-for what a run writes.
+with the same --workdir resumes the run from its latest checkpoint. See
+gml_jax/runner/trainer.py for what a run writes. Run it from a clone of the repository
+(it reads experiments/ and data_prep/), with the ``experiments`` extra installed.
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gml_jax import trainer
+from gml_jax.runner import trainer
+from gml_jax.runner.evaluation import format_summary
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: path/to/config.py[:variant], e.g. "
@@ -38,31 +40,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, fo
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config (with overrides) and exit.")
 flags.mark_flags_as_required(["config"])
-
-
-def format_summary(summary: dict) -> str:
-  """The final table: accuracies, utilization rates, re-balancing share, speed."""
-  lines = [f"{summary['experiment']} / {summary['method']} (update={summary['update']}, "
-           f"data: {summary['data_source']}), best validation accuracy "
-           f"{summary['best_val_accuracy']:.4f} at step {summary['best_step']}", ""]
-  n = len([k for k in summary if k.startswith("test_branch_")])
-  lines.append(f"{'':24}{'fused':>8}" + "".join(f"{f'branch {k}':>10}" for k in range(n)))
-  for split, prefix in (("test", "test_"), ("test_biased", "test_biased_")):
-    if prefix + "accuracy" not in summary:
-      continue
-    lines.append(f"{split + ' accuracy':24}{summary[prefix + 'accuracy']:>8.4f}" + "".join(
-        f"{summary[f'{prefix}branch_{k}_accuracy']:>10.4f}" for k in range(n)))
-  lines.append("")
-  for key in [k for k in summary if k.startswith("u(")] + ["d_util"]:
-    if key in summary:
-      value = summary[key]
-      lines.append(f"{key:24}" + (f"{value:>+8.4f}" if value is not None else
-                                  "   undefined (a branch has test accuracy 0)"))
-  shares = ", ".join(f"m{k} {summary[f'rebalance_share_m{k}']:.1%}" for k in range(n))
-  lines.append(f"{'re-balancing steps':24}{shares}")
-  lines.append(f"{'training':24}{summary['steps']} steps, {summary['train_seconds']:.1f} s, "
-               f"{summary['samples_per_s']:.0f} samples/s")
-  return "\n".join(lines)
 
 
 def main(argv):

@@ -6,20 +6,25 @@ Datasets are found by name: ``data.name = "colored_mnist"`` uses
 data source, so a run can resume at any step: the order of epoch e is a fixed function of
 (seed, e), and step s reads batch s mod steps_per_epoch of epoch s // steps_per_epoch.
 
-Every process reads only its shard of a split (``jax.process_index()``); the global batch
-is assembled across processes by :func:`gml_jax.train.shard_batch`.
+Every process reads only its shard of a split (``jax.process_index()``). Batches leave the
+pipeline as global arrays already placed on the mesh (:func:`gml_jax.steps.shard_batch`
+assembles them across processes), a few calls ahead of the step that uses them.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 import pathlib
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grain
 import jax
 import numpy as np
+from jax.sharding import Mesh
+
+from gml_jax.steps import shard_batch, shard_stacked_batches, stack_batches
 
 # Per dataset: the feature of each modality, in modality order.
 MODALITIES = {"colored_mnist": ("gray", "colored"), "modelnet40_views": ("view_0", "view_1"),
@@ -99,15 +104,16 @@ def load_builder(data_config):
   process 0 builds while the others wait.
   """
   module = _builder_module(data_config.name)
+  data_dir = str(pathlib.Path(data_config.data_dir).expanduser())
   manual_dir = data_config.get("manual_dir") or None
   if manual_dir is not None:
     check = getattr(module, "check_manual_dir", None)
     if check is not None:
       check(manual_dir)
   make = lambda: module.Builder(config=data_config.builder_config,
-                                data_dir=data_config.data_dir, file_format="array_record")
+                                data_dir=data_dir, file_format="array_record")
   if jax.process_index() == 0:
-    _prepare(make(), data_config, manual_dir)
+    _prepare(make(), manual_dir)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
@@ -115,11 +121,11 @@ def load_builder(data_config):
   return make()
 
 
-def _prepare(builder, data_config, manual_dir) -> None:
+def _prepare(builder, manual_dir) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   if not builder.is_prepared():
-    print(f"Building {builder.name}/{data_config.builder_config} in {data_config.data_dir} ...")
+    print(f"Building {builder.name}/{builder.builder_config.name} in {builder.data_dir} ...")
     tfds.disable_progress_bar()
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -159,14 +165,43 @@ def open_splits(builder) -> dict[str, CheckedSource]:
   return sources
 
 
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A prepared dataset: its builder, every split as a checked source, the preprocessing."""
+
+  builder: Any
+  sources: dict[str, CheckedSource]
+  prep: Preprocess
+
+  @property
+  def num_classes(self) -> int:
+    return self.builder.info.features["label"].num_classes
+
+  @property
+  def source_name(self) -> str:
+    """What the data was built from (Colored MNIST records it; the others are manual)."""
+    return (self.builder.info.metadata or {}).get("mnist_source", "manual")
+
+  def example_inputs(self) -> tuple[np.ndarray, ...]:
+    """The model inputs of the first training example, with a batch axis of 1."""
+    first = self.prep.resize(self.sources["train"][0])
+    stacked = {k: np.asarray(first[k])[None] for k in (*self.prep.modalities, "label")}
+    return self.prep.batch(stacked)["inputs"]
+
+
+def open_dataset(data_config) -> Dataset:
+  """The dataset of ``config.data``, built first if needed (:func:`load_builder`)."""
+  prep = Preprocess.from_config(data_config)
+  builder = load_builder(data_config)
+  return Dataset(builder, open_splits(builder), prep)
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def local_batch_size(global_batch_size: int) -> int:
-  if global_batch_size % jax.process_count():
-    raise ValueError(f"batch_size {global_batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes.")
+  """This process's share of a global batch (the runner checks that it divides evenly)."""
   return global_batch_size // jax.process_count()
 
 
@@ -179,10 +214,15 @@ def steps_per_epoch(source, global_batch_size: int) -> int:
   return steps
 
 
-def train_batches(source, prep: Preprocess, global_batch_size: int, seed: int, epoch: int,
-                  start: int = 0) -> Iterator[dict]:
-  """This process's batches of epoch ``epoch``, from batch ``start`` on (random flips are
-  drawn per example from (seed, epoch), so a resumed epoch flips the same way)."""
+def _read_options() -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+
+def host_train_batches(source, prep: Preprocess, global_batch_size: int, seed: int,
+                       epoch: int, start: int = 0) -> Iterator[dict]:
+  """This process's batches of epoch ``epoch`` as NumPy arrays, from batch ``start`` on
+  (random flips are drawn per example from (seed, epoch), so a resumed epoch flips the same
+  way)."""
   epoch_seed = _epoch_seed(seed, epoch)
   ds = grain.MapDataset.source(source).shuffle(seed=epoch_seed)
   ds = ds[jax.process_index()::jax.process_count()]
@@ -190,11 +230,11 @@ def train_batches(source, prep: Preprocess, global_batch_size: int, seed: int, e
   ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
   ds = ds[start : steps_per_epoch(source, global_batch_size)]
   ds = ds.map(prep.batch)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
+  return iter(ds.to_iter_dataset(_read_options()))
 
 
-def eval_batches(source, prep: Preprocess, global_batch_size: int) -> Iterator[dict]:
-  """Every example of the split exactly once over all processes.
+def host_eval_batches(source, prep: Preprocess, global_batch_size: int) -> Iterator[dict]:
+  """Every example of the split exactly once over all processes, as NumPy arrays.
 
   Process p reads examples p, p + P, p + 2P, ...; every process yields the same number of
   batches (that of the largest shard), padded where needed and carrying ``mask`` (0 on
@@ -202,14 +242,52 @@ def eval_batches(source, prep: Preprocess, global_batch_size: int) -> Iterator[d
   """
   local = local_batch_size(global_batch_size)
   count, process = jax.process_count(), jax.process_index()
-  ds = grain.MapDataset.source(source)[process::count]
+  shard = grain.MapDataset.source(source)[process::count]
   largest = -(-len(source) // count)
-  for start in range(0, largest, local):
-    idx = np.arange(start, start + local)
-    examples = [prep.resize(ds[int(i)]) for i in np.minimum(idx, len(ds) - 1)]
-    stacked = {k: np.stack([e[k] for e in examples]) for k in prep.modalities + ("label",)}
-    yield prep.batch(stacked) | {"mask": (idx < len(ds)).astype(np.float32)}
+  padded = -(-largest // local) * local
+
+  def example(i: int) -> dict:  # past the shard's end: its last example again, masked out
+    e = prep.resize(shard[min(i, len(shard) - 1)])
+    return {k: e[k] for k in prep.modalities + ("label",)} | {
+        "mask": np.float32(i < len(shard))}
+
+  ds = grain.MapDataset.range(padded).map(example).batch(local)
+  ds = ds.map(lambda b: prep.batch(b) | {"mask": b["mask"]})
+  return iter(ds.to_iter_dataset(_read_options()))
 
 
-def default_data_dir() -> str:
-  return str(pathlib.Path("~/tensorflow_datasets").expanduser())
+def prefetch(batches: Iterable, place: Callable, ahead: int = 2) -> Iterator:
+  """``place(batch)`` for every batch, ``ahead`` batches in advance: with JAX's
+  asynchronous dispatch the transfers overlap the steps already running."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(place(batch))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def train_batches(source, prep: Preprocess, global_batch_size: int, seed: int, epoch: int,
+                  start: int, call_sizes: Sequence[int], mesh: Mesh) -> Iterator[tuple]:
+  """(size, batch) per train-step call of epoch ``epoch`` from batch ``start`` on, placed on
+  ``mesh``: one batch for a call of size 1, ``size`` stacked batches (leading step axis)
+  for a multi-step call."""
+  host = host_train_batches(source, prep, global_batch_size, seed, epoch, start)
+
+  def calls():
+    for size in call_sizes:
+      chunk = [next(host) for _ in range(size)]
+      yield size, (chunk[0] if size == 1 else stack_batches(chunk))
+
+  def place(call):
+    size, batch = call
+    return size, (shard_batch(batch, mesh) if size == 1 else shard_stacked_batches(batch, mesh))
+
+  return prefetch(calls(), place)
+
+
+def eval_batches(source, prep: Preprocess, global_batch_size: int, mesh: Mesh) -> Iterator[dict]:
+  """:func:`host_eval_batches` placed on ``mesh``, prefetched."""
+  return prefetch(host_eval_batches(source, prep, global_batch_size),
+                  lambda batch: shard_batch(batch, mesh))

@@ -1,0 +1,146 @@
+"""Intermediate-fusion networks: N uni-modal branches with MMTM between their stages.
+
+A :class:`FusionNetwork` runs stage s of every branch, then (if s is in ``fusion_after``)
+an MMTM over the branches' feature maps, and so on; each branch ends in global average
+pooling and its own linear head. It returns the per-branch logits ŷ_k and their mean ŷ.
+
+Variable layout (every collection follows it, which is what :func:`group_labels` reads):
+
+* ``branches_<k>``: branch k's stages (``stages_<s>``) and head (``head``): group main_k;
+* ``fusion_<i>``: the i-th MMTM: ``squeeze`` is fusion:shared, ``excite_<k>`` and the
+  running means ``excitation_*_<k>`` belong to fusion_k.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gml_jax.fusion import MMTM
+
+
+class Branch(nn.Module):
+  """One uni-modal branch: a sequence of stages, then pooling and a linear head.
+
+  Every stage is a module called as ``stage(x, train=...)``.
+  """
+
+  stages: Sequence[nn.Module]
+  num_classes: int
+
+  def setup(self):
+    self.head = nn.Dense(self.num_classes)
+
+  def stage(self, index: int, x: jax.Array, train: bool) -> jax.Array:
+    return self.stages[index](x, train=train)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    return self.head(jnp.mean(x, axis=tuple(range(1, x.ndim - 1))))
+
+
+class FusionNetwork(nn.Module):
+  """N branches with MMTM fusion after the stages listed in ``fusion_after``.
+
+  Attributes:
+    branches: one :class:`Branch` per modality, all with the same number of stages.
+    fusion_after: indices of the stages followed by an MMTM (0-based).
+    ratio: MMTM squeeze ratio.
+  """
+
+  branches: Sequence[Branch]
+  fusion_after: Sequence[int]
+  ratio: float = 4
+
+  def setup(self):
+    depths = {len(b.stages) for b in self.branches}
+    if len(self.branches) < 2 or len(depths) != 1:
+      raise ValueError(
+          f"FusionNetwork needs >= 2 branches with equal numbers of stages; got stage counts "
+          f"{[len(b.stages) for b in self.branches]}."
+      )
+    (depth,) = depths
+    if sorted(set(self.fusion_after)) != list(self.fusion_after) or not all(
+        0 <= s < depth for s in self.fusion_after
+    ):
+      raise ValueError(
+          f"fusion_after must list increasing stage indices in [0, {depth}); got "
+          f"{list(self.fusion_after)}."
+      )
+    # Linen names the branches `branches_<k>`; group_labels relies on that layout.
+    self.fusions = [
+        MMTM(ratio=self.ratio, name=f"fusion_{i}") for i in range(len(self.fusion_after))
+    ]
+
+  def __call__(
+      self,
+      inputs: Sequence[jax.Array],
+      *,
+      train: bool,
+      cut: jax.Array | int = -1,
+      drop: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
+    """Returns (ŷ [B, classes], ŷ_k stacked as [N, B, classes]).
+
+    ``cut`` and ``drop`` are passed to every MMTM (see :class:`gml_jax.fusion.MMTM`).
+    """
+    if len(inputs) != len(self.branches):
+      raise ValueError(f"Expected {len(self.branches)} modality inputs, got {len(inputs)}.")
+    xs = list(inputs)
+    fusion_at = dict(zip(self.fusion_after, self.fusions))
+    for s in range(len(self.branches[0].stages)):
+      xs = [b.stage(s, x, train) for b, x in zip(self.branches, xs)]
+      if s in fusion_at:
+        xs = list(fusion_at[s](xs, train=train, cut=cut, drop=drop))
+    branch_logits = jnp.stack([b.logits(x) for b, x in zip(self.branches, xs)])
+    return jnp.mean(branch_logits, axis=0), branch_logits
+
+
+def group_labels(tree: Any) -> Any:
+  """Labels every leaf of a :class:`FusionNetwork` variable collection with its group.
+
+  Works on ``params``, ``batch_stats`` and ``fusion_stats`` alike, from the network's
+  layout (module names it creates itself, matched exactly): ``branches_<k>`` -> ``main:<k>``;
+  inside ``fusion_<i>``: ``squeeze`` -> ``fusion:shared``, ``excite_<k>``,
+  ``excitation_mean_<k>`` and ``excitation_count_<k>`` -> ``fusion:<k>``. Anything else is
+  ``other``.
+  """
+
+  def fusion_label(name: str) -> str:
+    if name == "squeeze":
+      return "fusion:shared"
+    for prefix in ("excite_", "excitation_mean_", "excitation_count_"):
+      index = name[len(prefix):]
+      if name.startswith(prefix) and index.isdigit():
+        return f"fusion:{index}"
+    return "other"
+
+  def label(top: str, sub: str | None) -> str:
+    if top.startswith("branches_") and top[len("branches_"):].isdigit():
+      return f"main:{top[len('branches_'):]}"
+    if top.startswith("fusion_") and top[len("fusion_"):].isdigit() and sub is not None:
+      return fusion_label(sub)
+    return "other"
+
+  def by_path(path, _):
+    keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+    return label(str(keys[0]), str(keys[1]) if len(keys) > 1 else None)
+
+  return jax.tree_util.tree_map_with_path(by_path, tree)
+
+
+def fusion_network(
+    stages_fn: Callable[[], Sequence[nn.Module]],
+    num_modalities: int,
+    num_classes: int,
+    fusion_after: Sequence[int],
+    ratio: float = 4,
+) -> FusionNetwork:
+  """N branches built by ``stages_fn`` (called once per branch)."""
+  return FusionNetwork(
+      branches=[Branch(tuple(stages_fn()), num_classes) for _ in range(num_modalities)],
+      fusion_after=tuple(fusion_after),
+      ratio=ratio,
+  )
