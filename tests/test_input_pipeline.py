@@ -1,9 +1,13 @@
-"""Preprocessing: resizing, ImageNet normalization, seeded horizontal flips."""
+"""Preprocessing (resizing, ImageNet normalization, seeded horizontal flips) and batches
+placed on the mesh in train-step calls."""
 
+import jax
 import numpy as np
 
+import gml_jax
 from gml_jax.runner import pipeline
 from gml_jax.runner.pipeline import Preprocess
+from gml_jax.runner.trainer import call_plan
 
 
 class Source:
@@ -51,3 +55,37 @@ def _flips_without():
   return [bool(a[0, 0, 0] > a[0, -1, 0])
           for batch in pipeline.host_train_batches(Source(), prep, 8, 1, 0)
           for a in batch["inputs"][0]]
+
+
+def test_call_plan_takes_k_steps_a_call_and_single_steps_up_to_a_boundary():
+  # (step, k, steps per epoch, checkpoint every, stop after) -> call sizes to the epoch end
+  assert call_plan(0, 4, 10, 0, None) == [4, 4, 1, 1]
+  assert call_plan(3, 4, 10, 0, None) == [4, 1, 1, 1]
+  assert call_plan(0, 4, 10, 6, None) == [4, 1, 1, 4]
+  assert call_plan(0, 4, 10, 0, 5)[:2] == [4, 1]
+  assert call_plan(20, 1, 10, 0, None) == [1] * 10
+
+
+def test_train_batches_arrive_placed_on_the_mesh_in_calls():
+  mesh = gml_jax.data_mesh()
+  prep = Preprocess(("a", "b"), hflip=True)
+  host = list(pipeline.host_train_batches(Source(), prep, 8, 1, 0))  # 5 batches of 8
+  calls = list(pipeline.train_batches(Source(), prep, 8, 1, 0, 1, [2, 1, 1], mesh))
+  assert [size for size, _ in calls] == [2, 1, 1]
+  expected = [gml_jax.steps.stack_batches(host[1:3]), host[3], host[4]]
+  for (size, placed), want in zip(calls, expected):
+    for got, x in zip(jax.tree.leaves(placed), jax.tree.leaves(want)):
+      assert isinstance(got, jax.Array) and len(got.sharding.device_set) == 8
+      assert got.sharding.spec[size > 1] == "data"  # the batch axis is split over devices
+      np.testing.assert_array_equal(np.asarray(got), x)
+
+
+def test_eval_batches_arrive_placed_and_padded():
+  mesh = gml_jax.data_mesh()
+  batches = list(pipeline.eval_batches(Source(), Preprocess(("a", "b")), 16, mesh))
+  assert len(batches) == 3  # 40 examples: 16 + 16 + 8 real, 8 padding
+  assert all(b["label"].sharding.spec[0] == "data" for b in batches)
+  np.testing.assert_array_equal(np.concatenate([np.asarray(b["mask"]) for b in batches]),
+                                [1] * 40 + [0] * 8)
+  labels = np.concatenate([np.asarray(b["label"]) for b in batches])[:40]
+  np.testing.assert_array_equal(labels, np.arange(40) % 4)

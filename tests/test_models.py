@@ -1,5 +1,7 @@
 """Network structure: parameter counts, fusion placement, group labels."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +69,19 @@ def test_network_rejects_bad_layouts():
   model = gml_jax.small_cnn_fusion(3, width=4)
   with pytest.raises(ValueError, match="Expected 2 modality inputs, got 3"):
     model.init(jax.random.key(0), [jnp.zeros((1, 8, 8, 1))] * 3, train=False)
+
+
+def test_backbones_are_found_by_name_from_their_files():
+  files = sorted(p.stem for p in pathlib.Path(gml_jax.models.backbones.__path__[0]).glob("*.py")
+                 if not p.stem.startswith("_"))
+  assert gml_jax.models.BACKBONES == tuple(files) == ("i3d", "resnet18", "small_cnn")
+  assert gml_jax.models.backbone_options("small_cnn") == ("width",)
+  assert gml_jax.models.backbone_options("resnet18") == ()
+  inputs = [jnp.zeros((1, 28, 28, 1)), jnp.zeros((1, 28, 28, 3))]
+  built = _shapes(gml_jax.models.build("small_cnn", 10, width=8, ratio=2), inputs)
+  direct = _shapes(gml_jax.fusion_network(
+      lambda: gml_jax.models.backbone("small_cnn").stages(8), 2, 10, fusion_after=(1, 2),
+      ratio=2), inputs)
+  assert jax.tree.map(lambda x: x.shape, built) == jax.tree.map(lambda x: x.shape, direct)
+  with pytest.raises(ValueError, match="Unknown backbone 'vgg'.*small_cnn"):
+    gml_jax.models.build("vgg", 10)

@@ -89,3 +89,25 @@ def test_rates_of_a_branch_with_zero_accuracy_are_undefined():
   summary = result.as_dict()
   assert summary["u(m1|m0)"] is summary["u(m0|m1)"] is summary["d_util"] is None
   assert summary["branch_1_accuracy"] == 0.0
+
+
+def test_a_measured_baseline_replaces_the_unablated_pass():
+  model, variables = _constructed_model()
+  train = [_batch([1, 1, 1, 0, 0, 1, 1, 1], mask=[1, 1, 1, 1, 1, 0, 0, 0])]
+  test = [_batch([1, 0, 1, 0]), _batch([0, 0, 1, 0])]
+  full = gml_jax.conditional_utilization(model, variables, train, test)
+  # The accuracies an evaluation already reported, from the eval step on the same batches.
+  eval_step = jax.jit(gml_jax.make_eval_step(model))
+  state = gml_jax.TrainState(params=variables["params"], opt_state=None,
+                             model_state={"fusion_stats": variables["fusion_stats"]})
+  sums = jax.tree.map(lambda *xs: sum(xs), *[eval_step(state, b) for b in test])
+  baseline = (float(sums["correct"] / sums["count"]),
+              np.asarray(sums["branch_correct"] / sums["count"]))
+  reused = gml_jax.conditional_utilization(model, variables, train, test, baseline=baseline)
+  np.testing.assert_array_equal(reused.rates, full.rates)
+  np.testing.assert_array_equal(reused.ablated_accuracy, full.ablated_accuracy)
+  assert reused.as_dict() == full.as_dict()
+  # The rates are taken relative to the given baseline, not to a pass of their own.
+  other = gml_jax.conditional_utilization(model, variables, train, test, baseline=(0.5, [0.5, 1.0]))
+  np.testing.assert_allclose(other.rates[1, 0], (0.5 - 5 / 8) / 0.5)
+  np.testing.assert_array_equal(other.branch_accuracy, [0.5, 1.0])

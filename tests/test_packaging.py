@@ -1,0 +1,105 @@
+"""The library installs and imports light; the runner is an extra; the wheel holds gml_jax only."""
+
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+from run_helpers import ROOT
+
+# What only the runner may load (the experiments extra), never `import gml_jax`.
+HEAVY = ("tensorflow_datasets", "grain", "orbax", "matplotlib", "cv2", "tensorboardX",
+         "mlxtend", "ml_collections", "tensorflow")
+CORE_REQUIREMENTS = {"jax", "flax", "optax", "chex", "numpy"}
+
+# A meta-path finder that makes the heavy modules look uninstalled.
+BLOCK_HEAVY = textwrap.dedent(f"""
+    import sys
+
+    class BlockHeavy:
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+          raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+        return None
+
+    sys.meta_path.insert(0, BlockHeavy())
+    """)
+
+
+def _python(code: str, cwd=ROOT) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_wheel_holds_only_gml_jax_and_requires_only_the_core(tmp_path):
+  source = tmp_path / "src"  # a copy, so that the build leaves nothing in the checkout
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+      ".git", ".venv*", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+  subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps",
+                  "--no-build-isolation", "--wheel-dir", str(tmp_path / "dist")],
+                 cwd=source, check=True, capture_output=True, timeout=300)
+  (wheel,) = (tmp_path / "dist").glob("gml_jax-*.whl")
+  with zipfile.ZipFile(wheel) as z:
+    names = z.namelist()
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    meta = z.read(metadata).decode()
+  top_level = {n.split("/")[0] for n in names if ".dist-info/" not in n}
+  assert top_level == {"gml_jax"}
+  assert {"gml_jax/py.typed", "gml_jax/models/backbones/small_cnn.py",
+          "gml_jax/runner/main.py"} <= set(names)
+  requires = [l.split(":", 1)[1].strip() for l in meta.splitlines()
+              if l.startswith("Requires-Dist:")]
+  core = {re.split(r"[<>=!; \[]", r)[0].lower() for r in requires if "extra ==" not in r}
+  assert core == CORE_REQUIREMENTS
+  extras = {l.split(":", 1)[1].strip() for l in meta.splitlines()
+            if l.startswith("Provides-Extra:")}
+  assert {"experiments", "dev"} <= extras
+  for field in ("License: Apache-2.0", "Requires-Python: >=3.11", "Project-URL: Paper",
+                "Classifier: Typing :: Typed"):
+    assert field in meta
+
+
+def _public_api_names() -> list[str]:
+  """Every name of the README's "Public API" table (first column), as dotted paths."""
+  section = ROOT.joinpath("README.md").read_text().split("## Public API", 1)[1]
+  rows = [l for l in section.split("\n## ", 1)[0].splitlines() if l.startswith("| `")]
+  first_cells = [r.split(" | ")[0] for r in rows]
+  return [re.match(r"[\w.]+", span).group(0)
+          for cell in first_cells for span in re.findall(r"`([^`]+)`", cell)]
+
+
+def test_import_loads_no_runner_dependency_and_every_public_name_resolves():
+  names = _public_api_names()
+  assert len(names) >= 25 and "balanced_multimodal" in names and "models.i3d_fusion" in names
+  result = _python(textwrap.dedent(f"""
+      import functools, sys
+      import gml_jax
+      for name in {names!r}:
+        functools.reduce(getattr, name.split("."), gml_jax)
+      loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+      print("loaded:", loaded)
+      """), cwd=pathlib.Path("/"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == "loaded: []"
+
+
+def test_readme_linen_example_runs_with_the_heavy_modules_blocked():
+  blocks = re.findall(r"```python\n(.*?)```", ROOT.joinpath("README.md").read_text(), flags=re.S)
+  result = _python(BLOCK_HEAVY + blocks[0], cwd=pathlib.Path("/"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith("[")  # the speeds it prints
+
+
+def test_runner_without_the_extra_says_which_extra_to_install():
+  result = _python(BLOCK_HEAVY + textwrap.dedent("""
+      import runpy
+      sys.argv = ["main", "--help"]
+      runpy.run_module("gml_jax.runner.main", run_name="__main__")
+      """))
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("ImportError: gml_jax.runner needs the 'experiments' extra")
+  assert "pip install -e '.[experiments]'" in last and "tensorflow_datasets" in last
