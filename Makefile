@@ -16,6 +16,9 @@ EXP ?= colored_mnist
 METHOD ?= guided
 WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
+SEEDS ?= 5
+METHODS ?= vanilla,random,guided
+STUDY_DIR ?= runs/study_$(EXP)
 
 # XLA:CPU runs convolutions faster outside its YNN fusions (benchmarks/RESULTS.md): on by
 # default for train, demo and bench; `make train CPU_XLA_FLAGS=` turns it off. CPU-only flag.
@@ -24,7 +27,7 @@ RUN_ENV = XLA_FLAGS="$(CPU_XLA_FLAGS) $(XLA_FLAGS)"
 TORCH_PYTHON ?= .venv-torch/bin/python
 TORCH_BASE_PYTHON ?= python3.11
 
-.PHONY: help install test train demo bench train-tpu train-slurm clean
+.PHONY: help install test train demo study bench train-tpu train-slurm clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +50,9 @@ train: install  ## train experiments/$(EXP).py:$(METHOD) in $(WORKDIR); override
 
 demo: install  ## the main job: guided Colored MNIST on the embedded MNIST subset, in runs/demo
 	$(MAKE) --no-print-directory train EXP=colored_mnist METHOD=guided WORKDIR=runs/demo
+
+study: install  ## every method x SEEDS seeds of experiments/$(EXP).py in $(STUDY_DIR): mean ± std, paired differences, plots
+	$(RUN_ENV) $(PY) -m gml_jax.runner.study --config experiments/$(EXP).py --methods $(METHODS) --seeds 0-$$(($(SEEDS) - 1)) --workdir $(STUDY_DIR) $(ARGS)
 
 bench: install  ## JAX vs the PyTorch reference, interleaved: table + benchmarks/results.json; ARGS="--help"
 	@$(TORCH_PYTHON) -c 'import torch' >/dev/null 2>&1 || { \

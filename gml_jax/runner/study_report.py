@@ -1,0 +1,185 @@
+"""A study's tables (study.md) and figures (plots/*.png), from its aggregate."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Columns of the table: (summary key, header, format).
+COLUMNS = (("test_accuracy", "test ŷ", ".3f"), ("test_branch_0_accuracy", "test branch 0", ".3f"),
+           ("test_branch_1_accuracy", "test branch 1", ".3f"),
+           ("test_biased_accuracy", "test_biased ŷ", ".3f"), ("u(m1|m0)", "u(m₁\\|m₀)", "+.3f"),
+           ("u(m0|m1)", "u(m₀\\|m₁)", "+.3f"), ("d_util", "d_util", "+.3f"),
+           ("rebalance_share_m0", "re-bal. m₀", ".0%"), ("rebalance_share_m1", "re-bal. m₁", ".0%"),
+           ("samples_per_s", "samples/s", ".0f"))
+
+
+def _cell(stat: dict | None, fmt: str) -> str:
+  if stat is None or stat["mean"] is None:
+    return "–"
+  text = format(stat["mean"], fmt)
+  if stat["std"] is not None:
+    text += " ± " + format(stat["std"], fmt.lstrip("+"))
+  if stat["undefined"]:
+    text += f" ({stat['undefined']} undef.)"
+  return text
+
+
+def markdown(result: dict) -> str:
+  """Per grid point: mean ± std (n) per method; then the paired differences."""
+  lines = [f"# Study: {result['experiment']}", "", f"`{result['command']}`", ""]
+  for point in dict.fromkeys(g["point"] for g in result["groups"]):
+    if point:
+      lines += [f"## {point}", ""]
+    lines.append("| method | n | " + " | ".join(h for _, h, _ in COLUMNS) + " |")
+    lines.append("|---" * (len(COLUMNS) + 2) + "|")
+    for g in [g for g in result["groups"] if g["point"] == point]:
+      n = max((s["n"] for s in g["metrics"].values()), default=0)
+      cells = [_cell(g["metrics"].get(key), fmt) for key, _, fmt in COLUMNS]
+      lines.append(f"| {g['method']} | {n} | " + " | ".join(cells) + " |")
+    lines.append("")
+    paired = [p for p in result["paired"] if p["point"] == point]
+    if paired:
+      lines += ["Paired differences over seeds (mean, 95% Student-t interval, per seed):", "",
+                "| difference | value | mean | 95% CI | per seed |", "|---|---|---|---|---|"]
+      for p in paired:
+        ci = "–" if p["ci95"] is None else f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+        seeds = ", ".join(f"{s}: {d:+.3f}" for s, d in p["per_seed"].items())
+        lines.append(f"| {p['comparison']} | {p['metric']} | {p['mean']:+.3f} | {ci} | {seeds} |")
+      lines.append("")
+  failed = [r for r in result["runs"] if r["status"] == "failed"]
+  if failed:
+    lines += ["Failed runs (left out): " + ", ".join(
+        f"{r['method']} seed {r['seed']} {r['point']} ({r['workdir']}/run.log)" for r in failed), ""]
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+
+
+def _series(group: dict) -> str:
+  return f"{group['method']} {group['point']}".strip()
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def _points_plot(result: dict, keys: list[tuple[str, str]], path: pathlib.Path, title: str,
+                 ylabel: str, runs_by_group) -> None:
+  """Per series: the mean with ±std error bars and every seed as a dot, for each key."""
+  groups = result["groups"]
+  fig, ax = plt.subplots(figsize=(max(6, 2.4 * len(groups)), 4.5))
+  width = 0.8 / len(keys)
+  for j, (key, label) in enumerate(keys):
+    for i, g in enumerate(groups):
+      stat = g["metrics"].get(key)
+      if stat is None or stat["mean"] is None:
+        continue
+      x = i + (j - (len(keys) - 1) / 2) * width
+      ax.errorbar(x, stat["mean"], yerr=stat["std"] or 0, fmt="o", color=f"C{j}", capsize=4,
+                  ms=8, label=label if i == 0 else None)
+      values = [s[key] for s in runs_by_group(g) if s.get(key) is not None]
+      ax.scatter(np.full(len(values), x) + 0.06, values, s=12, color=f"C{j}", alpha=0.5)
+  ax.set_xticks(range(len(groups)), [_series(g) for g in groups])
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.axhline(0, color="grey", lw=0.5)
+  ax.legend(loc="best", fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plots(result: dict, runs: dict, plot_dir: pathlib.Path) -> None:
+  """accuracy.png, utilization.png, speeds.png and validation.png of a study; ``runs``
+  maps a run's workdir to its record (method, seed, point label)."""
+  plot_dir.mkdir(parents=True, exist_ok=True)
+
+  def members(g):
+    return [r for r in runs.values() if r.method == g["method"] and r.point_label == g["point"]]
+
+  summaries = lambda g: [r.summary() for r in members(g)]
+  _points_plot(result, [("test_accuracy", "fused ŷ"), ("test_branch_0_accuracy", "branch 0"),
+                        ("test_branch_1_accuracy", "branch 1")],
+               plot_dir / "accuracy.png", "Test accuracy (mean ± std over seeds; dots: seeds)",
+               "test accuracy", summaries)
+  _points_plot(result, [("u(m1|m0)", "u(m1|m0)"), ("u(m0|m1)", "u(m0|m1)"),
+                        ("d_util", "d_util")],
+               plot_dir / "utilization.png",
+               "Conditional utilization rates (mean ± std over seeds; dots: seeds)",
+               "rate (negative: removing the modality helped)", summaries)
+  groups = result["groups"]
+  _speeds_plot(groups, members, plot_dir / "speeds.png")
+  _validation_plot(groups, members, plot_dir / "validation.png")
+
+
+def _speeds_plot(groups, members, path: pathlib.Path) -> None:
+  """d_speed, s_0 and s_1 over steps per series: mean over seeds and a min-max band; below,
+  the share of seeds re-balancing each modality at each step."""
+  fig, axes = plt.subplots(3, len(groups), figsize=(4.5 * len(groups), 8), squeeze=False,
+                           sharex="col", sharey="row",
+                           gridspec_kw={"height_ratios": [3, 3, 1]})
+  for col, g in enumerate(groups):
+    rows = [_read_jsonl(r.workdir / "metrics" / "steps.jsonl") for r in members(g)]
+    length = min(len(r) for r in rows)
+    steps = np.array([row["step"] for row in rows[0][:length]])
+    series = lambda key: np.array([[row[key] for row in r[:length]] for r in rows])
+    top, middle, bottom = axes[:, col]
+    for ax, keys in ((top, ["d_speed"]), (middle, [k for k in rows[0][0] if k.startswith("s_")])):
+      for j, key in enumerate(keys):
+        values = series(key)
+        ax.plot(steps, values.mean(0), color=f"C{j if key != 'd_speed' else 3}", lw=1,
+                label=key)
+        ax.fill_between(steps, values.min(0), values.max(0), alpha=0.25,
+                        color=f"C{j if key != 'd_speed' else 3}")
+      ax.axhline(0, color="grey", lw=0.5)
+      ax.legend(loc="best", fontsize="small")
+    targets = series("target")
+    for k in range(targets.max(initial=-1) + 1):
+      bottom.plot(steps, (targets == k).mean(0), color=f"C{k}", lw=0.8, label=f"m{k}")
+    if targets.max(initial=-1) >= 0:
+      bottom.legend(loc="upper right", fontsize="x-small")
+    top.set_title(f"{_series(g)} ({len(rows)} seeds)")
+    bottom.set_xlabel("step")
+  axes[0, 0].set_ylabel("d_speed (log10)")
+  axes[1, 0].set_ylabel("conditional learning speed s_k")
+  axes[2, 0].set_ylabel("share of seeds\nre-balancing")
+  fig.suptitle("Conditional learning speeds over training (mean; band: min-max over seeds)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _validation_plot(groups, members, path: pathlib.Path) -> None:
+  """Validation accuracy of each branch over epochs per series (mean over seeds, band)."""
+  fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False,
+                           sharey=True)
+  for col, g in enumerate(groups):
+    ax = axes[0, col]
+    rows = [_read_jsonl(r.workdir / "metrics" / "epochs.jsonl") for r in members(g)]
+    length = min(len(r) for r in rows)
+    epochs = [row["epoch"] for row in rows[0][:length]]
+    keys = ["val_accuracy"] + sorted(k for k in rows[0][0] if k.startswith("val_branch_")
+                                     and k.endswith("_accuracy"))
+    for j, key in enumerate(keys):
+      values = np.array([[row[key] for row in r[:length]] for r in rows])
+      label = "fused ŷ" if key == "val_accuracy" else key[len("val_"):].replace("_accuracy", "")
+      ax.plot(epochs, values.mean(0), marker="o", ms=3, color=f"C{j}", label=label)
+      ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2, color=f"C{j}")
+    ax.set_title(f"{_series(g)} ({len(rows)} seeds)")
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right", fontsize="small")
+  axes[0, 0].set_ylabel("validation accuracy")
+  fig.suptitle("Validation accuracy per branch (mean; band: min-max over seeds)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
