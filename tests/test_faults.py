@@ -1,6 +1,13 @@
-"""Faults: real training processes stopped by SIGTERM or killed by SIGKILL, diverging
-losses, corrupt data, foreign checkpoints, impossible configs. Nothing written is lost."""
+"""The fault matrix: real training processes stopped by SIGTERM or killed by SIGKILL (also
+mid-save, also one process of two), diverging losses, corrupt or other data than the
+config names, incomplete datasets, two runs on one workdir, a finished workdir run again,
+foreign checkpoints, impossible configs. Each case checks the exit code or exception, the
+message, that nothing that should stay is changed, and (for resumes) that the results
+equal the uninterrupted run's."""
 
+import gzip
+import hashlib
+import json
 import pathlib
 import shutil
 import signal
@@ -10,9 +17,10 @@ import time
 import numpy as np
 import pytest
 
-from gml_jax.runner import pipeline, trainer, workdir
-from run_helpers import (ROOT, assert_states_close, cli_command, cli_env, restore_latest,
-                         step_rows, tiny_config)
+from data_prep.colored_mnist import mnist_sources
+from gml_jax.runner import dataset, logs, trainer
+from run_helpers import (DUMMY, ROOT, assert_states_close, cli_command, cli_env, free_port,
+                         restore_latest, step_rows, tiny_config)
 
 # 4 epochs of 5 steps, metrics fetched every step so that a signal is seen at once.
 RUN = dict(num_epochs=4, log_every_steps=1)
@@ -108,7 +116,7 @@ def test_corrupt_dataset_files_are_named(data_dir, tmp_path):
   data = train_file.read_bytes()
   train_file.write_bytes(data[: len(data) // 2])
   config = tiny_config("guided", copy)
-  with pytest.raises(pipeline.DatasetCorruptError,
+  with pytest.raises(dataset.DatasetCorruptError,
                      match=r"(?s)split 'train'.*corrupt or truncated; delete"):
     trainer.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run" / "config.json").exists()
@@ -128,12 +136,22 @@ def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("batch_size", 12, "batch_size=12 is not divisible by the 8 devices"),
     ("eval_batch_size", 20, "eval_batch_size=20 is not divisible by the 8 devices"),
-    ("balance.alpha", -0.5, "alpha must be a number >= 0"),
-    ("balance.window", 0, r"window \(Q\) must be an integer >= 1"),
-    ("balance.method", "greedy", "Unknown method 'greedy'"),
-    ("balance.update_mode", "everything", "Unknown update mode 'everything'"),
-    ("optimizer.name", "lion", "Unknown optimizer.name 'lion'"),
-    ("schedule.name", "cosine", "Unknown schedule.name 'cosine'"),
+    ("batch_size", 0, r"config.batch_size=0 is invalid: expected an integer >= 1"),
+    ("batch_size", -1, r"config.batch_size=-1 is invalid: expected an integer >= 1"),
+    ("eval_batch_size", 0, r"config.eval_batch_size=0 is invalid: expected an integer >= 1"),
+    ("num_epochs", 0, r"config.num_epochs=0 is invalid: expected an integer >= 1"),
+    ("optimizer.learning_rate", float("nan"),
+     r"config.optimizer.learning_rate=nan is invalid: expected a finite number > 0"),
+    ("optimizer.momentum", 1.0, r"config.optimizer.momentum=1.0 is invalid: expected a finite "
+     r"number in \[0, 1\)"),
+    ("balance.alpha", -0.5, r"config.balance.alpha=-0.5 is invalid: expected a finite number >= 0"),
+    ("balance.window", 0, r"config.balance.window=0 is invalid: expected an integer >= 1"),
+    ("balance.method", "greedy", r"config.balance.method='greedy' is unknown: expected one of "
+     r"\('vanilla', 'random', 'guided'\)"),
+    ("balance.update_mode", "everything", "config.balance.update_mode='everything' is unknown"),
+    ("optimizer.name", "lion", "config.optimizer.name='lion' is unknown"),
+    ("schedule.name", "cosine", "config.schedule.name='cosine' is unknown"),
+    ("model.name", "vgg", "config.model.name='vgg' is unknown"),
 ])
 def test_bad_config_values_are_refused_before_writing(field, value, message, data_dir, tmp_path):
   config = tiny_config("guided", data_dir)
@@ -147,7 +165,208 @@ def test_bad_config_values_are_refused_before_writing(field, value, message, dat
 def test_metric_log_drops_a_row_cut_by_a_kill_and_rows_past_the_checkpoint(tmp_path):
   path = tmp_path / "steps.jsonl"
   path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-  log = workdir.MetricLog(path, resume_step=2)
+  log = logs.MetricLog(path, resume_step=2)
   assert log.rows == [{"step": 1}, {"step": 2}]
   log.append([{"step": 3, "loss": 0.5}])
   assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3, "loss": 0.5}\n'
+
+
+# --------------------------------------------------------------------------------------
+# Data: the run trains on what its config names, or stops saying what differs
+
+
+def _write_idx(directory, train_count, test_count, label_fix=None):
+  """A smaller MNIST-format set from the dummy digits (other data than the dummy set)."""
+  directory.mkdir(parents=True)
+  for key, name in mnist_sources.IDX_FILES.items():
+    data = mnist_sources.read_idx(DUMMY / f"{name}.gz")
+    data = data[: train_count if key.startswith("train") else test_count].copy()
+    if label_fix and key == "train_labels":
+      data[label_fix[0]] = label_fix[1]
+    header = bytes([0, 0, 8, data.ndim]) + b"".join(d.to_bytes(4, "big") for d in data.shape)
+    with gzip.open(directory / f"{name}.gz", "wb") as f:
+      f.write(header + data.tobytes())
+  return directory
+
+
+def _config(data_dir, manual_dir):
+  config = tiny_config("guided", data_dir)
+  config.data.manual_dir = str(manual_dir) if manual_dir else ""
+  return config
+
+
+def test_other_manual_files_than_the_built_ones_are_refused(data_dir, tmp_path):
+  other = _write_idx(tmp_path / "other", 150, 80)
+  with pytest.raises(dataset.DatasetMismatchError,
+                     match=r"(?s)manual files in .*dummy_data \(4 files.*other data: the manual "
+                           r"files in .*other \(4 files.*another --config.data.data_dir"):
+    trainer.train_and_evaluate(_config(data_dir, other), tmp_path / "run")
+  # The reverse: no manual files named, a build from manual files prepared.
+  with pytest.raises(dataset.DatasetMismatchError,
+                     match="built from the manual files in .* but the config names the "
+                           "builder's default source"):
+    trainer.train_and_evaluate(_config(data_dir, None), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  # The same files elsewhere (copied: new times) are the same data.
+  copy = shutil.copytree(DUMMY, tmp_path / "copy")
+  for f in copy.iterdir():
+    f.touch()
+  _, record = dataset.load_builder(_config(data_dir, copy).data)
+  assert record["manual_dir"] == str(DUMMY.resolve())
+
+
+def test_changed_manual_files_are_read_and_refused(tmp_path):
+  manual = _write_idx(tmp_path / "mnist", 120, 40)
+  config = _config(tmp_path / "tfds", manual)
+  dataset.load_builder(config.data)
+  (manual / "t10k-labels-idx1-ubyte.gz").write_bytes(b"corrupt")  # same name, other bytes
+  with pytest.raises(dataset.DatasetMismatchError, match=r"different contents \(sha256"):
+    dataset.load_builder(config.data)
+
+
+def test_run_records_the_data_it_used(data_dir, tmp_path):
+  summary = trainer.train_and_evaluate(_config(data_dir, DUMMY), tmp_path)
+  used = json.loads((tmp_path / "config.json").read_text())["data_used"]
+  assert summary["data"] == used
+  assert used["source"] == "idx" and used["manual_dir"] == str(DUMMY.resolve())
+  assert used["examples"] == {"train": 189, "validation": 21, "test": 99, "test_biased": 99}
+  digest = hashlib.sha256()
+  for f in sorted(DUMMY.iterdir()):
+    digest.update(f"{f.name}\0{f.stat().st_size}\n".encode() + f.read_bytes())
+  assert used["sha256"] == digest.hexdigest()
+
+
+def test_incomplete_prepared_folder_is_reported(data_dir, tmp_path):
+  copy = shutil.copytree(data_dir, tmp_path / "tfds")
+  (info,) = copy.glob("colored_mnist/*/*/dataset_info.json")
+  info.unlink()
+  with pytest.raises(dataset.DatasetIncompleteError,
+                     match=r"holds no complete build \(no dataset_info.json.*Delete it"):
+    trainer.train_and_evaluate(_config(copy, DUMMY), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_label_outside_the_digits_is_named(tmp_path):
+  manual = _write_idx(tmp_path / "mnist", 120, 40, label_fix=(7, 12))
+  with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: label 12 at index 7 "
+                                       r"\(1 labels in all\) is not a digit; expected labels 0-9"):
+    dataset.load_builder(_config(tmp_path / "tfds", manual).data)
+
+
+# --------------------------------------------------------------------------------------
+# The workdir lock, and a finished workdir run again
+
+
+def _snapshot(directory):
+  return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.read_bytes())
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_second_run_on_a_workdir_in_use_stops_at_once(data_dir, tmp_path):
+  first = _start(tmp_path, data_dir)
+  _wait_for_steps(tmp_path, 2, first)
+  second = subprocess.run(cli_command("random", tmp_path, data_dir,
+                                      **{k: v for k, v in RUN.items()}),
+                          cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
+  assert second.returncode == 1
+  last = second.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"Error: Workdir {tmp_path} is in use by another run (host ")
+  assert f"pid {first.pid}, started " in last
+  out, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-3000:]
+  assert [r["step"] for r in step_rows(tmp_path)] == list(range(1, 21))  # each step once
+  epochs = [json.loads(l) for l in (tmp_path / "metrics/epochs.jsonl").read_text().splitlines()]
+  assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+
+  before = _snapshot(tmp_path)
+  again = _finish(tmp_path, data_dir)  # finished: re-prints the summary, changes nothing
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert f"test accuracy             {summary['test_accuracy']:.4f}" in again
+  assert _snapshot(tmp_path) == before
+
+
+def test_lock_of_a_killed_run_is_taken_over(data_dir, reference, tmp_path):
+  killed = _start(tmp_path, data_dir)
+  _wait_for_steps(tmp_path, 3, killed)
+  killed.kill()
+  killed.wait()
+  assert f'"pid": {killed.pid}' in (tmp_path / "lock.json").read_text()  # left behind
+  out = _finish(tmp_path, data_dir)
+  assert f"Taking over the lock of a run that ended without releasing it (host " in out
+  assert f"pid {killed.pid}" in out
+  _same_trajectory(tmp_path, reference)
+
+
+# --------------------------------------------------------------------------------------
+# A failed run ends with its reason, not with library dumps
+
+
+def test_foreign_checkpoint_error_is_the_last_line(data_dir, tmp_path):
+  small = subprocess.run(cli_command("guided", tmp_path / "small", data_dir,
+                                     "--stop_after_steps=2"),
+                         cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
+  assert small.returncode == 0, small.stderr[-3000:]
+  shutil.copytree(tmp_path / "small" / "checkpoints", tmp_path / "wide" / "checkpoints")
+  wide = subprocess.run(cli_command("guided", tmp_path / "wide", data_dir, model__width=8),
+                        cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
+  assert wide.returncode == 1
+  lines = wide.stderr.strip().splitlines()
+  assert lines[-1].startswith(f"Error: Checkpoint {tmp_path / 'wide' / 'checkpoints'}")
+  assert "does not fit this model and optimizer (" in lines[-1]
+  assert "arrays differ in shape, e.g. " in lines[-1] and "this model (" in lines[-1]
+  assert f"(details: {tmp_path / 'wide' / 'error.log'})" in lines[-1]
+  assert "Traceback" in (tmp_path / "wide" / "error.log").read_text()
+  assert "Event loop is closed" not in wide.stderr and "Traceback" not in wide.stderr
+  assert len(wide.stderr) < 5000  # a progress bar and the reason, no array dumps
+  assert restore_latest(tmp_path / "wide")[0] == 2  # the foreign checkpoint is untouched
+
+
+def test_corrupt_dataset_error_is_the_last_line(data_dir, tmp_path):
+  copy = shutil.copytree(data_dir, tmp_path / "tfds")
+  (train_file,) = copy.glob("colored_mnist/*/*/*-train.array_record*")
+  train_file.write_bytes(train_file.read_bytes()[:1000])
+  result = subprocess.run(cli_command("guided", tmp_path / "run", copy), cwd=ROOT,
+                          env=cli_env(1), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("Error: Cannot read example") and "corrupt or truncated" in last
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------
+# One process of a two-process job killed
+
+
+def _two_processes(workdir, data_dir, port):
+  return [subprocess.Popen(
+      cli_command("random", workdir, data_dir, "--distributed",
+                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                  f"--process_id={i}", **(RUN | {"checkpoint_every_steps": 2})),
+      cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+def test_one_process_of_two_killed_then_the_job_resumes(data_dir, reference, tmp_path):
+  procs = _two_processes(tmp_path, data_dir, free_port())
+  _wait_for_steps(tmp_path, 6, procs[0])
+  procs[1].kill()
+  try:  # the survivor fails (or hangs) on its lost peer: it is ended after a while
+    procs[0].wait(timeout=90)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+  procs[1].wait()
+  saved, _ = restore_latest(tmp_path)
+  assert 0 < saved < 20
+  procs = _two_processes(tmp_path, data_dir, free_port())
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  rows, (ref_step, ref_state) = reference
+  resumed = step_rows(tmp_path)
+  assert [r["step"] for r in resumed] == list(range(1, 21))
+  assert [r["target"] for r in resumed] == [r["target"] for r in rows]
+  np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in rows], rtol=1e-4)
+  step, state = restore_latest(tmp_path)
+  assert step == ref_step == 20
+  assert_states_close(state, ref_state, rtol=1e-4, atol=1e-5)

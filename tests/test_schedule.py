@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gml_jax.runner import schedule, trainer
-from gml_jax.runner.workdir import Progress
+from gml_jax.runner.checkpoints import Progress
 from run_helpers import tiny_config
 
 SCHEDULE = ml_collections.ConfigDict(

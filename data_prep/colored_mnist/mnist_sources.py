@@ -84,9 +84,13 @@ def load_idx(directory) -> Optional[Arrays]:
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1:
       raise ValueError(f"{files[f'{split}_images']}: expected images [n, 28, 28] and labels [n]; "
                        f"got {images.shape} and {labels.shape}.")
-    if len(images) != len(labels) or labels.max(initial=0) > 9:
-      raise ValueError(f"{split} IDX files disagree: {len(images)} images, {len(labels)} labels "
-                       "(labels must be digits 0-9).")
+    if len(images) != len(labels):
+      raise ValueError(f"{split} IDX files disagree: {len(images)} images, {len(labels)} labels.")
+    bad = np.flatnonzero(labels > 9)
+    if len(bad):
+      raise ValueError(f"{files[f'{split}_labels']}: label {int(labels[bad[0]])} at index "
+                       f"{int(bad[0])} ({len(bad)} labels in all) is not a digit; expected "
+                       "labels 0-9.")
   return (arrays["train_images"], arrays["train_labels"].astype(np.int64),
           arrays["test_images"], arrays["test_labels"].astype(np.int64))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import jax
@@ -9,27 +10,83 @@ import ml_collections
 import optax
 
 from gml_jax import models
-from gml_jax.balancing import balanced_multimodal
+from gml_jax.balancing import METHODS, UPDATE_MODES, balanced_multimodal
+from gml_jax.runner import pipeline
 from gml_jax.steps import TrainState, create_train_state, replicate
 
 SCHEDULES = ("constant", "plateau")
 OPTIMIZERS = ("sgd", "adam")
+NORMALIZATIONS = ("none", "imagenet")
+
+
+def _integer(low: int):
+  return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
+          f"an integer >= {low}")
+
+
+def _number(test, text: str):
+  return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+          and math.isfinite(v) and test(v), f"a finite number {text}")
+
+
+def _one_of(choices):
+  return (lambda v: v in choices, f"one of {tuple(choices)}")
+
+
+# Every checked config field: (field, (test, what is expected)).
+FIELD_CHECKS = (
+    ("seed", _integer(0)),
+    ("batch_size", _integer(1)),
+    ("eval_batch_size", _integer(1)),
+    ("num_epochs", _integer(1)),
+    ("log_every_steps", _integer(1)),
+    ("checkpoint_every_steps", _integer(0)),
+    ("steps_per_call", _integer(1)),
+    ("early_stop_full_train_accuracy_epochs", _integer(0)),
+    ("data.name", _one_of(pipeline.MODALITIES)),
+    ("data.image_size", _integer(0)),
+    ("data.normalize", _one_of(NORMALIZATIONS)),
+    ("data.hflip", (lambda v: isinstance(v, bool), "true or false")),
+    ("model.name", _one_of(models.BACKBONES)),
+    ("model.width", _integer(1)),
+    ("model.ratio", _number(lambda v: v > 0, "> 0")),
+    ("optimizer.name", _one_of(OPTIMIZERS)),
+    ("optimizer.learning_rate", _number(lambda v: v > 0, "> 0")),
+    ("optimizer.momentum", _number(lambda v: 0 <= v < 1, "in [0, 1)")),
+    ("optimizer.weight_decay", _number(lambda v: v >= 0, ">= 0")),
+    ("balance.method", _one_of(METHODS)),
+    ("balance.alpha", _number(lambda v: v >= 0, ">= 0")),
+    ("balance.window", _integer(1)),
+    ("balance.warmup_epochs", _integer(0)),
+    ("balance.update_mode", _one_of(UPDATE_MODES)),
+    ("schedule.name", _one_of(SCHEDULES)),
+    ("schedule.factor", _number(lambda v: 0 < v < 1, "in (0, 1)")),
+    ("schedule.patience", _integer(0)),
+    ("schedule.threshold", _number(lambda v: v >= 0, ">= 0")),
+    ("schedule.min_lr", _number(lambda v: v >= 0, ">= 0")),
+)
+
+
+def _field(config, path: str):
+  for part in path.split("."):
+    config = config[part]
+  return config
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The checks that need no data: batch sizes (every device gets an equal share, hence
-  every process too), names, files. Raises ValueError naming the field."""
+  """Every value of ``config`` that needs no data, before anything is written: ranges,
+  names, batch sizes (every device gets an equal share, hence every process too) and
+  files. Raises ValueError (FileNotFoundError for files) naming the field, the value and
+  what is expected."""
+  for field, (test, expected) in FIELD_CHECKS:
+    value = _field(config, field)
+    if not test(value):
+      what = "is unknown" if expected.startswith("one of") else "is invalid"
+      raise ValueError(f"config.{field}={value!r} {what}: expected {expected}.")
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % jax.device_count():
       raise ValueError(f"config.{name}={config[name]} is not divisible by the "
                        f"{jax.device_count()} devices; use a multiple of {jax.device_count()}.")
-  if config.schedule.name not in SCHEDULES:
-    raise ValueError(f"Unknown schedule.name {config.schedule.name!r}; expected one of "
-                     f"{SCHEDULES}.")
-  if config.optimizer.name not in OPTIMIZERS:
-    raise ValueError(f"Unknown optimizer.name {config.optimizer.name!r}; expected one of "
-                     f"{OPTIMIZERS}.")
-  models.backbone(config.model.name)  # raises on an unknown name
   for path in config.model.get("pretrained", ()):
     if path and not pathlib.Path(path).is_file():
       raise FileNotFoundError(f"Pretrained weights file {path} (config.model.pretrained) "

@@ -12,11 +12,17 @@ gml_jax/runner/trainer.py for what a run writes. Run it from a clone of the repo
 (it reads experiments/ and data_prep/), with the ``experiments`` extra installed.
 """
 
+import datetime
+import pathlib
+import sys
+import traceback
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gml_jax.runner import trainer
+from gml_jax.runner import dataset, trainer
+from gml_jax.runner import workdir as workdir_lib
 from gml_jax.runner.evaluation import format_summary
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,12 +61,39 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  summary = trainer.train_and_evaluate(_CONFIG.value, workdir, _STOP_AFTER_STEPS.value)
+  try:
+    summary = trainer.train_and_evaluate(_CONFIG.value, workdir, _STOP_AFTER_STEPS.value)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(fail(e, pathlib.Path(workdir)))
   if summary is None or jax.process_index() != 0:
     return
   print("\n" + format_summary(summary))
   print(f"\nSummary: {workdir}/summary.json   plots: {workdir}/plots/   "
         f"TensorBoard: tensorboard --logdir {workdir}/tensorboard")
+
+
+# Errors that carry their own explanation: their message is all the console shows.
+EXPLAINED = (ValueError, FileNotFoundError, FloatingPointError, dataset.DatasetCorruptError,
+             dataset.DatasetIncompleteError, workdir_lib.WorkdirInUseError)
+
+
+def fail(error: Exception, workdir: pathlib.Path) -> int:
+  """Ends a failed run: the full traceback into ``<workdir>/error.log`` (when the workdir
+  exists), the one-line reason last on the console; returns the exit status."""
+  detail = "".join(traceback.format_exception(error))
+  where = ""
+  if workdir.is_dir():
+    suffix = "" if jax.process_index() == 0 else f".{jax.process_index()}"
+    log = workdir / f"error{suffix}.log"
+    with log.open("a") as f:
+      f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')}\n{detail}\n")
+    where = f" (details: {log})"
+  if not isinstance(error, EXPLAINED):
+    sys.stderr.write(detail)  # a fault of the code: the traceback helps
+  reason = " ".join(str(error).split()) or type(error).__name__
+  sys.stdout.flush()
+  print(f"Error: {reason}{where}", file=sys.stderr, flush=True)
+  return 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
-"""Input pipeline: tfds builders of ``data_prep/`` read with grain, placed on the mesh.
+"""Input pipeline: examples of a prepared dataset (:mod:`gml_jax.runner.dataset`) read with
+grain, preprocessed, batched and placed on the mesh.
 
-Datasets are found by name: ``data.name = "colored_mnist"`` uses
-``data_prep.colored_mnist.Builder``. The dataset is built on first use into
-``data.data_dir`` (array_record, no TensorFlow needed) and read back as a random-access
-data source, so a run can resume at any step: the order of epoch e is a fixed function of
-(seed, e), and step s reads batch s mod steps_per_epoch of epoch s // steps_per_epoch.
+Sources are random access, so a run can resume at any step: the order of epoch e is a
+fixed function of (seed, e), and step s reads batch s mod steps_per_epoch of epoch
+s // steps_per_epoch.
 
 Every process reads only its shard of a split (``jax.process_index()``). Batches leave the
 pipeline as global arrays already placed on the mesh (:func:`gml_jax.steps.shard_batch`
@@ -15,9 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
-import pathlib
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import grain
 import jax
@@ -85,115 +82,6 @@ class Preprocess:
     if self.normalize == "imagenet":
       inputs = tuple((x - IMAGENET_MEAN) / IMAGENET_STD for x in inputs)
     return {"inputs": inputs, "label": np.asarray(examples["label"], np.int32)}
-
-
-def _builder_module(name: str):
-  try:
-    return importlib.import_module(f"data_prep.{name}")
-  except ModuleNotFoundError as e:
-    raise ValueError(
-        f"Unknown dataset {name!r}: expected a builder package data_prep/{name}/ "
-        f"(known: {sorted(MODALITIES)}).") from e
-
-
-def load_builder(data_config):
-  """The prepared tfds builder of ``data_config`` (building it if needed).
-
-  ``data_config`` fields: ``name``, ``builder_config``, ``data_dir``, ``manual_dir``
-  (optional; when given it must hold the dataset's manual files). With several processes,
-  process 0 builds while the others wait.
-  """
-  module = _builder_module(data_config.name)
-  data_dir = str(pathlib.Path(data_config.data_dir).expanduser())
-  manual_dir = data_config.get("manual_dir") or None
-  if manual_dir is not None:
-    check = getattr(module, "check_manual_dir", None)
-    if check is not None:
-      check(manual_dir)
-  make = lambda: module.Builder(config=data_config.builder_config,
-                                data_dir=data_dir, file_format="array_record")
-  if jax.process_index() == 0:
-    _prepare(make(), manual_dir)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    multihost_utils.sync_global_devices("gml_jax: dataset prepared")
-  return make()
-
-
-def _prepare(builder, manual_dir) -> None:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  if not builder.is_prepared():
-    print(f"Building {builder.name}/{builder.builder_config.name} in {builder.data_dir} ...")
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-
-
-class DatasetCorruptError(RuntimeError):
-  """A prepared dataset file cannot be read."""
-
-
-class CheckedSource:
-  """A random-access data source whose read errors name the dataset files and the fix."""
-
-  def __init__(self, source, split: str, data_dir: str):
-    self._source, self._split, self._data_dir = source, split, data_dir
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index):
-    try:
-      return self._source[index]
-    except (RuntimeError, OSError, ValueError) as e:
-      raise DatasetCorruptError(
-          f"Cannot read example {index} of split '{self._split}' from {self._data_dir}: {e}\n"
-          f"The prepared files are corrupt or truncated; delete {self._data_dir} and run "
-          "again to rebuild them.") from e
-
-
-def open_splits(builder) -> dict[str, CheckedSource]:
-  """Every split of a prepared builder as a checked data source; reads the first and the
-  last example of each, which fails at once on a truncated file."""
-  sources = {}
-  for split, source in builder.as_data_source().items():
-    checked = CheckedSource(source, split, str(builder.data_dir))
-    checked[0], checked[len(checked) - 1]  # pylint: disable=pointless-statement
-    sources[split] = checked
-  return sources
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """A prepared dataset: its builder, every split as a checked source, the preprocessing."""
-
-  builder: Any
-  sources: dict[str, CheckedSource]
-  prep: Preprocess
-
-  @property
-  def num_classes(self) -> int:
-    return self.builder.info.features["label"].num_classes
-
-  @property
-  def source_name(self) -> str:
-    """What the data was built from (Colored MNIST records it; the others are manual)."""
-    return (self.builder.info.metadata or {}).get("mnist_source", "manual")
-
-  def example_inputs(self) -> tuple[np.ndarray, ...]:
-    """The model inputs of the first training example, with a batch axis of 1."""
-    first = self.prep.resize(self.sources["train"][0])
-    stacked = {k: np.asarray(first[k])[None] for k in (*self.prep.modalities, "label")}
-    return self.prep.batch(stacked)["inputs"]
-
-
-def open_dataset(data_config) -> Dataset:
-  """The dataset of ``config.data``, built first if needed (:func:`load_builder`)."""
-  prep = Preprocess.from_config(data_config)
-  builder = load_builder(data_config)
-  return Dataset(builder, open_splits(builder), prep)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -12,8 +12,15 @@ Each run is ``python -m gml_jax.runner.main`` in its own workdir under the study
 (``<method>/seed_<s>``, below ``<grid point>/`` with ``--grid``), with its console output
 in ``run.log`` there: a finished run (one with ``summary.json``) is skipped, an unfinished
 one resumes, so an interrupted study continues where it stopped. ``--config.<field>=<value>``
-overrides go to every run, as in ``make train``; ``--run_args`` adds flags of the runs
-(e.g. ``--distributed``). The study writes ``study.json``, ``study.md`` and ``plots/``.
+overrides go to every run, as in ``make train``; ``--run_args`` adds flags of the runs.
+The study writes ``study.json``, ``study.md`` and ``plots/``.
+
+Runs see the study's devices (each run is data-parallel over all of them, as a plain run);
+``--parallel N`` runs N at once, which pays only where one run leaves the devices idle.
+For a multi-process job, start the study on every host with the same arguments and
+``--run_args='--distributed [--coordinator_address=... --num_processes=N --process_id=I]'``:
+the hosts go through the runs in the same order, each run as one job; the host with
+process id 0 writes the aggregate.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class Run:
   workdir: pathlib.Path
   status: str = "pending"  # pending, finished, skipped (finished before), failed
   seconds: float | None = None
+  log_name: str = "run.log"  # run.<i>.log for process i > 0 of a multi-process job
 
   @property
   def point_label(self) -> str:
@@ -82,7 +90,7 @@ class Run:
 
   @property
   def log(self) -> pathlib.Path:
-    return self.workdir / "run.log"
+    return self.workdir / self.log_name
 
   def summary(self) -> dict | None:
     path = self.workdir / "summary.json"
@@ -183,9 +191,11 @@ def run_command(config_file: str, run: Run, overrides: list[str], run_args: str)
           *shlex.split(run_args)]
 
 
-def execute(runs: list[Run], command, parallel: int) -> None:
+def execute(runs: list[Run], command, parallel: int, writer: bool = True) -> None:
   """Runs every pending run (``parallel`` at a time), printing a line per run started,
-  finished, failed or skipped, with the time left estimated from the runs done so far."""
+  finished, failed or skipped, with the time left estimated from the runs done so far.
+  A run is finished when it exits with status 0 and (on the ``writer``, whose runs are
+  process 0 of their jobs and write the summaries) has written its summary."""
   total = len(runs)
   todo = []
   for i, run in enumerate(runs):
@@ -212,7 +222,7 @@ def execute(runs: list[Run], command, parallel: int) -> None:
       run.seconds = time.perf_counter() - started
       durations.append(run.seconds)
       left = (len(todo) + len(running)) * float(np.mean(durations)) / parallel
-      if proc.returncode == 0 and run.summary() is not None:
+      if proc.returncode == 0 and (run.summary() is not None or not writer):
         run.status = "finished"
         print(f"[{i + 1}/{total}] finished {run.name} in {run.seconds:.0f} s; about "
               f"{_minutes(left)} left", flush=True)
@@ -220,6 +230,12 @@ def execute(runs: list[Run], command, parallel: int) -> None:
         run.status = "failed"
         print(f"[{i + 1}/{total}] FAILED {run.name} (exit {proc.returncode}); log: {run.log}",
               flush=True)
+
+
+def _process_id(run_args: str) -> int:
+  """The process id the runs have in their multi-process jobs (0 when not given)."""
+  ids = [a.split("=", 1)[1] for a in shlex.split(run_args) if a.startswith("--process_id=")]
+  return int(ids[-1]) if ids else 0
 
 
 def _minutes(seconds: float) -> str:
@@ -238,17 +254,24 @@ def main(argv):
     raise app.UsageError(f"Unknown methods {unknown}; expected some of {METHODS}.")
   workdir = pathlib.Path(_WORKDIR.value).expanduser().resolve()
   points = parse_grid(_GRID.value, config)
+  process = _process_id(_RUN_ARGS.value)
   runs = []
   for point in points:
     base = workdir.joinpath(*[f"{k}={v}" for k, v in point])
-    runs += [Run(m, s, point, base / m / f"seed_{s}") for m in _METHODS.value
-             for s in parse_seeds(_SEEDS.value)]
+    runs += [Run(m, s, point, base / m / f"seed_{s}",
+                 log_name=f"run.{process}.log" if process else "run.log")
+             for m in _METHODS.value for s in parse_seeds(_SEEDS.value)]
   print(f"Study of {config.experiment}: {len(_METHODS.value)} methods x "
         f"{len(parse_seeds(_SEEDS.value))} seeds x {len(points)} grid points = {len(runs)} "
         f"runs in {workdir}", flush=True)
   started = time.perf_counter()
+  writer = process == 0  # the host whose runs write the summaries writes the aggregate
   execute(runs, lambda run: run_command(config_file, run, overrides, _RUN_ARGS.value),
-          _PARALLEL.value)
+          _PARALLEL.value, writer)
+  failed = [r for r in runs if r.status == "failed"]
+  if not writer:
+    print("The runs are done; the study of process 0 writes the aggregate.")
+    sys.exit(1 if failed else 0)
   done = [r for r in runs if r.status in ("finished", "skipped")]
   result = aggregate([{"method": r.method, "seed": r.seed, "point": r.point_label,
                        "summary": r.summary()} for r in done])
@@ -264,7 +287,6 @@ def main(argv):
   if done:
     study_report.plots(result, {r.workdir: r for r in done}, workdir / "plots")
   print("\n" + study_report.markdown(result))
-  failed = [r for r in runs if r.status == "failed"]
   for r in failed:
     print(f"FAILED: {r.name}; log: {r.log}")
   print(f"\nStudy: {workdir}/study.json, study.md, plots/")

@@ -16,29 +16,35 @@ A run leaves in its workdir:
   accuracy.png (per-branch train/validation accuracy), utilization.png.
 
 Running again with the same workdir resumes from the latest checkpoint: all randomness is
-a function of (seed, step), so the resumed run continues exactly where it stopped. SIGTERM
-or SIGINT stops a run at the next metrics fetch with a checkpoint; a diverged (NaN/inf)
-loss stops it without one, keeping the last good checkpoint.
+a function of (seed, step), so the resumed run continues exactly where it stopped; a
+finished run is not run again (its summary is returned, no file changes). A run locks its
+workdir (``lock.json``): a second run on it stops at once. SIGTERM or SIGINT stops a run at
+the next metrics fetch with a checkpoint; a diverged (NaN/inf) loss stops it without one,
+keeping the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import pathlib
 import signal
 import threading
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from gml_jax.runner import build, pipeline, plots
+from gml_jax.runner import build, dataset as datasets, pipeline, plots
+from gml_jax.runner.checkpoints import Checkpoints, Progress
 from gml_jax.runner.evaluation import evaluate, final_summary
+from gml_jax.runner.logs import RunLogs, epoch_row, step_rows
 from gml_jax.runner.schedule import end_of_epoch, learning_rate
-from gml_jax.runner.workdir import (Checkpoints, Progress, RunLogs, atomic_write,
-                                    check_workdir_config)
+from gml_jax.runner.workdir import WorkdirLock, atomic_write, check_workdir_config
 from gml_jax.steps import (compile_eval_step, compile_multi_step, compile_train_step,
                            data_mesh, make_eval_step, make_multi_step, make_train_step)
 
@@ -52,47 +58,98 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ---- Everything that can reject the config comes before anything is written.
   build.check_config(config)
-  dataset = pipeline.open_dataset(config.data)
-  sources, prep = dataset.sources, dataset.prep
-  spe = pipeline.steps_per_epoch(sources["train"], config.batch_size)
-  total_steps = config.num_epochs * spe
-  model = build.model(config, dataset.num_classes, len(prep.modalities))
+  dataset = datasets.open_dataset(config.data)
+  spe = pipeline.steps_per_epoch(dataset.sources["train"], config.batch_size)
+  model = build.model(config, dataset.num_classes, len(dataset.prep.modalities))
   tx = build.optimizer(config, spe)
-  workdir.mkdir(parents=True, exist_ok=True)
-  check_workdir_config(workdir, config, write=is_writer)
+  if (workdir / "summary.json").exists():  # finished: nothing to do, nothing to change
+    check_workdir_config(workdir, config, dataset.used(), write=False)
+    return json.loads((workdir / "summary.json").read_text())
 
-  # ---- State, steps, and the run so far.
-  mesh = data_mesh()
-  state = build.initial_state(config, model, tx, dataset.example_inputs(), mesh)
-  step_fn = make_train_step(model, tx)
-  train_step = compile_train_step(step_fn, mesh)
-  k = config.steps_per_call
-  multi_step = compile_multi_step(make_multi_step(step_fn, k), mesh) if k > 1 else None
-  eval_step = compile_eval_step(make_eval_step(model), mesh)
-  split_batches = lambda split: (pipeline.eval_batches(
-      sources[split], prep, config.eval_batch_size, mesh) if split in sources else None)
+  with contextlib.ExitStack() as cleanup:  # released and closed however the run ends
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    lock.acquire()
+    cleanup.callback(lock.release)
+    check_workdir_config(workdir, config, dataset.used(), write=is_writer)
 
-  checkpoints = Checkpoints(workdir)
-  progress = Progress()
-  if checkpoints.latest.latest_step() is not None:
-    state, progress = checkpoints.restore(checkpoints.latest, state)
-    print(f"Resuming {workdir} from step {progress.step}.")
-  # Every process reads the logs (decisions at epoch ends use them); process 0 writes.
-  logs = RunLogs(workdir, progress.step, write=is_writer)
+    # ---- State, steps, and the run so far.
+    mesh = data_mesh()
+    state = build.initial_state(config, model, tx, dataset.example_inputs(), mesh)
+    step_fn = make_train_step(model, tx)
+    k = config.steps_per_call
+    run = Run(config, workdir, dataset, spe, mesh, train_step=compile_train_step(step_fn, mesh),
+              multi_step=compile_multi_step(make_multi_step(step_fn, k), mesh) if k > 1 else None,
+              eval_step=compile_eval_step(make_eval_step(model), mesh),
+              checkpoints=Checkpoints(workdir))
+    cleanup.callback(run.checkpoints.close)
+    if run.checkpoints.latest.latest_step() is not None:
+      state, run.progress = run.checkpoints.restore(run.checkpoints.latest, state)
+      print(f"Resuming {workdir} from step {run.progress.step}.")
+    # Every process reads the logs (decisions at epoch ends use them); process 0 writes.
+    run.logs = RunLogs(workdir, run.progress.step, write=is_writer)
+    cleanup.callback(run.logs.close)
 
-  # ---- Training.
+    state = train(run, state, stop_after_steps)
+    if state is None:
+      return None
+
+    # ---- Final evaluation with the best checkpoint (chosen on validation accuracy).
+    state, _ = run.checkpoints.restore(run.checkpoints.best, state)
+    summary = final_summary(config, model, run.eval_step, state, run.split_batches,
+                            len(dataset.prep.modalities), dataset.source_name, run.progress,
+                            run.logs.steps.rows)
+    summary["data"] = dataset.used()
+    if is_writer:
+      atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
+      plots.write_run_plots(workdir / "plots", run.logs.steps.rows, run.logs.epochs.rows,
+                            summary)
+    return summary
+
+
+@dataclasses.dataclass
+class Run:
+  """What the training loop works with."""
+
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  dataset: datasets.Dataset
+  steps_per_epoch: int
+  mesh: Any
+  train_step: Callable
+  multi_step: Callable | None
+  eval_step: Callable
+  checkpoints: Checkpoints
+  progress: Progress = dataclasses.field(default_factory=Progress)
+  logs: RunLogs | None = None
+
+  def split_batches(self, split: str):
+    """A split's batches placed on the mesh (None if the dataset has no such split)."""
+    sources = self.dataset.sources
+    return (pipeline.eval_batches(sources[split], self.dataset.prep,
+                                  self.config.eval_batch_size, self.mesh)
+            if split in sources else None)
+
+
+def train(run: Run, state, stop_after_steps: int | None):
+  """The training loop; returns the final state, or None when it stopped early (with a
+  checkpoint)."""
+  config, progress, logs, checkpoints = run.config, run.progress, run.logs, run.checkpoints
+  spe, total_steps = run.steps_per_epoch, config.num_epochs * run.steps_per_epoch
+  is_writer = jax.process_index() == 0
   pending = []  # (metrics, steps) of the calls since metrics last reached the host
   started = time.perf_counter()
   bar = tqdm(total=total_steps, initial=progress.step, unit="step", desc=config.experiment,
              disable=not is_writer)
-  finished = False
   with StopSignal() as stop_signal:
-    while progress.step < total_steps and not finished:
+    while progress.step < total_steps:
       epoch, start = divmod(progress.step, spe)
-      plan = call_plan(progress.step, k, spe, config.checkpoint_every_steps, stop_after_steps)
-      for size, batch in pipeline.train_batches(sources["train"], prep, config.batch_size,
-                                                config.seed, epoch, start, plan, mesh):
-        state, metrics = (multi_step if size > 1 else train_step)(state, batch)
+      plan = call_plan(progress.step, config.steps_per_call, spe,
+                       config.checkpoint_every_steps, stop_after_steps)
+      for size, batch in pipeline.train_batches(run.dataset.sources["train"], run.dataset.prep,
+                                                config.batch_size, config.seed, epoch, start,
+                                                plan, run.mesh):
+        state, metrics = (run.multi_step if size > 1 else run.train_step)(state, batch)
         pending.append((metrics, size))
         progress.step += size
         bar.update(size)
@@ -111,11 +168,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", acc=f"{rows[-1]['accuracy']:.2f}",
                         d_speed=f"{rows[-1]['d_speed']:+.3f}")
         logs.add_steps(rows)
-        check_finite(rows, workdir, checkpoints.latest.latest_step())
+        check_finite(rows, run.workdir, checkpoints.latest.latest_step())
         preempted = stop_signal.agreed()
         if at_epoch_end:
           progress.train_seconds += time.perf_counter() - started
-          val = evaluate(eval_step, state, split_batches("validation"))
+          val = evaluate(run.eval_step, state, run.split_batches("validation"))
           this_epoch = [r for r in logs.steps.rows if step - spe < r["step"] <= step]
           row = epoch_row(epoch + 1, step, this_epoch, val) | {
               "learning_rate": learning_rate(state.opt_state)}
@@ -123,10 +180,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           if val["accuracy"] > progress.best_val_accuracy:
             progress.best_val_accuracy, progress.best_step = val["accuracy"], step
             checkpoints.save(checkpoints.best, state, progress)
-          state, finished = end_of_epoch(config, state, row, progress, mesh)
+          state, finished = end_of_epoch(config, state, row, progress, run.mesh)
           if finished:  # early stop: a full checkpoint, then the final evaluation
             checkpoints.save(checkpoints.latest, state, progress)
-            break
+            bar.close()
+            return state
           started = time.perf_counter()
         if checkpoint_due or stop_asked or preempted:
           progress.train_seconds += time.perf_counter() - started
@@ -134,26 +192,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           checkpoints.save(checkpoints.latest, state, progress)
         if stop_asked or preempted:
           bar.close()
-          logs.close()
           why = "a stop signal" if preempted else f"--stop_after_steps={stop_after_steps}"
-          print(f"Stopped by {why} at step {step}; checkpoint saved in {workdir}. "
+          print(f"Stopped by {why} at step {step}; checkpoint saved in {run.workdir}. "
                 "Run the same command again to resume.")
           return None
   bar.close()
-
-  # ---- Final evaluation with the best checkpoint (chosen on validation accuracy).
-  state, _ = checkpoints.restore(checkpoints.best, state)
-  summary = final_summary(config, model, eval_step, state, split_batches,
-                          len(prep.modalities), dataset.source_name, progress, logs.steps.rows)
-  logs.close()
-  if is_writer:
-    atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
-    plots.write_run_plots(workdir / "plots", logs.steps.rows, logs.epochs.rows, summary)
-  return summary
+  return state
 
 
 # --------------------------------------------------------------------------------------
-# Calls and metric rows
+# Calls, checks and signals
 
 
 def call_plan(step: int, k: int, spe: int, checkpoint_every: int, stop_after) -> list[int]:
@@ -171,41 +219,6 @@ def call_plan(step: int, k: int, spe: int, checkpoint_every: int, stop_after) ->
     plan.append(size)
     step += size
   return plan
-
-
-def step_rows(pending: list[tuple[dict, int]], last_step: int) -> list[dict]:
-  """Metrics of the calls since the last fetch -> one JSON row per step (one host sync).
-
-  ``pending`` holds (metrics, steps) per call; the metrics of a multi-step call have a
-  leading step axis. A row's step is the number of steps done after it (1, 2, ...), as in
-  checkpoints; the last is ``last_step``.
-  """
-  per_step = []
-  for metrics, steps in jax.device_get(pending):
-    per_step += [metrics] if steps == 1 else [
-        jax.tree.map(lambda x, i=i: x[i], metrics) for i in range(steps)]
-  first_step = last_step - len(per_step)
-  rows = []
-  for i, m in enumerate(per_step):
-    row = {"step": first_step + i + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-           "d_speed": float(m["d_speed"]), "target": int(m["target"])}
-    for b in range(len(m["speeds"])):
-      row |= {f"branch_{b}_accuracy": float(m["branch_accuracy"][b]),
-              f"branch_{b}_loss": float(m["branch_loss"][b]),
-              f"s_{b}": float(m["speeds"][b]), f"mu_main_{b}": float(m["mu_main"][b]),
-              f"mu_fusion_{b}": float(m["mu_fusion"][b])}
-    rows.append(row)
-  return rows
-
-
-def epoch_row(epoch: int, step: int, step_rows_: list[dict], val: dict) -> dict:
-  """Mean training metrics over the epoch's steps, validation metrics, last speeds."""
-  row = {"epoch": epoch, "step": step}
-  keys = [k for k in step_rows_[0] if k == "loss" or k.endswith("accuracy")]
-  row |= {f"train_{k}": float(np.mean([r[k] for r in step_rows_])) for k in keys}
-  row |= {f"val_{k}": v for k, v in val.items()}
-  row |= {k: v for k, v in step_rows_[-1].items() if k.startswith("s_") or k == "d_speed"}
-  return row
 
 
 def check_finite(rows: list[dict], workdir: pathlib.Path, last_checkpoint) -> None:

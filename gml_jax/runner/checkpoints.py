@@ -1,0 +1,112 @@
+"""A run's checkpoints (``checkpoints/latest`` and ``checkpoints/best``) and the progress
+saved with them."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+from gml_jax.runner.schedule import PlateauTracker
+from gml_jax.steps import TrainState
+
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a run stands; saved (as JSON) with every checkpoint.
+
+  Attributes:
+    step: training steps done: the one step counter of the run.
+    best_val_accuracy: the best validation accuracy of ŷ at an epoch end so far.
+    best_step: the step of that epoch end (-1: none yet).
+    train_seconds: time spent in training steps (evaluations excluded).
+    plateau: the reduce-on-plateau schedule's tracker.
+    full_accuracy_epochs: epochs at 100% training accuracy (for the early stop).
+  """
+
+  step: int = 0
+  best_val_accuracy: float = -1.0
+  best_step: int = -1
+  train_seconds: float = 0.0
+  plateau: PlateauTracker = dataclasses.field(default_factory=PlateauTracker)
+  full_accuracy_epochs: int = 0
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, meta: dict) -> "Progress":
+    return cls(**(meta | {"plateau": PlateauTracker(**meta["plateau"])}))
+
+
+class Checkpoints:
+  """``checkpoints/latest`` and ``checkpoints/best`` of a workdir: orbax checkpoints of the
+  whole train state with the run's :class:`Progress`."""
+
+  def __init__(self, workdir: pathlib.Path):
+    # Orbax writes into a temporary directory and renames it when complete: a run killed
+    # mid-save leaves the previous checkpoint intact.
+    manager = lambda name: ocp.CheckpointManager(
+        workdir / "checkpoints" / name, options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    self.latest, self.best = manager("latest"), manager("best")
+
+  def save(self, manager: ocp.CheckpointManager, state: TrainState,
+           progress: Progress) -> None:
+    if manager.latest_step() == progress.step:
+      return
+    manager.save(progress.step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(progress.to_json())),
+                 force=True)
+    manager.wait_until_finished()
+
+  def restore(self, manager: ocp.CheckpointManager,
+              target: TrainState) -> tuple[TrainState, Progress]:
+    step = manager.latest_step()
+    path = pathlib.Path(manager.directory) / str(step)
+    mismatch = _mismatch(path / "state", target)
+    if mismatch:  # checked first: orbax's own report is thousands of lines of arrays
+      raise ValueError(f"Checkpoint {path} does not fit this model and optimizer ({mismatch});"
+                       " it was saved by another config or code version. Use a new --workdir.")
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      return restored.state, Progress.from_json(restored.meta)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      raise ValueError(f"Checkpoint {path} cannot be restored: {reason}") from e
+
+  def close(self) -> None:
+    """Ends orbax's background work (a run that stops on an error leaves none behind)."""
+    for manager in (self.latest, self.best):
+      manager.close()
+
+
+def _tree_shapes(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _mismatch(state_dir: pathlib.Path, target: TrainState) -> str:
+  """What differs between the arrays saved in ``state_dir`` and ``target``, in a line
+  ('' when they match or the saved layout cannot be read)."""
+  try:
+    saved = _tree_shapes(ocp.StandardCheckpointer().metadata(state_dir).item_metadata)
+  except Exception:  # pylint: disable=broad-except
+    return ""
+  wanted = _tree_shapes(target)
+  shapes = [k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k]]
+  missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+  parts = []
+  if shapes:
+    k = sorted(shapes)[0]
+    parts.append(f"{len(shapes)} arrays differ in shape, e.g. {k}: saved {saved[k]}, "
+                 f"this model {wanted[k]}")
+  if missing:
+    parts.append(f"{len(missing)} arrays of this model are not in it, e.g. {missing[0]}")
+  if extra:
+    parts.append(f"{len(extra)} saved arrays are not in this model, e.g. {extra[0]}")
+  return "; ".join(parts)

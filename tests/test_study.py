@@ -1,0 +1,157 @@
+"""The study command: aggregation against hand computations, and small studies end to end
+through the CLI (resume, skip, grid axis, a failed run, every experiment)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from gml_jax.runner import study
+from run_helpers import CONFIG, ROOT, cli_command, cli_env, free_port, tiny_flags
+
+# Student's t quantile t_{0.975} with 2 degrees of freedom, from a printed table.
+T_975_DF2 = 4.302652729911275
+
+
+def _runs(method, values, key="test_accuracy", point=""):
+  return [{"method": method, "seed": s, "point": point, "summary": {key: v, "d_util": v}}
+          for s, v in enumerate(values)]
+
+
+def test_aggregate_against_hand_computed_statistics():
+  runs = _runs("vanilla", [0.2, 0.3, 0.4]) + _runs("guided", [0.5, 0.45, 0.7])
+  runs[5]["summary"]["d_util"] = None  # undefined: a branch scored 0
+  result = study.aggregate(runs)
+  by_method = {g["method"]: g["metrics"] for g in result["groups"]}
+  vanilla, guided = by_method["vanilla"]["test_accuracy"], by_method["guided"]["test_accuracy"]
+  assert vanilla["n"] == 3 and vanilla["mean"] == pytest.approx(0.3)
+  assert vanilla["std"] == pytest.approx(0.1)  # sqrt((0.01 + 0 + 0.01) / 2)
+  assert guided["mean"] == pytest.approx(0.55)
+  assert guided["std"] == pytest.approx(math.sqrt((0.05**2 + 0.1**2 + 0.15**2) / 2))
+  d_util = by_method["guided"]["d_util"]
+  assert (d_util["n"], d_util["undefined"]) == (2, 1) and d_util["mean"] == pytest.approx(0.475)
+
+  (paired,) = [p for p in result["paired"] if p["metric"] == "test_accuracy"]
+  assert paired["comparison"] == "guided - vanilla" and paired["n"] == 3
+  assert paired["per_seed"] == pytest.approx({0: 0.3, 1: 0.15, 2: 0.3})
+  # Differences 0.3, 0.15, 0.3: mean 0.25, std sqrt(0.015 / 2), half-width t * std / sqrt(3).
+  half = T_975_DF2 * math.sqrt(0.015 / 2) / math.sqrt(3)
+  assert paired["mean"] == pytest.approx(0.25)
+  assert paired["ci95"] == pytest.approx((0.25 - half, 0.25 + half))
+  (paired_util,) = [p for p in result["paired"] if p["metric"] == "d_util"]
+  assert paired_util["n"] == 2 and paired_util["undefined"] == 1
+  assert not [p for p in result["paired"] if "random" in p["comparison"]]  # no random runs
+
+
+def test_statistics_of_one_value_and_of_none():
+  assert study.mean_std([0.4]) == {"n": 1, "undefined": 0, "mean": 0.4, "std": None}
+  assert study.mean_std([None, None]) == {"n": 0, "undefined": 2, "mean": None, "std": None}
+  assert study.t_interval([0.1]) is None
+  assert study.parse_seeds("0-4") == [0, 1, 2, 3, 4] and study.parse_seeds("3,7") == [3, 7]
+
+
+def _study(*args, devices=1, timeout=900):
+  return subprocess.run([sys.executable, "-m", "gml_jax.runner.study", *args], cwd=ROOT,
+                        env=cli_env(devices), capture_output=True, text=True, timeout=timeout)
+
+
+def test_study_end_to_end_resumes_an_unfinished_run_and_skips_finished_ones(data_dir, tmp_path):
+  args = [f"--config={CONFIG}", "--methods=vanilla,guided", "--seeds=0-1",
+          f"--workdir={tmp_path}", *tiny_flags(data_dir)]
+  # An earlier study stopped inside guided seed 0 (the run the study would start).
+  partial = tmp_path / "guided" / "seed_0"
+  stopped = subprocess.run(
+      cli_command("guided", partial, data_dir, "--stop_after_steps=3", seed=0), cwd=ROOT,
+      env=cli_env(2), capture_output=True, text=True, timeout=300)
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+
+  result = _study(*args, devices=2)  # runs on 2 devices, as a plain run would
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.stdout.count("started") == 4 and result.stdout.count("finished") == 4
+  assert "Resuming" in (partial / "run.log").read_text()
+  saved = json.loads((tmp_path / "study.json").read_text())
+  assert [(g["method"], g["seeds"]) for g in saved["groups"]] == [("vanilla", [0, 1]),
+                                                                  ("guided", [0, 1])]
+  summaries = {(m, s): json.loads((tmp_path / m / f"seed_{s}" / "summary.json").read_text())
+               for m in ("vanilla", "guided") for s in (0, 1)}
+  guided_acc = [summaries[("guided", s)]["test_accuracy"] for s in (0, 1)]
+  (guided,) = [g for g in saved["groups"] if g["method"] == "guided"]
+  assert guided["metrics"]["test_accuracy"]["mean"] == pytest.approx(sum(guided_acc) / 2)
+  assert {json.loads((tmp_path / "guided" / f"seed_{s}" / "config.json").read_text())["seed"]
+          for s in (0, 1)} == {0, 1}
+  table = (tmp_path / "study.md").read_text()
+  assert "| guided | 2 |" in table and "guided - vanilla" in table
+  for name in ("accuracy", "speeds", "validation", "utilization"):
+    assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+  again = _study(*args)
+  assert again.returncode == 0 and again.stdout.count("skipped") == 4
+  assert "started" not in again.stdout
+  assert json.loads((tmp_path / "study.json").read_text())["groups"] == saved["groups"]
+
+
+def test_grid_axis_in_the_table_and_a_failed_run_reported(data_dir, tmp_path):
+  # window 0 is rejected by the run (Q >= 1): that run fails, the other aggregates.
+  result = _study(f"--config={CONFIG}", "--methods=guided", "--seeds=0",
+                  "--grid=balance.window=0,2", f"--workdir={tmp_path}", *tiny_flags(data_dir))
+  assert result.returncode == 1
+  failed_log = tmp_path / "balance.window=0" / "guided" / "seed_0" / "run.log"
+  assert f"FAILED: balance.window=0 guided seed 0; log: {failed_log}" in result.stdout
+  assert "window" in failed_log.read_text()
+  table = (tmp_path / "study.md").read_text()
+  assert "## balance.window=2" in table and "| guided | 1 |" in table
+  assert "## balance.window=0" not in table and "Failed runs" in table
+  config = json.loads((tmp_path / "balance.window=2" / "guided" / "seed_0" / "config.json")
+                      .read_text())
+  assert config["balance"]["window"] == 2
+
+
+def test_unknown_grid_field_and_method_are_refused_before_any_run(tmp_path):
+  result = _study(f"--config={CONFIG}", "--grid=balance.windw=1,2", f"--workdir={tmp_path}")
+  assert result.returncode != 0 and "no field 'balance.windw'" in result.stderr
+  result = _study(f"--config={CONFIG}", "--methods=greedy", f"--workdir={tmp_path}")
+  assert result.returncode != 0 and "Unknown methods ['greedy']" in result.stderr
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("experiment,flags", [
+    ("modelnet40", ["--config.data.image_size=32", "--config.batch_size=4",
+                    "--config.eval_batch_size=4", "--config.num_epochs=2"]),
+    ("nvgesture", ["--config.data.builder_config=frames8_32px", "--config.batch_size=4",
+                   "--config.eval_batch_size=4", "--config.num_epochs=2"]),
+])
+def test_study_runs_the_other_experiments_on_their_dummy_data(experiment, flags, tmp_path):
+  dummy = {"modelnet40": "modelnet40_views", "nvgesture": "nvgesture"}[experiment]
+  result = _study(f"--config=experiments/{experiment}.py", "--methods=vanilla,guided",
+                  "--seeds=0", f"--workdir={tmp_path / 'study'}",
+                  f"--config.data.data_dir={tmp_path / 'tfds'}",
+                  f"--config.data.manual_dir={ROOT / 'data_prep' / dummy / 'dummy_data'}",
+                  "--config.log_every_steps=1", *flags)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  saved = json.loads((tmp_path / "study" / "study.json").read_text())
+  assert saved["experiment"] == experiment and len(saved["groups"]) == 2
+  # One seed: a mean but no spread, and no interval for the paired difference.
+  (paired,) = [p for p in saved["paired"] if p["metric"] == "test_accuracy"]
+  assert paired["n"] == 1 and paired["ci95"] is None
+  assert (tmp_path / "study" / "plots" / "speeds.png").exists()
+
+
+def test_study_as_a_two_process_job(data_dir, tmp_path):
+  port = free_port()
+  studies = [subprocess.Popen(
+      [sys.executable, "-m", "gml_jax.runner.study", f"--config={CONFIG}", "--methods=guided",
+       "--seeds=0", f"--workdir={tmp_path}", *tiny_flags(data_dir),
+       f"--run_args=--distributed --coordinator_address=127.0.0.1:{port} --num_processes=2 "
+       f"--process_id={i}"],
+      cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in studies]
+  for p, (out, err) in zip(studies, outputs):
+    assert p.returncode == 0, out[-2000:] + err[-2000:]
+  assert "the study of process 0 writes the aggregate" in outputs[1][0]
+  summary = json.loads((tmp_path / "guided" / "seed_0" / "summary.json").read_text())
+  assert summary["steps"] == 10 and summary["test_examples"] == 99
+  saved = json.loads((tmp_path / "study.json").read_text())
+  assert saved["groups"][0]["metrics"]["test_accuracy"]["mean"] == summary["test_accuracy"]
