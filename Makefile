@@ -27,7 +27,7 @@ RUN_ENV = XLA_FLAGS="$(CPU_XLA_FLAGS) $(XLA_FLAGS)"
 TORCH_PYTHON ?= .venv-torch/bin/python
 TORCH_BASE_PYTHON ?= python3.11
 
-.PHONY: help install test train demo study bench train-tpu train-slurm clean
+.PHONY: help install test train demo study data bench bench-device train-tpu train-slurm clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -51,6 +51,9 @@ train: install  ## train experiments/$(EXP).py:$(METHOD) in $(WORKDIR); override
 demo: install  ## the main job: guided Colored MNIST on the embedded MNIST subset, in runs/demo
 	$(MAKE) --no-print-directory train EXP=colored_mnist METHOD=guided WORKDIR=runs/demo
 
+data: install  ## build (or check) experiments/$(EXP).py's dataset without training: where it is, its split sizes
+	$(PY) -m gml_jax.runner.prepare --config experiments/$(EXP).py $(ARGS)
+
 study: install  ## every method x SEEDS seeds of experiments/$(EXP).py in $(STUDY_DIR): mean ± std, paired differences, plots
 	$(RUN_ENV) $(PY) -m gml_jax.runner.study --config experiments/$(EXP).py --methods $(METHODS) --seeds 0-$$(($(SEEDS) - 1)) --workdir $(STUDY_DIR) $(ARGS)
 
@@ -59,6 +62,12 @@ bench: install  ## JAX vs the PyTorch reference, interleaved: table + benchmarks
 	  $(TORCH_BASE_PYTHON) -m venv .venv-torch && \
 	  .venv-torch/bin/pip install --quiet 'torch==2.13.0' numpy; }
 	$(RUN_ENV) $(PY) -m benchmarks.bench --torch-python $(TORCH_PYTHON) $(ARGS)
+
+# On an accelerator machine, with the interpreter that has jax, flax, optax, chex and torch
+# (no venv, no install: the benchmark needs nothing else).
+DEVICE_PYTHON ?= python3
+bench-device:  ## the accelerator report: JAX vs PyTorch, float32 and bfloat16, compile, overhead, peak memory
+	$(DEVICE_PYTHON) -m benchmarks.bench --device-report $(ARGS)
 
 train-tpu:  ## every worker of Cloud TPU VM $(TPU) in $(ZONE) runs `make train` with --distributed
 	gcloud compute tpus tpu-vm ssh $(TPU) --zone=$(ZONE) --worker=all --command="cd $(REMOTE_DIR) && make train EXP=$(EXP) METHOD=$(METHOD) WORKDIR=$(WORKDIR) ARGS='--distributed $(ARGS)'"

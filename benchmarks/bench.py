@@ -50,6 +50,16 @@ def build_model(workload: dict):
   return gml_jax.models.build(workload["model"], workload["classes"])
 
 
+def compute_dtype(dtype: str):
+  return None if dtype == "float32" else jnp.dtype(dtype)
+
+
+def peak_memory_mb() -> float | None:
+  """The device's peak memory in use so far (accelerators; None where JAX does not say)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
 def host_batches(workload: dict, count: int, seed: int = 0) -> list[dict]:
   rng = np.random.default_rng(seed)
   frames = (workload["frames"],) if "frames" in workload else ()
@@ -67,7 +77,8 @@ def host_batches(workload: dict, count: int, seed: int = 0) -> list[dict]:
 class JaxRunner:
   """gml_jax's train step for one workload and method, ``steps_per_call`` steps a call."""
 
-  def __init__(self, workload: dict, method: str, steps_per_call: int = 1):
+  def __init__(self, workload: dict, method: str, steps_per_call: int = 1,
+               dtype: str = "float32"):
     self.model = build_model(workload)
     self.mesh = gml_jax.data_mesh()
     # α = 0 and no warm-up keep re-balancing busy, so every mode is compiled and timed.
@@ -78,7 +89,7 @@ class JaxRunner:
     self.state = gml_jax.replicate(
         gml_jax.create_train_state(self.model, tx, [x[:1] for x in example], 0), self.mesh)
     self.traces = 0
-    step = gml_jax.make_train_step(self.model, tx)
+    step = gml_jax.make_train_step(self.model, tx, compute_dtype=compute_dtype(dtype))
 
     def counted(state, batch):
       self.traces += 1
@@ -119,7 +130,7 @@ class JaxRunner:
 class PlainRunner:
   """The same model, loss and SGD step without the balancing transform."""
 
-  def __init__(self, workload: dict):
+  def __init__(self, workload: dict, dtype: str = "float32"):
     model = build_model(workload)
     mesh = gml_jax.data_mesh()
     tx = optax.sgd(LEARNING_RATE)
@@ -133,9 +144,11 @@ class PlainRunner:
       params, model_state, opt_state = state
 
       def loss_fn(p):
+        cast = lambda tree: steps.cast_floats(tree, compute_dtype(dtype))
         (_, branch_logits), new_state = model.apply(
-            {"params": p, **model_state}, tuple(batch["inputs"]), train=True,
+            {"params": cast(p), **model_state}, cast(tuple(batch["inputs"])), train=True,
             mutable=list(model_state))
+        branch_logits = branch_logits.astype(jnp.float32)
         losses = steps.branch_cross_entropy(branch_logits, batch["label"])
         return jnp.sum(jnp.mean(losses, axis=-1)), new_state
 
@@ -183,86 +196,109 @@ class TorchWorker:
 
 
 def bench_workload(name: str, args, torch: TorchWorker | None) -> list[dict]:
+  """Every method and dtype of one workload, implementations interleaved round by round."""
   workload = WORKLOADS[name]
   cnn = workload["model"] == "small_cnn"
   steps = args.steps if cnn else args.resnet_steps  # ResNet-18 and I3D: slow steps
-  rows = []
-  plain = PlainRunner(workload)
   if not workload.get("torch", True):
     torch = None
-  torch_info = torch.ask(cmd="setup", workload=name, seed=0) if torch else None
-  for method in args.methods:
-    runners = {"jax": JaxRunner(workload, method)}
-    for k in args.steps_per_call if cnn else args.resnet_steps_per_call:
-      runners[f"jax_x{k}"] = JaxRunner(workload, method, k)
-    times = {key: [] for key in [*runners, "plain", "torch"]}
-    for _ in range(args.repeats):  # interleaved: every implementation once per round
-      for key, runner in runners.items():
-        times[key].append(runner.run(steps))
-      times["plain"].append(plain.run(steps))
-      if torch:
-        times["torch"].append(torch.ask(cmd="run", method=method, steps=steps)["seconds"] / steps)
-    for key, samples in times.items():
-      if not samples:
-        continue
-      median = statistics.median(samples)
-      runner = runners.get(key)
-      rows.append({
-          "workload": name, "method": method, "impl": key, "step_ms": 1e3 * median,
-          "samples_per_s": workload["batch"] / median,
-          "spread_pct": 100 * (max(samples) - min(samples)) / median,
-          "compile_s": getattr(runner, "compile_seconds", None),
-          "compilations": getattr(runner, "traces", None),
-          "modes_seen": sorted(runner.targets) if runner else None,
-          "xla_memory_mb": (runner.memory_bytes / 2**20
-                            if runner and runner.memory_bytes is not None else None),
-          "params": torch_info["params"] if key == "torch" and torch_info else None,
-      })
+  rows = []
+  for dtype in args.dtypes:
+    plain = PlainRunner(workload, dtype)
+    torch_info = torch.ask(cmd="setup", workload=name, seed=0, dtype=dtype) if torch else None
+    for method in args.methods:
+      runners = {"jax": JaxRunner(workload, method, dtype=dtype)}
+      for k in args.steps_per_call if cnn else args.resnet_steps_per_call:
+        runners[f"jax_x{k}"] = JaxRunner(workload, method, k, dtype)
+      times = {key: [] for key in [*runners, "plain", "torch"]}
+      torch_memory = None
+      for _ in range(args.repeats):  # interleaved: every implementation once per round
+        for key, runner in runners.items():
+          times[key].append(runner.run(steps))
+        times["plain"].append(plain.run(steps))
+        if torch:
+          reply = torch.ask(cmd="run", method=method, steps=steps)
+          times["torch"].append(reply["seconds"] / steps)
+          torch_memory = reply.get("peak_mb")
+      for key, samples in times.items():
+        if not samples:
+          continue
+        median = statistics.median(samples)
+        runner = runners.get(key)
+        rows.append({
+            "workload": name, "method": method, "dtype": dtype, "impl": key,
+            "step_ms": 1e3 * median, "samples_per_s": workload["batch"] / median,
+            "spread_pct": 100 * (max(samples) - min(samples)) / median,
+            "compile_s": getattr(runner, "compile_seconds", None),
+            "compilations": getattr(runner, "traces", None),
+            "modes_seen": sorted(runner.targets) if runner else None,
+            "xla_memory_mb": (runner.memory_bytes / 2**20
+                              if runner and runner.memory_bytes is not None else None),
+            "peak_memory_mb": torch_memory if key == "torch" else peak_memory_mb(),
+            "params": torch_info["params"] if key == "torch" and torch_info else None,
+        })
   return rows
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-  """torch ÷ jax per workload and method, and the balancing overheads."""
-  at = {(r["workload"], r["method"], r["impl"]): r["step_ms"] for r in rows}
+  """torch ÷ jax per workload, method and dtype; the balancing overheads; bfloat16 ÷ float32."""
+  at = {(r["workload"], r["method"], r["dtype"], r["impl"]): r["step_ms"] for r in rows}
   out = []
-  for (w, m, impl), ms in at.items():
+  for (w, m, d, impl), ms in at.items():
     if not impl.startswith("jax"):
       continue
-    entry = {"workload": w, "method": m, "impl": impl}
-    if (w, m, "torch") in at:
-      entry["torch_over_jax"] = at[(w, m, "torch")] / ms
-    if (w, "vanilla", impl) in at:
-      entry["over_vanilla"] = ms / at[(w, "vanilla", impl)]
-    if impl == "jax" and (w, m, "plain") in at:
-      entry["over_plain"] = ms / at[(w, m, "plain")]
+    entry = {"workload": w, "method": m, "dtype": d, "impl": impl}
+    if (w, m, d, "torch") in at:
+      entry["torch_over_jax"] = at[(w, m, d, "torch")] / ms
+    if (w, "vanilla", d, impl) in at:
+      entry["over_vanilla"] = ms / at[(w, "vanilla", d, impl)]
+    if impl == "jax" and (w, m, d, "plain") in at:
+      entry["over_plain"] = ms / at[(w, m, d, "plain")]
+    if d != "float32" and (w, m, "float32", impl) in at:
+      entry["over_float32"] = ms / at[(w, m, "float32", impl)]
     out.append(entry)
   return out
 
 
 def format_tables(rows, ratio_rows) -> str:
-  lines = [f"{'workload':12} {'method':8} {'impl':8} {'ms/step':>9} {'samples/s':>10} "
-           f"{'spread':>7} {'compile s':>9} {'compiles':>8} {'XLA MB':>7}"]
+  fmt = lambda v, f: format(v, f) if v is not None else "-"
+  lines = [f"{'workload':12} {'method':8} {'dtype':9} {'impl':8} {'ms/step':>9} "
+           f"{'samples/s':>10} {'spread':>7} {'compile s':>9} {'compiles':>8} {'XLA MB':>7} "
+           f"{'peak MB':>8}"]
   for r in rows:
-    fmt = lambda v, f: format(v, f) if v is not None else "-"
-    lines.append(f"{r['workload']:12} {r['method']:8} {r['impl']:8} {r['step_ms']:9.2f} "
-                 f"{r['samples_per_s']:10.0f} {r['spread_pct']:6.0f}% "
+    lines.append(f"{r['workload']:12} {r['method']:8} {r['dtype']:9} {r['impl']:8} "
+                 f"{r['step_ms']:9.2f} {r['samples_per_s']:10.0f} {r['spread_pct']:6.0f}% "
                  f"{fmt(r['compile_s'], '9.1f'):>9} {fmt(r['compilations'], 'd'):>8} "
-                 f"{fmt(r['xla_memory_mb'], '7.0f'):>7}")
-  lines += ["", f"{'workload':12} {'method':8} {'impl':8} {'torch/jax':>9} "
-                f"{'÷vanilla':>9} {'÷plain':>7}"]
+                 f"{fmt(r['xla_memory_mb'], '7.0f'):>7} {fmt(r['peak_memory_mb'], '8.0f'):>8}")
+  lines += ["", f"{'workload':12} {'method':8} {'dtype':9} {'impl':8} {'torch/jax':>9} "
+                f"{'÷vanilla':>9} {'÷plain':>7} {'÷float32':>9}"]
   for r in ratio_rows:
-    fmt = lambda k: f"{r[k]:.3f}" if k in r else "-"
-    lines.append(f"{r['workload']:12} {r['method']:8} {r['impl']:8} {fmt('torch_over_jax'):>9} "
-                 f"{fmt('over_vanilla'):>9} {fmt('over_plain'):>7}")
+    val = lambda k: f"{r[k]:.3f}" if k in r else "-"
+    lines.append(f"{r['workload']:12} {r['method']:8} {r['dtype']:9} {r['impl']:8} "
+                 f"{val('torch_over_jax'):>9} {val('over_vanilla'):>9} {val('over_plain'):>7} "
+                 f"{val('over_float32'):>9}")
   return "\n".join(lines)
+
+
+# `--device-report`: what one GPU (or TPU) host should report, in a few minutes; any flag
+# given as well overrides these.
+DEVICE_REPORT = {"workloads": "cnn_b256,resnet18_b32,i3d_b8", "methods": "vanilla,guided",
+                 "dtypes": "float32,bfloat16", "repeats": 3, "steps": 30, "resnet_steps": 10,
+                 "steps_per_call": "8", "resnet_steps_per_call": "", "pipelines": "",
+                 "json": "benchmarks/results_device.json"}
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--device-report", action="store_true",
+                      help="the accelerator report: JAX vs PyTorch (same interpreter, "
+                           f"--torch-python defaults to it) in float32 and bfloat16: {DEVICE_REPORT}")
   parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                       help=f"comma-separated, of {list(WORKLOADS)}")
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+  parser.add_argument("--dtypes", default="float32",
+                      help="compute dtypes, comma-separated: float32, bfloat16")
   parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
   parser.add_argument("--steps", type=int, default=40, help="timed steps per round (CNN)")
   parser.add_argument("--resnet-steps", type=int, default=4,
@@ -275,13 +311,26 @@ def parse_args(argv=None):
   parser.add_argument("--torch-python", default=None,
                       help="interpreter with torch==2.13.0 for the PyTorch reference")
   parser.add_argument("--no-torch", action="store_true", help="JAX only")
+  parser.add_argument("--pipelines", default="colored_mnist,modelnet40_png,modelnet40_224px,nvgesture",
+                      help="input-pipeline workloads, comma-separated (empty: none); need the "
+                           "experiments extra")
+  parser.add_argument("--pipeline-threads", default="1,2",
+                      help="reading threads to time each pipeline with, comma-separated")
+  parser.add_argument("--pipeline-batches", type=int, default=30, help="timed batches")
   parser.add_argument("--json", default="benchmarks/results.json", help="output JSON file")
+  if "--device-report" in (argv if argv is not None else sys.argv[1:]):
+    parser.set_defaults(**DEVICE_REPORT, torch_python=sys.executable)
   args = parser.parse_args(argv)
   args.workloads = [w for w in args.workloads.split(",") if w]
   unknown = [w for w in args.workloads if w not in WORKLOADS]
   if unknown:
     parser.error(f"unknown workloads {unknown}; expected some of {list(WORKLOADS)}")
   args.methods = [m for m in args.methods.split(",") if m]
+  args.dtypes = [d for d in args.dtypes.split(",") if d]
+  args.pipelines = [p for p in args.pipelines.split(",") if p]
+  args.pipeline_threads = [int(n) for n in args.pipeline_threads.split(",") if n]
+  if set(args.dtypes) - {"float32", "bfloat16"}:
+    parser.error(f"unknown dtypes {args.dtypes}; expected float32 and/or bfloat16")
   args.steps_per_call = [int(k) for k in args.steps_per_call.split(",") if k]
   args.resnet_steps_per_call = [int(k) for k in args.resnet_steps_per_call.split(",") if k]
   if not args.no_torch and not args.torch_python:
@@ -301,6 +350,14 @@ def main(argv=None) -> dict:
     if torch:
       torch.close()
   ratio_rows = ratios(rows)
+  pipeline_rows = []
+  if args.pipelines:  # grain and the runner: the experiments extra (not on device images)
+    from benchmarks import pipelines  # pylint: disable=g-import-not-at-top
+
+    for name in args.pipelines:
+      print(f"benchmarking the {name} input pipeline ...", flush=True)
+      pipeline_rows += pipelines.bench_pipeline(name, args.pipeline_threads,
+                                                args.pipeline_batches)
   result = {
       "machine": {"platform": platform.platform(), "processor": platform.processor(),
                   "cpus": os.cpu_count(), "device": str(jax.devices()[0]),
@@ -309,9 +366,14 @@ def main(argv=None) -> dict:
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "flax": flax.__version__, "optax": optax.__version__},
       "command": " ".join(["python -m benchmarks.bench", *(argv or sys.argv[1:])]),
-      "rows": rows, "ratios": ratio_rows,
+      "rows": rows, "ratios": ratio_rows, "pipelines": pipeline_rows,
   }
   print(format_tables(rows, ratio_rows))
+  if pipeline_rows:
+    step_rates = {r["workload"]: r["samples_per_s"] for r in rows
+                  if r["impl"] == "jax" and r["method"] == "guided" and r["dtype"] == "float32"}
+    print("\nInput pipelines (host batches; step/s: the guided step they feed, 1 step/call):")
+    print(pipelines.format_table(pipeline_rows, step_rates))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nWrote {args.json}")

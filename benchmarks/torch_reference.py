@@ -9,8 +9,13 @@ names, and the state machine in Python.
 Benchmark only: never imported by gml_jax. Runs as a worker that the benchmark driver talks
 to over stdin/stdout, one JSON object per line:
 
-  {"cmd": "setup", "workload": "cnn_b64", "seed": 0}  -> {"params": <count>}
-  {"cmd": "run", "method": "guided", "steps": 20}     -> {"seconds": <wall time>}
+  {"cmd": "setup", "workload": "cnn_b64", "seed": 0, "dtype": "float32"}
+                                                      -> {"params": <count>}
+  {"cmd": "run", "method": "guided", "steps": 20}     -> {"seconds": <wall time>,
+                                                          "peak_mb": <CUDA peak or null>}
+
+``dtype`` "bfloat16" runs the forward pass under ``torch.autocast`` (PyTorch's mixed
+precision: parameters and optimizer in float32, like gml_jax's ``compute_dtype``).
   {"cmd": "quit"}
 """
 
@@ -131,11 +136,13 @@ def group_of(name):
 
 
 class Trainer:
-  def __init__(self, workload, seed):
+  def __init__(self, workload, seed, dtype="float32"):
     torch.manual_seed(seed)
     random.seed(seed)
     w = WORKLOADS[workload]
     self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                   enabled=dtype == "bfloat16")
     self.model = build(workload).train().to(self.device)
     self.opt = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
     shape = lambda c: (w["batch"], c, w["size"], w["size"])
@@ -151,8 +158,9 @@ class Trainer:
   def step(self, method):
     cut = self.target
     self.opt.zero_grad(set_to_none=True)
-    l0, l1 = self.model(self.x0, self.x1, cut)
-    loss = F.cross_entropy(l0, self.y) + F.cross_entropy(l1, self.y)
+    with self.autocast:
+      l0, l1 = self.model(self.x0, self.x1, cut)
+    loss = F.cross_entropy(l0.float(), self.y) + F.cross_entropy(l1.float(), self.y)
     loss.backward()
     # Conditional learning speed, one host sync per tensor.
     sums = {g: [0.0, 0.0] for g in ("main_0", "main_1", "fusion_0", "fusion_1", "shared")}
@@ -188,18 +196,22 @@ def serve():
   for line in sys.stdin:
     msg = json.loads(line)
     if msg["cmd"] == "setup":
-      trainer = Trainer(msg["workload"], msg.get("seed", 0))
+      trainer = Trainer(msg["workload"], msg.get("seed", 0), msg.get("dtype", "float32"))
       reply = {"params": sum(p.numel() for p in trainer.model.parameters()),
                "torch": torch.__version__, "threads": torch.get_num_threads()}
     elif msg["cmd"] == "run":
       trainer.reset()
+      cuda = trainer.device.type == "cuda"
+      if cuda:
+        torch.cuda.reset_peak_memory_stats()
       trainer.step(msg["method"])  # outside the timing, like the JAX side's warm-up
       start = time.perf_counter()
       for _ in range(msg["steps"]):
         trainer.step(msg["method"])
-      if trainer.device.type == "cuda":
+      if cuda:
         torch.cuda.synchronize()
-      reply = {"seconds": time.perf_counter() - start}
+      reply = {"seconds": time.perf_counter() - start,
+               "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
     else:
       return
     print(json.dumps(reply), flush=True)

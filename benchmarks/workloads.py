@@ -8,6 +8,9 @@ WORKLOADS = {
     "cnn_b256": {"model": "small_cnn", "batch": 256, "size": 28, "channels": (1, 3), "classes": 10},
     "resnet18_b8": {"model": "resnet18", "batch": 8, "size": 224, "channels": (3, 3),
                     "classes": 40},
+    # The same at a batch that fills a GPU (the device report).
+    "resnet18_b32": {"model": "resnet18", "batch": 32, "size": 224, "channels": (3, 3),
+                     "classes": 40},
     # NVGesture's I3D pair on 32-frame 112x112 RGB and depth clips; JAX only (the PyTorch
     # reference has no I3D). Not in the default set: a step takes tens of seconds on a CPU.
     "i3d_b8": {"model": "i3d", "batch": 8, "size": 112, "frames": 32, "channels": (3, 1),

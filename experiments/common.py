@@ -32,6 +32,9 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
   c.model.width = 32  # small_cnn only: channels of the first stage (then 2x)
   c.model.ratio = 4.0  # MMTM squeeze ratio
   c.model.pretrained = ("", "")  # converted weights (.npz) per branch; "": from scratch
+  # Compute dtype of the train step: float32, or bfloat16 (mixed precision: activations,
+  # matmuls and convolutions in bfloat16; parameters, optimizer and balancing state float32).
+  c.model.dtype = "float32"
 
   c.optimizer = config_dict.ConfigDict()
   c.optimizer.name = "sgd"  # sgd or adam

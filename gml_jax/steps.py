@@ -21,7 +21,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gml_jax.balancing import balance_state, speed_gap, speeds_from_accumulators, update_mask
+from gml_jax.balancing import (accumulated, balance_state, speed_gap, speeds_from_accumulators,
+                               update_mask)
 from gml_jax.models import group_labels
 
 DATA_AXIS = "data"
@@ -76,6 +77,14 @@ def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
+def cast_floats(tree: Any, dtype: Any) -> Any:
+  """``tree`` with its floating-point arrays cast to ``dtype`` (unchanged when None)."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 # --------------------------------------------------------------------------------------
 # Steps
 
@@ -84,6 +93,7 @@ def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     labels: Callable[[Any], Any] = group_labels,
+    compute_dtype: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The train step of balanced multi-modal learning, uncompiled.
 
@@ -92,6 +102,12 @@ def make_train_step(
   updates the parameters, and keeps the model state (BatchNorm statistics, fusion running
   means) of the branches that this step freezes. ``labels`` maps a variable collection
   (params, batch_stats, fusion_stats: each laid out like the params) to its group labels.
+
+  ``compute_dtype`` (e.g. ``jnp.bfloat16``): mixed precision. The forward and backward
+  passes see the parameters and inputs cast to it, so activations, matmuls and convolutions
+  run in it; the parameters, their gradients, the optimizer state, BatchNorm statistics
+  and fusion running means stay float32, and so do the logits, the loss, μ, M and the
+  balancing decisions.
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -100,12 +116,13 @@ def make_train_step(
 
     def loss_fn(params):
       (logits, branch_logits), new_model_state = model.apply(
-          {"params": params, **state.model_state},
-          tuple(batch["inputs"]),
+          {"params": cast_floats(params, compute_dtype), **state.model_state},
+          cast_floats(tuple(batch["inputs"]), compute_dtype),
           train=True,
           cut=target,
           mutable=collections,
       )
+      logits, branch_logits = logits.astype(jnp.float32), branch_logits.astype(jnp.float32)
       losses = jnp.mean(branch_cross_entropy(branch_logits, batch["label"]), axis=-1)
       return jnp.sum(losses), (new_model_state, logits, branch_logits, losses)
 
@@ -117,7 +134,7 @@ def make_train_step(
     # Each collection is laid out like the params, so the same labels apply to it.
     model_state = {
         name: jax.tree.map(
-            lambda m, new, old: jnp.where(m, new, old),
+            lambda m, new, old: jnp.where(m, new, old).astype(old.dtype),
             update_mask(state.opt_state, labels, new),
             new,
             state.model_state[name],
@@ -126,7 +143,7 @@ def make_train_step(
     }
 
     balance = balance_state(opt_state)
-    speeds = speeds_from_accumulators(balance.accum_main, balance.accum_fusion)
+    speeds = speeds_from_accumulators(*accumulated(balance))
     metrics = {
         "loss": jnp.sum(losses),
         "branch_loss": losses,

@@ -302,3 +302,31 @@ def test_bad_arguments_are_named():
     tx.update(params, tx.init(params))
   with pytest.raises(ValueError, match="found 0"):
     gml_jax.rebalance_target(optax.sgd(1.0).init(params))
+
+
+def test_accumulated_speed_stays_exact_over_many_steps():
+  # 200,000 normal steps of decaying μ (as over a long run): M must match a float64 sum of
+  # the very μ the transform measured, where a plain float32 running sum drifts.
+  labels = {"m0": "main:0", "m1": "main:1", "f0": "fusion:0", "f1": "fusion:1"}
+  params = {k: jnp.ones((4,), jnp.float32) for k in labels}
+  tx = gml_jax.balanced_multimodal(optax.sgd(0.0), labels, method="vanilla")
+  steps = 200_000
+  scale = jnp.asarray([1.0, 0.7, 0.3, 0.9], jnp.float32)
+
+  def step(state, t):
+    decay = jnp.exp(-t.astype(jnp.float32) / 40_000.0)
+    grads = {k: jnp.full((4,), s * decay, jnp.float32) for k, s in zip(labels, scale)}
+    _, state = tx.update(grads, state, params)
+    return state, (state.mu_main, state.mu_fusion)
+
+  state, (mu_main, mu_fusion) = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(steps)))(
+      tx.init(params))
+  m_main, m_fusion = gml_jax.balancing.accumulated(state)
+  exact_main = np.sum(np.asarray(mu_main, np.float64), axis=0)
+  exact_fusion = np.sum(np.asarray(mu_fusion, np.float64), axis=0)
+  np.testing.assert_allclose(m_main, exact_main, rtol=2e-7)
+  np.testing.assert_allclose(m_fusion, exact_fusion, rtol=2e-7)
+  naive = np.add.accumulate(np.asarray(mu_main, np.float32), axis=0)[-1]  # sequential float32
+  assert np.max(np.abs(naive / exact_main - 1)) > 1e-5  # what the compensation removes
+  speeds = np.log10(exact_fusion / exact_main)
+  np.testing.assert_allclose(gml_jax.modality_speeds(state), speeds, atol=1e-6)

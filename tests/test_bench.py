@@ -2,16 +2,24 @@
 needs torch, which `make bench` installs in a venv of its own)."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 from benchmarks import bench
+from run_helpers import ROOT
+from test_packaging import BLOCK_HEAVY
 
 
 def test_bench_reports_times_compilations_and_ratios(tmp_path):
   out = tmp_path / "results.json"
   result = bench.main(["--workloads", "cnn_b64", "--methods", "vanilla,guided", "--repeats", "2",
-                       "--steps", "2", "--steps-per-call", "2", "--no-torch", "--json", str(out)])
+                       "--steps", "2", "--steps-per-call", "2", "--no-torch", "--json", str(out),
+                       "--pipelines", "colored_mnist,modelnet40_png", "--pipeline-threads",
+                       "1,2", "--pipeline-batches", "3"])
   rows = {(r["method"], r["impl"]): r for r in result["rows"]}
   assert set(rows) == {(m, i) for m in ("vanilla", "guided") for i in ("jax", "jax_x2", "plain")}
+  assert {r["dtype"] for r in result["rows"]} == {"float32"}
   for (method, impl), row in rows.items():
     assert row["step_ms"] > 0 and row["samples_per_s"] > 0
     if impl != "plain":
@@ -21,3 +29,30 @@ def test_bench_reports_times_compilations_and_ratios(tmp_path):
   ratios = {(r["method"], r["impl"]): r for r in result["ratios"]}
   assert ratios[("guided", "jax")]["over_vanilla"] > 0 and ratios[("guided", "jax")]["over_plain"] > 0
   assert json.loads(out.read_text())["versions"]["jax"]
+  pipelines = {(r["pipeline"], r["threads"]): r for r in result["pipelines"]}
+  assert set(pipelines) == {(p, n) for p in ("colored_mnist", "modelnet40_png") for n in (1, 2)}
+  assert all(r["train_samples_per_s"] > 0 and r["eval_samples_per_s"] > 0
+             for r in pipelines.values())
+  assert pipelines[("colored_mnist", 1)]["feeds"] == "cnn_b64"
+
+
+def test_device_report_runs_with_only_the_library_stack(tmp_path):
+  # The accelerator machines have jax, flax, optax, chex and torch only: the report must not
+  # touch the runner's dependencies (blocked here), and runs on CPU in a tiny configuration.
+  out = tmp_path / "device.json"
+  code = BLOCK_HEAVY + textwrap.dedent(f"""
+      from benchmarks import bench
+      bench.main(["--device-report", "--workloads", "cnn_b64", "--repeats", "1", "--steps",
+                  "2", "--steps-per-call", "2", "--no-torch", "--json", {str(out)!r}])
+      """)
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  saved = json.loads(out.read_text())
+  rows = {(r["method"], r["dtype"], r["impl"]) for r in saved["rows"]}
+  assert rows == {(m, d, i) for m in ("vanilla", "guided") for d in ("float32", "bfloat16")
+                  for i in ("jax", "jax_x2", "plain")}
+  assert all(r["compilations"] == 1 for r in saved["rows"] if r["impl"] != "plain")
+  bf16 = [r for r in saved["ratios"] if r["dtype"] == "bfloat16"]
+  assert bf16 and all(r["over_float32"] > 0 for r in bf16)
+  assert "÷float32" in result.stdout

@@ -117,3 +117,21 @@ def test_steps_per_call_gives_the_same_run(data_dir, tmp_path):
   assert [r["target"] for r in rows_a] == [r["target"] for r in rows_b]
   assert_states_close(restore_latest(tmp_path / "one")[1], restore_latest(tmp_path / "three")[1])
   assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+
+
+def test_bfloat16_run_takes_the_same_decisions_as_float32(data_dir, tmp_path):
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    config = tiny_config("guided", data_dir)
+    config.model.dtype, config.num_epochs, config.log_every_steps = dtype, 3, 1
+    trainer.train_and_evaluate(config, tmp_path / dtype)
+    runs[dtype] = [json.loads(l) for l in
+                   (tmp_path / dtype / "metrics/steps.jsonl").read_text().splitlines()]
+  f32, bf16 = runs["float32"], runs["bfloat16"]
+  # A clear speed gap: every decision after warm-up is far from the threshold α = 0.01.
+  assert min(abs(r["d_speed"]) for r in f32[4:]) > 0.05
+  assert [r["target"] for r in bf16] == [r["target"] for r in f32]
+  assert any(r["target"] >= 0 for r in f32)
+  for a, b in zip(f32, bf16):  # bfloat16 rounding, not another trajectory
+    assert b["d_speed"] == pytest.approx(a["d_speed"], abs=0.02)
+    assert b["loss"] == pytest.approx(a["loss"], rel=0.05)

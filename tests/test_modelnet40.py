@@ -10,6 +10,7 @@ import pytest
 
 from data_prep.modelnet40_views import Builder, check_manual_dir
 from data_prep.modelnet40_views import modelnet40_views_dataset_builder as mn
+from gml_jax.runner.pipeline import Preprocess
 from run_helpers import ROOT, build_dataset, run_cli
 
 DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
@@ -50,6 +51,17 @@ def test_view_selection(config, views, tmp_path):
   for e in _all(source):
     for m, view in enumerate(views):
       assert e[f"view_{m}"].max() == 20 + 15 * view  # the dummy views encode their index
+
+
+def test_decoded_config_equals_the_pipelines_resize_of_the_pngs(built, tmp_path):
+  # views_0_6_224px does once, at build time, what the input pipeline does every epoch.
+  decoded = build(tmp_path, config="views_0_6_224px").as_data_source()["test"]
+  prep = Preprocess(("view_0", "view_1"), image_size=224)
+  for stored, png in zip(_all(decoded), _all(built.as_data_source()["test"])):
+    assert stored["view_0"].shape == (224, 224, 3) and stored["view_0"].dtype == np.uint8
+    resized = prep.resize(png)
+    for m in ("view_0", "view_1"):
+      np.testing.assert_array_equal(stored[m], resized[m])
 
 
 def test_archive_equals_folder(built, tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gml_jax.runner import study
+from gml_jax.runner import study, study_report
 from run_helpers import CONFIG, ROOT, cli_command, cli_env, free_port, tiny_flags
 
 # Student's t quantile t_{0.975} with 2 degrees of freedom, from a printed table.
@@ -23,7 +23,7 @@ def _runs(method, values, key="test_accuracy", point=""):
 def test_aggregate_against_hand_computed_statistics():
   runs = _runs("vanilla", [0.2, 0.3, 0.4]) + _runs("guided", [0.5, 0.45, 0.7])
   runs[5]["summary"]["d_util"] = None  # undefined: a branch scored 0
-  result = study.aggregate(runs)
+  result = study_report.aggregate(runs)
   by_method = {g["method"]: g["metrics"] for g in result["groups"]}
   vanilla, guided = by_method["vanilla"]["test_accuracy"], by_method["guided"]["test_accuracy"]
   assert vanilla["n"] == 3 and vanilla["mean"] == pytest.approx(0.3)
@@ -46,9 +46,10 @@ def test_aggregate_against_hand_computed_statistics():
 
 
 def test_statistics_of_one_value_and_of_none():
-  assert study.mean_std([0.4]) == {"n": 1, "undefined": 0, "mean": 0.4, "std": None}
-  assert study.mean_std([None, None]) == {"n": 0, "undefined": 2, "mean": None, "std": None}
-  assert study.t_interval([0.1]) is None
+  assert study_report.mean_std([0.4]) == {"n": 1, "undefined": 0, "mean": 0.4, "std": None}
+  assert study_report.mean_std([None, None]) == {"n": 0, "undefined": 2, "mean": None,
+                                                 "std": None}
+  assert study_report.t_interval([0.1]) is None
   assert study.parse_seeds("0-4") == [0, 1, 2, 3, 4] and study.parse_seeds("3,7") == [3, 7]
 
 

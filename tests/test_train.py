@@ -167,3 +167,18 @@ def test_multi_step_call_equals_single_steps():
   assert any(t >= 0 for t in targets)  # re-balancing steps inside the multi-step calls
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                jax.device_get(state), single[-1][1])
+
+
+def test_bfloat16_step_computes_in_bfloat16_and_keeps_state_in_float32():
+  model, tx, mesh, state = _setup(method="guided", warmup_steps=0)
+  step = gml_jax.make_train_step(model, tx, compute_dtype=jnp.bfloat16)
+  batch = gml_jax.shard_batch(_batches(1)[0], mesh)
+  jaxpr = str(jax.make_jaxpr(step)(state, batch))
+  convs = [l for l in jaxpr.splitlines() if "conv_general_dilated" in l]
+  assert convs and all("bf16" in l for l in convs)  # forward and backward convolutions
+  new_state, metrics = jax.jit(step)(state, batch)
+  for tree in (new_state.params, new_state.model_state, new_state.opt_state):
+    dtypes = {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+  for key in ("loss", "speeds", "mu_main", "d_speed"):
+    assert metrics[key].dtype == jnp.float32

@@ -6,6 +6,7 @@ import math
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -17,6 +18,7 @@ from gml_jax.steps import TrainState, create_train_state, replicate
 SCHEDULES = ("constant", "plateau")
 OPTIMIZERS = ("sgd", "adam")
 NORMALIZATIONS = ("none", "imagenet")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def _integer(low: int):
@@ -50,6 +52,7 @@ FIELD_CHECKS = (
     ("model.name", _one_of(models.BACKBONES)),
     ("model.width", _integer(1)),
     ("model.ratio", _number(lambda v: v > 0, "> 0")),
+    ("model.dtype", _one_of(COMPUTE_DTYPES)),
     ("optimizer.name", _one_of(OPTIMIZERS)),
     ("optimizer.learning_rate", _number(lambda v: v > 0, "> 0")),
     ("optimizer.momentum", _number(lambda v: 0 <= v < 1, "in [0, 1)")),
@@ -99,6 +102,11 @@ def model(config: ml_collections.ConfigDict, num_classes: int, num_modalities: i
   name = config.model.name
   options = {k: config.model[k] for k in models.backbone_options(name)}
   return models.build(name, num_classes, num_modalities, ratio=config.model.ratio, **options)
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  """The train step's compute dtype: None for float32 (nothing to cast), else bfloat16."""
+  return None if config.model.dtype == "float32" else jnp.dtype(config.model.dtype)
 
 
 def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):

@@ -18,10 +18,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
-from gml_jax.steps import shard_batch, shard_stacked_batches, stack_batches
+from gml_jax.steps import DATA_AXIS, shard_batch, shard_stacked_batches, stack_batches
 
 # Per dataset: the feature of each modality, in modality order.
 MODALITIES = {"colored_mnist": ("gray", "colored"), "modelnet40_views": ("view_0", "view_1"),
@@ -102,12 +104,17 @@ def steps_per_epoch(source, global_batch_size: int) -> int:
   return steps
 
 
-def _read_options() -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+# Threads reading and preprocessing examples (``make bench`` measures the rate per thread).
+READ_THREADS = 2
+
+
+def _read_options(num_threads: int) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8)
 
 
 def host_train_batches(source, prep: Preprocess, global_batch_size: int, seed: int,
-                       epoch: int, start: int = 0) -> Iterator[dict]:
+                       epoch: int, start: int = 0,
+                       num_threads: int = READ_THREADS) -> Iterator[dict]:
   """This process's batches of epoch ``epoch`` as NumPy arrays, from batch ``start`` on
   (random flips are drawn per example from (seed, epoch), so a resumed epoch flips the same
   way)."""
@@ -118,10 +125,11 @@ def host_train_batches(source, prep: Preprocess, global_batch_size: int, seed: i
   ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
   ds = ds[start : steps_per_epoch(source, global_batch_size)]
   ds = ds.map(prep.batch)
-  return iter(ds.to_iter_dataset(_read_options()))
+  return iter(ds.to_iter_dataset(_read_options(num_threads)))
 
 
-def host_eval_batches(source, prep: Preprocess, global_batch_size: int) -> Iterator[dict]:
+def host_eval_batches(source, prep: Preprocess, global_batch_size: int,
+                      num_threads: int = READ_THREADS) -> Iterator[dict]:
   """Every example of the split exactly once over all processes, as NumPy arrays.
 
   Process p reads examples p, p + P, p + 2P, ...; every process yields the same number of
@@ -141,7 +149,7 @@ def host_eval_batches(source, prep: Preprocess, global_batch_size: int) -> Itera
 
   ds = grain.MapDataset.range(padded).map(example).batch(local)
   ds = ds.map(lambda b: prep.batch(b) | {"mask": b["mask"]})
-  return iter(ds.to_iter_dataset(_read_options()))
+  return iter(ds.to_iter_dataset(_read_options(num_threads)))
 
 
 def prefetch(batches: Iterable, place: Callable, ahead: int = 2) -> Iterator:
@@ -154,6 +162,36 @@ def prefetch(batches: Iterable, place: Callable, ahead: int = 2) -> Iterator:
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+def batch_spec(example_inputs, global_batch_size: int, mesh: Mesh,
+               steps: int | None = None) -> dict:
+  """Shapes, dtypes and shardings of a training batch (``steps`` stacked ones for a
+  multi-step call) like ``example_inputs`` (one example's inputs, batch axis first), to
+  compile the steps ahead of the first batch."""
+  lead = (steps,) if steps else ()
+  sharding = NamedSharding(mesh, PartitionSpec(*[None] * len(lead), DATA_AXIS))
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(lead + (global_batch_size,) + shape, dtype,
+                                                   sharding=sharding)
+  return {"inputs": tuple(spec(x.shape[1:], x.dtype) for x in example_inputs),
+          "label": spec((), jnp.int32)}
+
+
+def call_plan(step: int, k: int, spe: int, checkpoint_every: int, stop_after) -> list[int]:
+  """The sizes of the train-step calls from ``step`` to the end of its epoch: ``k`` steps
+  a call, but single steps up to an epoch end, a checkpoint or a requested stop that a
+  call of ``k`` would cross."""
+  plan = []
+  while step % spe or not plan:
+    limits = [k, spe - step % spe]
+    if checkpoint_every:
+      limits.append(checkpoint_every - step % checkpoint_every)
+    if stop_after is not None:
+      limits.append(max(stop_after - step, 1))
+    size = k if min(limits) == k else 1
+    plan.append(size)
+    step += size
+  return plan
 
 
 def train_batches(source, prep: Preprocess, global_batch_size: int, seed: int, epoch: int,
@@ -175,7 +213,15 @@ def train_batches(source, prep: Preprocess, global_batch_size: int, seed: int, e
   return prefetch(calls(), place)
 
 
-def eval_batches(source, prep: Preprocess, global_batch_size: int, mesh: Mesh) -> Iterator[dict]:
-  """:func:`host_eval_batches` placed on ``mesh``, prefetched."""
-  return prefetch(host_eval_batches(source, prep, global_batch_size),
-                  lambda batch: shard_batch(batch, mesh))
+def eval_batches(source, prep: Preprocess, global_batch_size: int, mesh: Mesh,
+                 progress: str | None = None) -> Iterator[dict]:
+  """:func:`host_eval_batches` placed on ``mesh``, prefetched; with a progress bar named
+  ``progress`` (on process 0) when given."""
+  batches = prefetch(host_eval_batches(source, prep, global_batch_size),
+                     lambda batch: shard_batch(batch, mesh))
+  if progress is None:
+    return batches
+  largest = -(-len(source) // jax.process_count())
+  count = -(-largest // local_batch_size(global_batch_size))
+  return iter(tqdm(batches, total=count, desc=progress, unit="batch", leave=False,
+                   disable=jax.process_index() != 0))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import os
 import pathlib
 import shlex
@@ -39,7 +38,6 @@ import time
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
-from scipy import stats
 
 from gml_jax.balancing import METHODS
 from gml_jax.runner import study_report
@@ -59,16 +57,6 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at once, each its own proc
 _RUN_ARGS = flags.DEFINE_string("run_args", "", "More flags for every run, e.g. "
                                 "'--distributed --num_processes=2 --process_id=0'.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-# Summary values aggregated over seeds (those the runs report).
-METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
-           "test_branch_2_accuracy", "test_biased_accuracy", "u(m1|m0)", "u(m0|m1)", "d_util",
-           "rebalance_share_m0", "rebalance_share_m1", "rebalance_share_m2", "samples_per_s")
-# Paired differences over seeds: (method, baseline) and the values compared.
-COMPARISONS = (("guided", "vanilla"), ("guided", "random"))
-PAIRED_METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
-                  "test_biased_accuracy", "d_util")
-
 
 @dataclasses.dataclass
 class Run:
@@ -95,65 +83,6 @@ class Run:
   def summary(self) -> dict | None:
     path = self.workdir / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
-
-
-# --------------------------------------------------------------------------------------
-# Statistics
-
-
-def mean_std(values) -> dict:
-  """Mean, sample standard deviation (ddof 1; None for n < 2) and n of the defined values;
-  ``undefined`` counts the None values left out."""
-  defined = [float(v) for v in values if v is not None]
-  out = {"n": len(defined), "undefined": len(values) - len(defined), "mean": None, "std": None}
-  if defined:
-    out["mean"] = float(np.mean(defined))
-  if len(defined) > 1:
-    out["std"] = float(np.std(defined, ddof=1))
-  return out
-
-
-def t_interval(values, confidence: float = 0.95) -> tuple[float, float] | None:
-  """Student-t confidence interval of the mean (None for n < 2)."""
-  values = np.asarray(values, np.float64)
-  if len(values) < 2:
-    return None
-  half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(
-      len(values))
-  return float(values.mean() - half), float(values.mean() + half)
-
-
-def aggregate(runs: list[dict]) -> dict:
-  """``runs``: {method, seed, point, summary} of the finished runs -> per (point, method)
-  mean ± std of every metric, and the paired differences per point."""
-  groups, paired = [], []
-  points = list(dict.fromkeys(r["point"] for r in runs))
-  for point in points:
-    at = [r for r in runs if r["point"] == point]
-    methods = list(dict.fromkeys(r["method"] for r in at))
-    by_seed = {m: {r["seed"]: r["summary"] for r in at if r["method"] == m} for m in methods}
-    for m in methods:
-      summaries = list(by_seed[m].values())
-      metrics = {k: mean_std([s.get(k) for s in summaries]) for k in METRICS
-                 if any(k in s for s in summaries)}
-      groups.append({"point": point, "method": m, "seeds": sorted(by_seed[m]),
-                     "metrics": metrics})
-    for method, baseline in COMPARISONS:
-      if method not in by_seed or baseline not in by_seed:
-        continue
-      seeds = sorted(by_seed[method].keys() & by_seed[baseline].keys())
-      for key in PAIRED_METRICS:
-        diffs = {s: by_seed[method][s].get(key) - by_seed[baseline][s].get(key) for s in seeds
-                 if by_seed[method][s].get(key) is not None
-                 and by_seed[baseline][s].get(key) is not None}
-        if not diffs:
-          continue
-        values = list(diffs.values())
-        paired.append({"point": point, "comparison": f"{method} - {baseline}", "metric": key,
-                       "per_seed": diffs, "n": len(values), "mean": float(np.mean(values)),
-                       "ci95": t_interval(values),
-                       "undefined": len(seeds) - len(values)})
-  return {"groups": groups, "paired": paired}
 
 
 # --------------------------------------------------------------------------------------
@@ -273,7 +202,7 @@ def main(argv):
     print("The runs are done; the study of process 0 writes the aggregate.")
     sys.exit(1 if failed else 0)
   done = [r for r in runs if r.status in ("finished", "skipped")]
-  result = aggregate([{"method": r.method, "seed": r.seed, "point": r.point_label,
+  result = study_report.aggregate([{"method": r.method, "seed": r.seed, "point": r.point_label,
                        "summary": r.summary()} for r in done])
   result |= {
       "experiment": config.experiment,

@@ -1,8 +1,10 @@
-"""A study's tables (study.md) and figures (plots/*.png), from its aggregate."""
+"""A study's statistics (mean ± std over seeds, paired differences with a Student-t
+interval), its tables (study.md) and figures (plots/*.png)."""
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import matplotlib
@@ -10,6 +12,79 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+# Summary values aggregated over seeds (those the runs report).
+METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
+           "test_branch_2_accuracy", "test_biased_accuracy", "u(m1|m0)", "u(m0|m1)", "d_util",
+           "rebalance_share_m0", "rebalance_share_m1", "rebalance_share_m2", "samples_per_s")
+# Paired differences over seeds: (method, baseline) and the values compared.
+COMPARISONS = (("guided", "vanilla"), ("guided", "random"))
+PAIRED_METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
+                  "test_biased_accuracy", "d_util")
+
+
+# --------------------------------------------------------------------------------------
+# Statistics
+
+
+def mean_std(values) -> dict:
+  """Mean, sample standard deviation (ddof 1; None for n < 2) and n of the defined values;
+  ``undefined`` counts the None values left out."""
+  defined = [float(v) for v in values if v is not None]
+  out = {"n": len(defined), "undefined": len(values) - len(defined), "mean": None, "std": None}
+  if defined:
+    out["mean"] = float(np.mean(defined))
+  if len(defined) > 1:
+    out["std"] = float(np.std(defined, ddof=1))
+  return out
+
+
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float] | None:
+  """Student-t confidence interval of the mean (None for n < 2)."""
+  values = np.asarray(values, np.float64)
+  if len(values) < 2:
+    return None
+  half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(
+      len(values))
+  return float(values.mean() - half), float(values.mean() + half)
+
+
+def aggregate(runs: list[dict]) -> dict:
+  """``runs``: {method, seed, point, summary} of the finished runs -> per (point, method)
+  mean ± std of every metric, and the paired differences per point."""
+  groups, paired = [], []
+  points = list(dict.fromkeys(r["point"] for r in runs))
+  for point in points:
+    at = [r for r in runs if r["point"] == point]
+    methods = list(dict.fromkeys(r["method"] for r in at))
+    by_seed = {m: {r["seed"]: r["summary"] for r in at if r["method"] == m} for m in methods}
+    for m in methods:
+      summaries = list(by_seed[m].values())
+      metrics = {k: mean_std([s.get(k) for s in summaries]) for k in METRICS
+                 if any(k in s for s in summaries)}
+      groups.append({"point": point, "method": m, "seeds": sorted(by_seed[m]),
+                     "metrics": metrics})
+    for method, baseline in COMPARISONS:
+      if method not in by_seed or baseline not in by_seed:
+        continue
+      seeds = sorted(by_seed[method].keys() & by_seed[baseline].keys())
+      for key in PAIRED_METRICS:
+        diffs = {s: by_seed[method][s].get(key) - by_seed[baseline][s].get(key) for s in seeds
+                 if by_seed[method][s].get(key) is not None
+                 and by_seed[baseline][s].get(key) is not None}
+        if not diffs:
+          continue
+        values = list(diffs.values())
+        paired.append({"point": point, "comparison": f"{method} - {baseline}", "metric": key,
+                       "per_seed": diffs, "n": len(values), "mean": float(np.mean(values)),
+                       "ci95": t_interval(values),
+                       "undefined": len(seeds) - len(values)})
+  return {"groups": groups, "paired": paired}
+
+
+# --------------------------------------------------------------------------------------
+# Tables
 
 # Columns of the table: (summary key, header, format).
 COLUMNS = (("test_accuracy", "test ŷ", ".3f"), ("test_branch_0_accuracy", "test branch 0", ".3f"),

@@ -76,10 +76,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # ---- State, steps, and the run so far.
     mesh = data_mesh()
     state = build.initial_state(config, model, tx, dataset.example_inputs(), mesh)
-    step_fn = make_train_step(model, tx)
+    step_fn = make_train_step(model, tx, compute_dtype=build.compute_dtype(config))
     k = config.steps_per_call
-    run = Run(config, workdir, dataset, spe, mesh, train_step=compile_train_step(step_fn, mesh),
-              multi_step=compile_multi_step(make_multi_step(step_fn, k), mesh) if k > 1 else None,
+    started = time.perf_counter()  # compiled ahead, so that training time excludes it
+    train_step = compile_train_step(step_fn, mesh).lower(
+        state, pipeline.batch_spec(dataset.example_inputs(), config.batch_size, mesh)).compile()
+    multi_step = None if k == 1 else compile_multi_step(make_multi_step(step_fn, k), mesh).lower(
+        state, pipeline.batch_spec(dataset.example_inputs(), config.batch_size, mesh, steps=k)).compile()
+    compile_seconds = time.perf_counter() - started
+    run = Run(config, workdir, dataset, spe, mesh, train_step=train_step, multi_step=multi_step,
               eval_step=compile_eval_step(make_eval_step(model), mesh),
               checkpoints=Checkpoints(workdir))
     cleanup.callback(run.checkpoints.close)
@@ -99,6 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     summary = final_summary(config, model, run.eval_step, state, run.split_batches,
                             len(dataset.prep.modalities), dataset.source_name, run.progress,
                             run.logs.steps.rows)
+    summary["compile_seconds"] = compile_seconds  # this session's (not in train_seconds)
     summary["data"] = dataset.used()
     if is_writer:
       atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
@@ -127,7 +133,7 @@ class Run:
     """A split's batches placed on the mesh (None if the dataset has no such split)."""
     sources = self.dataset.sources
     return (pipeline.eval_batches(sources[split], self.dataset.prep,
-                                  self.config.eval_batch_size, self.mesh)
+                                  self.config.eval_batch_size, self.mesh, f"evaluating {split}")
             if split in sources else None)
 
 
@@ -144,7 +150,7 @@ def train(run: Run, state, stop_after_steps: int | None):
   with StopSignal() as stop_signal:
     while progress.step < total_steps:
       epoch, start = divmod(progress.step, spe)
-      plan = call_plan(progress.step, config.steps_per_call, spe,
+      plan = pipeline.call_plan(progress.step, config.steps_per_call, spe,
                        config.checkpoint_every_steps, stop_after_steps)
       for size, batch in pipeline.train_batches(run.dataset.sources["train"], run.dataset.prep,
                                                 config.batch_size, config.seed, epoch, start,
@@ -202,23 +208,6 @@ def train(run: Run, state, stop_after_steps: int | None):
 
 # --------------------------------------------------------------------------------------
 # Calls, checks and signals
-
-
-def call_plan(step: int, k: int, spe: int, checkpoint_every: int, stop_after) -> list[int]:
-  """The sizes of the train-step calls from ``step`` to the end of its epoch: ``k`` steps
-  a call, but single steps up to an epoch end, a checkpoint or a requested stop that a
-  call of ``k`` would cross."""
-  plan = []
-  while step % spe or not plan:
-    limits = [k, spe - step % spe]
-    if checkpoint_every:
-      limits.append(checkpoint_every - step % checkpoint_every)
-    if stop_after is not None:
-      limits.append(max(stop_after - step, 1))
-    size = k if min(limits) == k else 1
-    plan.append(size)
-    step += size
-  return plan
 
 
 def check_finite(rows: list[dict], workdir: pathlib.Path, last_checkpoint) -> None:

@@ -1,0 +1,42 @@
+r"""Builds (or checks) an experiment's dataset without training and without TensorFlow.
+
+  python -m gml_jax.runner.prepare --config experiments/colored_mnist.py
+  python -m gml_jax.runner.prepare --config experiments/modelnet40.py \
+      --config.data.manual_dir=/data/modelnet40 --config.data.data_dir=/shared/tfds
+  make data EXP=modelnet40 ARGS="--config.data.manual_dir=/data/modelnet40"
+
+Prepares ``config.data`` exactly as a run would (into ``data.data_dir``, from
+``data.manual_dir`` when given), checks that a prepared build was made from the data the
+config names and that every split opens, and prints where it is, what it was built from
+and the split sizes. Run it once before a multi-host launch so that no host waits on a build.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gml_jax.runner import dataset
+from gml_jax.runner.workdir import describe_data
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/modelnet40.py; "
+    "--config.data.<field>=<value> overrides as for a run.", lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  logging.set_verbosity(logging.ERROR)
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    data = dataset.open_dataset(_CONFIG.value.data)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f"Error: {' '.join(str(e).split())}") from None
+  used = data.used()
+  print(f"{data.builder.name}/{data.builder.builder_config.name}: {data.builder.data_dir}")
+  print(f"built from {describe_data(used)}")
+  for split, count in used["examples"].items():
+    print(f"  {split:12} {count:>8,} examples")
+
+
+if __name__ == "__main__":
+  app.run(main)
