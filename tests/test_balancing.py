@@ -246,7 +246,7 @@ def test_update_mask_follows_the_mode():
       (False, {"a": False, "b": True, "f0": False, "s": False, "o": False}),
       (True, {"a": True, "b": True, "f0": True, "s": True, "o": True}),
   ]:
-    state = BalanceState(*([None] * 10))._replace(
+    state = BalanceState(*([None] * len(BalanceState._fields)))._replace(
         target=jnp.int32(1), update_all=jnp.asarray(update_all)
     )
     mask = gml_jax.update_mask(state, labels, tree)

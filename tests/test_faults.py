@@ -370,3 +370,17 @@ def test_one_process_of_two_killed_then_the_job_resumes(data_dir, reference, tmp
   step, state = restore_latest(tmp_path)
   assert step == ref_step == 20
   assert_states_close(state, ref_state, rtol=1e-4, atol=1e-5)
+
+
+def test_small_splits_read_into_memory_equal_the_files(data_dir):
+  builder, _ = dataset.load_builder(_config(data_dir, DUMMY).data)
+  cached, direct = dataset.open_splits(builder), dataset.open_splits(builder, cache_bytes=0)
+  assert isinstance(cached["train"], dataset.InMemorySource)
+  assert isinstance(direct["train"], dataset.CheckedSource)
+  for split in direct:
+    assert len(cached[split]) == len(direct[split])
+    for i in range(len(direct[split])):
+      a, b = cached[split][i], direct[split][i]
+      assert a.keys() == b.keys()
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])

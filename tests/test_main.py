@@ -2,13 +2,15 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from gml_jax.runner import trainer
-from run_helpers import (CONFIG, DUMMY, assert_states_close, restore_latest, run_cli,
-                         tiny_config, tiny_flags)
+from run_helpers import (CONFIG, DUMMY, ROOT, assert_states_close, cli_env, restore_latest,
+                         run_cli, tiny_config, tiny_flags)
 
 
 @pytest.mark.parametrize("method", ["vanilla", "random", "guided"])
@@ -135,3 +137,22 @@ def test_bfloat16_run_takes_the_same_decisions_as_float32(data_dir, tmp_path):
   for a, b in zip(f32, bf16):  # bfloat16 rounding, not another trajectory
     assert b["d_speed"] == pytest.approx(a["d_speed"], abs=0.02)
     assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+
+
+def test_make_data_builds_then_checks_without_training(tmp_path):
+  args = [f"--config={CONFIG}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+          f"--config.data.manual_dir={DUMMY}"]
+  prepare = lambda *extra: subprocess.run(
+      [sys.executable, "-m", "gml_jax.runner.prepare", *args, *extra], cwd=ROOT, env=cli_env(),
+      capture_output=True, text=True, timeout=300)
+  first, again = prepare(), prepare()
+  assert first.returncode == 0 and again.returncode == 0, first.stderr[-2000:]
+  assert "Building colored_mnist/var_0.02" in first.stdout and "Building" not in again.stdout
+  version_dir = tmp_path / "tfds" / "colored_mnist" / "var_0.02" / "1.0.0"
+  assert f"colored_mnist/var_0.02: {version_dir}" in again.stdout
+  assert "built from manual files" in again.stdout
+  for split, count in (("train", 189), ("validation", 21), ("test", 99), ("test_biased", 99)):
+    assert f"  {split:12} {count:>8,} examples" in again.stdout
+  other = prepare("--config.data.manual_dir=")  # a build from manual files is not the default
+  assert other.returncode != 0
+  assert other.stderr.strip().splitlines()[-1].startswith("Error: The dataset in ")
