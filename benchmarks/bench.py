@@ -50,10 +50,6 @@ def build_model(workload: dict):
   return gml_jax.models.build(workload["model"], workload["classes"])
 
 
-def compute_dtype(dtype: str):
-  return None if dtype == "float32" else jnp.dtype(dtype)
-
-
 def peak_memory_mb() -> float | None:
   """The device's peak memory in use so far (accelerators; None where JAX does not say)."""
   stats = jax.local_devices()[0].memory_stats() or {}
@@ -89,7 +85,7 @@ class JaxRunner:
     self.state = gml_jax.replicate(
         gml_jax.create_train_state(self.model, tx, [x[:1] for x in example], 0), self.mesh)
     self.traces = 0
-    step = gml_jax.make_train_step(self.model, tx, compute_dtype=compute_dtype(dtype))
+    step = gml_jax.make_train_step(self.model, tx, compute_dtype=dtype)
 
     def counted(state, batch):
       self.traces += 1
@@ -144,7 +140,7 @@ class PlainRunner:
       params, model_state, opt_state = state
 
       def loss_fn(p):
-        cast = lambda tree: steps.cast_floats(tree, compute_dtype(dtype))
+        cast = lambda tree: steps.cast_floats(tree, dtype)
         (_, branch_logits), new_state = model.apply(
             {"params": cast(p), **model_state}, cast(tuple(batch["inputs"])), train=True,
             mutable=list(model_state))

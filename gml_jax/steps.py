@@ -103,7 +103,8 @@ def make_train_step(
   means) of the branches that this step freezes. ``labels`` maps a variable collection
   (params, batch_stats, fusion_stats: each laid out like the params) to its group labels.
 
-  ``compute_dtype`` (e.g. ``jnp.bfloat16``): mixed precision. The forward and backward
+  ``compute_dtype`` (e.g. ``jnp.bfloat16`` or ``"bfloat16"``; None or float32: none):
+  mixed precision. The forward and backward
   passes see the parameters and inputs cast to it, so activations, matmuls and convolutions
   run in it; the parameters, their gradients, the optimizer state, BatchNorm statistics
   and fusion running means stay float32, and so do the logits, the loss, μ, M and the

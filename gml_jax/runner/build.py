@@ -6,7 +6,6 @@ import math
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -17,7 +16,6 @@ from gml_jax.steps import TrainState, create_train_state, replicate
 
 SCHEDULES = ("constant", "plateau")
 OPTIMIZERS = ("sgd", "adam")
-NORMALIZATIONS = ("none", "imagenet")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -47,7 +45,7 @@ FIELD_CHECKS = (
     ("early_stop_full_train_accuracy_epochs", _integer(0)),
     ("data.name", _one_of(pipeline.MODALITIES)),
     ("data.image_size", _integer(0)),
-    ("data.normalize", _one_of(NORMALIZATIONS)),
+    ("data.normalize", _one_of(pipeline.NORMALIZATIONS)),
     ("data.hflip", (lambda v: isinstance(v, bool), "true or false")),
     ("model.name", _one_of(models.BACKBONES)),
     ("model.width", _integer(1)),
@@ -70,7 +68,8 @@ FIELD_CHECKS = (
 )
 
 
-def _field(config, path: str):
+def config_field(config, path: str):
+  """The value of a dotted field path, e.g. ``balance.alpha``."""
   for part in path.split("."):
     config = config[part]
   return config
@@ -82,7 +81,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   files. Raises ValueError (FileNotFoundError for files) naming the field, the value and
   what is expected."""
   for field, (test, expected) in FIELD_CHECKS:
-    value = _field(config, field)
+    value = config_field(config, field)
     if not test(value):
       what = "is unknown" if expected.startswith("one of") else "is invalid"
       raise ValueError(f"config.{field}={value!r} {what}: expected {expected}.")
@@ -102,11 +101,6 @@ def model(config: ml_collections.ConfigDict, num_classes: int, num_modalities: i
   name = config.model.name
   options = {k: config.model[k] for k in models.backbone_options(name)}
   return models.build(name, num_classes, num_modalities, ratio=config.model.ratio, **options)
-
-
-def compute_dtype(config: ml_collections.ConfigDict):
-  """The train step's compute dtype: None for float32 (nothing to cast), else bfloat16."""
-  return None if config.model.dtype == "float32" else jnp.dtype(config.model.dtype)
 
 
 def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from gml_jax.runner.pipeline import MODALITIES, Preprocess
+from gml_jax.runner.workdir import atomic_write
 
 RECORD = "gml_jax_source.json"
 
@@ -84,9 +85,7 @@ def read_record(version_dir: pathlib.Path) -> dict | None:
 
 
 def write_record(version_dir: pathlib.Path, record: dict) -> None:
-  tmp = version_dir / (RECORD + ".tmp")
-  tmp.write_text(json.dumps(record, indent=2))
-  tmp.replace(version_dir / RECORD)
+  atomic_write(version_dir / RECORD, json.dumps(record, indent=2))
 
 
 def _describe(record: dict) -> str:

@@ -28,6 +28,7 @@ from gml_jax.steps import DATA_AXIS, shard_batch, shard_stacked_batches, stack_b
 # Per dataset: the feature of each modality, in modality order.
 MODALITIES = {"colored_mnist": ("gray", "colored"), "modelnet40_views": ("view_0", "view_1"),
               "nvgesture": ("rgb", "depth")}
+NORMALIZATIONS = ("none", "imagenet")  # data.normalize
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -52,9 +53,6 @@ class Preprocess:
   def from_config(cls, data_config) -> "Preprocess":
     if data_config.name not in MODALITIES:
       raise ValueError(f"Unknown dataset {data_config.name!r}; known: {sorted(MODALITIES)}.")
-    if data_config.normalize not in ("none", "imagenet"):
-      raise ValueError(f"Unknown data.normalize {data_config.normalize!r}; expected none or "
-                       "imagenet.")
     return cls(MODALITIES[data_config.name], data_config.image_size, data_config.normalize,
                data_config.hflip)
 
@@ -128,6 +126,12 @@ def host_train_batches(source, prep: Preprocess, global_batch_size: int, seed: i
   return iter(ds.to_iter_dataset(_read_options(num_threads)))
 
 
+def eval_batch_count(num_examples: int, global_batch_size: int) -> int:
+  """Batches every process reads of a split: enough for the largest process shard."""
+  largest = -(-num_examples // jax.process_count())
+  return -(-largest // local_batch_size(global_batch_size))
+
+
 def host_eval_batches(source, prep: Preprocess, global_batch_size: int,
                       num_threads: int = READ_THREADS) -> Iterator[dict]:
   """Every example of the split exactly once over all processes, as NumPy arrays.
@@ -137,10 +141,8 @@ def host_eval_batches(source, prep: Preprocess, global_batch_size: int,
   padding), so that batches line up across processes.
   """
   local = local_batch_size(global_batch_size)
-  count, process = jax.process_count(), jax.process_index()
-  shard = grain.MapDataset.source(source)[process::count]
-  largest = -(-len(source) // count)
-  padded = -(-largest // local) * local
+  shard = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+  padded = eval_batch_count(len(source), global_batch_size) * local
 
   def example(i: int) -> dict:  # past the shard's end: its last example again, masked out
     e = prep.resize(shard[min(i, len(shard) - 1)])
@@ -221,7 +223,5 @@ def eval_batches(source, prep: Preprocess, global_batch_size: int, mesh: Mesh,
                      lambda batch: shard_batch(batch, mesh))
   if progress is None:
     return batches
-  largest = -(-len(source) // jax.process_count())
-  count = -(-largest // local_batch_size(global_batch_size))
-  return iter(tqdm(batches, total=count, desc=progress, unit="batch", leave=False,
-                   disable=jax.process_index() != 0))
+  return iter(tqdm(batches, total=eval_batch_count(len(source), global_batch_size),
+                   desc=progress, unit="batch", leave=False, disable=jax.process_index() != 0))

@@ -40,7 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gml_jax.balancing import METHODS
-from gml_jax.runner import study_report
+from gml_jax.runner import build, study_report
 from gml_jax.runner.workdir import atomic_write
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -101,10 +101,8 @@ def parse_grid(axes: list[str], config) -> list[tuple[tuple[str, str], ...]]:
   parsed = []
   for axis in axes:
     field, _, values = axis.partition("=")
-    node = config
     try:
-      for part in field.split("."):
-        node = node[part]
+      build.config_field(config, field)
     except (KeyError, AttributeError, TypeError):
       raise app.UsageError(f"--grid {axis}: the config has no field {field!r}.") from None
     if not values:

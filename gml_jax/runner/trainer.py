@@ -75,14 +75,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # ---- State, steps, and the run so far.
     mesh = data_mesh()
-    state = build.initial_state(config, model, tx, dataset.example_inputs(), mesh)
-    step_fn = make_train_step(model, tx, compute_dtype=build.compute_dtype(config))
+    example = dataset.example_inputs()
+    state = build.initial_state(config, model, tx, example, mesh)
+    step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype)
     k = config.steps_per_call
+    spec = lambda steps=None: pipeline.batch_spec(example, config.batch_size, mesh, steps)
     started = time.perf_counter()  # compiled ahead, so that training time excludes it
-    train_step = compile_train_step(step_fn, mesh).lower(
-        state, pipeline.batch_spec(dataset.example_inputs(), config.batch_size, mesh)).compile()
+    train_step = compile_train_step(step_fn, mesh).lower(state, spec()).compile()
     multi_step = None if k == 1 else compile_multi_step(make_multi_step(step_fn, k), mesh).lower(
-        state, pipeline.batch_spec(dataset.example_inputs(), config.batch_size, mesh, steps=k)).compile()
+        state, spec(k)).compile()
     compile_seconds = time.perf_counter() - started
     run = Run(config, workdir, dataset, spe, mesh, train_step=train_step, multi_step=multi_step,
               eval_step=compile_eval_step(make_eval_step(model), mesh),
