@@ -8,7 +8,10 @@ from ml_collections import config_dict
 
 from gml_jax.balancing import METHODS
 
-VARIANTS = METHODS  # one variant per balancing method
+# The config variants (the part after ':' of --config): one per balancing method of the
+# paper, OGM-GE, and the baselines: each modality alone, and late fusion (no MMTM).
+BASELINES = ("unimodal_0", "unimodal_1", "late_fusion")
+VARIANTS = (*METHODS, "ogm_ge", *BASELINES)
 
 
 def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
@@ -26,11 +29,16 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
   c.data.image_size = 0  # resize images to this square size; 0: as stored
   c.data.normalize = "none"  # "none" (pixels / 255) or "imagenet"
   c.data.hflip = False  # random horizontal flips in training
+  # The dataset's modalities the model reads, one branch each: (0, 1), or (0,) / (1,) alone.
+  c.data.modalities = (0, 1)
 
   c.model = config_dict.ConfigDict()
   c.model.name = ""  # small_cnn, resnet18 or i3d
   c.model.width = 32  # small_cnn only: channels of the first stage (then 2x)
   c.model.ratio = 4.0  # MMTM squeeze ratio
+  # "mmtm" (intermediate fusion, the paper's model) or "none": no fusion layers, ŷ is the
+  # mean of the branches' logits (late fusion; with one modality, a uni-modal model).
+  c.model.fusion = "mmtm"
   c.model.pretrained = ("", "")  # converted weights (.npz) per branch; "": from scratch
   # Compute dtype of the train step: float32, or bfloat16 (mixed precision: activations,
   # matmuls and convolutions in bfloat16; parameters, optimizer and balancing state float32).
@@ -43,11 +51,14 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
   c.optimizer.weight_decay = 0.0
 
   c.balance = config_dict.ConfigDict()
-  c.balance.method = variant  # vanilla, random or guided
+  # vanilla, random, guided (the paper's), or ogm_ge (Peng et al., CVPR 2022: docs/ogm_ge.md)
+  c.balance.method = variant if variant not in BASELINES else "vanilla"
   c.balance.alpha = 0.01  # threshold on |d_speed| (log10 scale), authors' value
   c.balance.window = 5  # Q: re-balancing steps per decision, authors' value
   c.balance.warmup_epochs = 1  # the authors balance from the second epoch on
   c.balance.update_mode = "branch"  # branch (paper) or all (authors' code)
+  c.balance.ogm_alpha = 0.8  # ogm_ge: α of the coefficient 1 - tanh(α ρ)
+  c.balance.ogm_noise = True  # ogm_ge: add the generalisation-enhancement noise (GE)
 
   # Learning rate: "constant", or "plateau" (x factor after more than `patience` epochs
   # whose training loss improved by less than `threshold`, relative; not below min_lr).
@@ -69,4 +80,9 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
   # CNN pair about 1.4x faster on a 2-core CPU but compiles for ~15 s more: worth it for
   # long runs (benchmarks/RESULTS.md).
   c.steps_per_call = 1
+
+  if variant.startswith("unimodal_"):
+    c.data.modalities = (int(variant[len("unimodal_"):]),)
+  if variant in BASELINES:
+    c.model.fusion = "none"
   return c

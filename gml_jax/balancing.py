@@ -101,8 +101,9 @@ def _resolve_labels(labels: Labels, tree: Any) -> list[tuple[str, int | None]]:
   return [parse_label(label) for label in label_leaves]
 
 
-def num_modalities(labels: Labels, tree: Any) -> int:
-  """Number of modalities named by ``labels`` (checks every modality has both groups)."""
+def num_modalities(labels: Labels, tree: Any, fusion: bool = True) -> int:
+  """Number of modalities named by ``labels``: N >= 2 main groups ``main:0`` ...
+  ``main:<N-1>``; with ``fusion``, every modality must also have a fusion group."""
   parsed = _resolve_labels(labels, tree)
   main = {k for kind, k in parsed if kind == "main"}
   if not main:
@@ -117,6 +118,8 @@ def num_modalities(labels: Labels, tree: Any) -> int:
   if not own_fusion <= set(range(n)):
     raise ValueError(f"Fusion labels name modalities {sorted(own_fusion)}, but only {n} exist.")
   has_shared = any(kind == "shared" for kind, _ in parsed)
+  if not fusion:
+    return n
   missing = [k for k in range(n) if k not in own_fusion and not has_shared]
   if missing:
     raise ValueError(
@@ -198,22 +201,25 @@ def speed_gap(speeds: jax.Array) -> jax.Array:
 # Keeping the optimizer state of frozen parameters
 
 
-def _select_param_state(inner, moves: list[jax.Array], param_def, new_state, old_state):
+def _select_param_state(moves: list[jax.Array], param_def, new_state, old_state):
   """Inner-optimizer state with the entries of frozen parameters restored.
 
-  Param-shaped parts of the state (momentum, Adam moments) keep their old value for the
-  leaves that do not move, so a re-balancing step leaves no trace on them; scalar parts
-  (step counts) advance as usual.
+  Param-shaped parts of the state (momentum, Adam moments: subtrees laid out like the
+  parameters) keep their old value for the leaves that do not move, so a re-balancing step
+  leaves no trace on them; other parts (step counts, hyperparameters) advance as usual.
+  They are found by their layout rather than by ``optax.tree_utils.tree_map_params``,
+  whose placeholder parameters would break transforms that read the parameters' labels in
+  ``init`` (such as :func:`gml_jax.ogm_ge`).
   """
-  indices = jax.tree.unflatten(param_def, list(range(len(moves))))
-  positions = optax.tree_utils.tree_map_params(
-      inner, lambda _, i: i, new_state, indices, transform_non_params=lambda _: -1
-  )
+  laid_out_like_params = lambda x: jax.tree.structure(x) == param_def
 
-  def select(new, old, i):
-    return new if i < 0 else jnp.where(moves[i], new, old)
+  def select(new, old):
+    if not laid_out_like_params(new):
+      return new
+    return jax.tree.unflatten(param_def, [
+        jnp.where(m, n, o) for m, n, o in zip(moves, jax.tree.leaves(new), jax.tree.leaves(old))])
 
-  return jax.tree.map(select, new_state, old_state, positions)
+  return jax.tree.map(select, new_state, old_state, is_leaf=laid_out_like_params)
 
 
 # --------------------------------------------------------------------------------------
@@ -230,7 +236,7 @@ def balanced_multimodal(
     warmup_steps: int = 0,
     update: str = "branch",
     seed: int = 0,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Wraps an optimizer with balanced multi-modal learning (Wu et al., ICML 2022).
 
   At every step t it measures, from the raw mini-batch gradient g and the parameters p
@@ -287,8 +293,9 @@ def balanced_multimodal(
     seed: seed of the ``"random"`` method's draws.
 
   Returns:
-    An ``optax.GradientTransformation`` whose ``update`` needs ``params``; its state is a
-    :class:`BalanceState`.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` (extra
+    keyword arguments go on to ``inner``, e.g. the ``scores`` of :func:`gml_jax.ogm_ge`);
+    its state is a :class:`BalanceState`.
 
   References:
     Wu, Jastrzębski, Cho, Geras, ICML 2022, https://arxiv.org/abs/2202.05306
@@ -304,6 +311,7 @@ def balanced_multimodal(
   if int(warmup_steps) != warmup_steps or warmup_steps < 0:
     raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
   window, warmup_steps = int(window), int(warmup_steps)
+  inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     n = num_modalities(labels, params)
@@ -344,7 +352,7 @@ def balanced_multimodal(
     window_left = jnp.where(rebalancing, jnp.maximum(left, 0), jnp.where(start, window, 0))
     return target.astype(jnp.int32), window_left.astype(jnp.int32)
 
-  def update_fn(updates, state: BalanceState, params=None):
+  def update_fn(updates, state: BalanceState, params=None, **extra_args):
     if params is None:
       raise ValueError("balanced_multimodal needs the parameters: tx.update(grads, state, params).")
     parsed = _resolve_labels(labels, params)
@@ -369,9 +377,9 @@ def balanced_multimodal(
     moves = _masks(parsed, state.target, state.update_all)
     masked = [jnp.where(m, g, jnp.zeros_like(g)) for m, g in zip(moves, grad_leaves)]
     inner_updates, inner_state = inner.update(
-        jax.tree.unflatten(param_def, masked), state.inner_state, params
+        jax.tree.unflatten(param_def, masked), state.inner_state, params, **extra_args
     )
-    inner_state = _select_param_state(inner, moves, param_def, inner_state, state.inner_state)
+    inner_state = _select_param_state(moves, param_def, inner_state, state.inner_state)
     new_updates = [
         jnp.where(m, u, jnp.zeros_like(u)) for m, u in zip(moves, jax.tree.leaves(inner_updates))
     ]
@@ -394,7 +402,7 @@ def balanced_multimodal(
     )
     return jax.tree.unflatten(param_def, new_updates), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------------------
@@ -408,15 +416,25 @@ def _unwrap(x):
 
 def balance_state(opt_state: Any) -> BalanceState:
   """The :class:`BalanceState` inside an optimizer state (plain optax or ``nnx.Optimizer``)."""
+  found = find_balance_state(opt_state)
+  if found is None:
+    raise ValueError("Expected one balanced_multimodal state in the optimizer state, found 0.")
+  return found
+
+
+def find_balance_state(opt_state: Any) -> BalanceState | None:
+  """Like :func:`balance_state`, or None when the optimizer has no balancing transform."""
   found = [
       s
       for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, BalanceState))
       if isinstance(s, BalanceState)
   ]
-  if len(found) != 1:
+  if len(found) > 1:
     raise ValueError(
-        f"Expected exactly one balanced_multimodal state in the optimizer state, found {len(found)}."
+        f"Expected one balanced_multimodal state in the optimizer state, found {len(found)}."
     )
+  if not found:
+    return None
   return BalanceState(*(
       jax.tree.map(_unwrap, field, is_leaf=lambda x: hasattr(x, "get_value"))
       for field in found[0]

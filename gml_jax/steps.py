@@ -21,9 +21,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gml_jax.balancing import (accumulated, balance_state, speed_gap, speeds_from_accumulators,
-                               update_mask)
+from gml_jax.balancing import (NORMAL_STEP, accumulated, find_balance_state, speed_gap,
+                               speeds_from_accumulators, update_mask)
 from gml_jax.models import group_labels
+from gml_jax.modulation import ogm_state
 
 DATA_AXIS = "data"
 
@@ -32,7 +33,7 @@ DATA_AXIS = "data"
 class TrainState:
   """Everything a training run carries from step to step.
 
-  The step count lives in the balancing state (``balance_state(opt_state).step``).
+  The step count lives in the optimizer state (e.g. ``balance_state(opt_state).step``).
 
   Attributes:
     params: the model parameters.
@@ -77,6 +78,13 @@ def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
+def true_class_scores(branch_logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """float[N]: per branch, the batch's sum of the softmax probability of the true class
+  (the ``scores`` of :func:`gml_jax.ogm_ge`)."""
+  probs = jax.nn.softmax(branch_logits, axis=-1)
+  return jnp.sum(jnp.take_along_axis(probs, labels[None, :, None], axis=-1)[..., 0], axis=-1)
+
+
 def cast_floats(tree: Any, dtype: Any) -> Any:
   """``tree`` with its floating-point arrays cast to ``dtype`` (unchanged when None)."""
   if dtype is None:
@@ -95,13 +103,19 @@ def make_train_step(
     labels: Callable[[Any], Any] = group_labels,
     compute_dtype: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The train step of balanced multi-modal learning, uncompiled.
+  """The train step of a multi-modal network, uncompiled.
 
-  ``tx`` must contain :func:`gml_jax.balanced_multimodal`. The step reads the re-balancing
+  When ``tx`` contains :func:`gml_jax.balanced_multimodal`, the step reads the re-balancing
   target from the optimizer state, cuts the flow into that branch in the forward pass,
   updates the parameters, and keeps the model state (BatchNorm statistics, fusion running
   means) of the branches that this step freezes. ``labels`` maps a variable collection
   (params, batch_stats, fusion_stats: each laid out like the params) to its group labels.
+  Any other optimizer works too (every step is then a normal step). ``tx.update`` is given
+  ``scores=`` (:func:`true_class_scores`), which :func:`gml_jax.ogm_ge` reads and other
+  transforms ignore.
+
+  Metrics: loss, accuracies and the target of every step; μ, s_k and d_speed when ``tx``
+  balances; OGM-GE's ratios and coefficients when it contains :func:`gml_jax.ogm_ge`.
 
   ``compute_dtype`` (e.g. ``jnp.bfloat16`` or ``"bfloat16"``; None or float32: none):
   mixed precision. The forward and backward
@@ -111,8 +125,12 @@ def make_train_step(
   balancing decisions.
   """
 
+  tx = optax.with_extra_args_support(tx)
+
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    target = balance_state(state.opt_state).target
+    balance = find_balance_state(state.opt_state)
+    balancing = balance is not None
+    target = balance.target if balancing else jnp.full((), NORMAL_STEP, jnp.int32)
     collections = list(state.model_state)
 
     def loss_fn(params):
@@ -130,32 +148,34 @@ def make_train_step(
     grads, (new_model_state, logits, branch_logits, losses) = jax.grad(loss_fn, has_aux=True)(
         state.params
     )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   scores=true_class_scores(branch_logits, batch["label"]))
     params = optax.apply_updates(state.params, updates)
-    # Each collection is laid out like the params, so the same labels apply to it.
-    model_state = {
-        name: jax.tree.map(
-            lambda m, new, old: jnp.where(m, new, old).astype(old.dtype),
-            update_mask(state.opt_state, labels, new),
-            new,
-            state.model_state[name],
-        )
-        for name, new in new_model_state.items()
-    }
 
-    balance = balance_state(opt_state)
-    speeds = speeds_from_accumulators(*accumulated(balance))
+    # Each collection is laid out like the params, so the same labels apply to it.
+    def keep_frozen(new, old):
+      moves = (update_mask(state.opt_state, labels, new) if balancing
+               else jax.tree.map(lambda _: True, new))
+      return jax.tree.map(lambda m, n, o: jnp.where(m, n, o).astype(o.dtype), moves, new, old)
+
+    model_state = {name: keep_frozen(new, state.model_state[name])
+                   for name, new in new_model_state.items()}
+
     metrics = {
         "loss": jnp.sum(losses),
         "branch_loss": losses,
         "accuracy": jnp.mean(_correct(logits, batch["label"])),
         "branch_accuracy": jnp.mean(_correct(branch_logits, batch["label"]), axis=-1),
-        "mu_main": balance.mu_main,
-        "mu_fusion": balance.mu_fusion,
-        "speeds": speeds,
-        "d_speed": speed_gap(speeds),
         "target": target,
     }
+    if balancing:
+      balance = find_balance_state(opt_state)
+      speeds = speeds_from_accumulators(*accumulated(balance))
+      metrics |= {"mu_main": balance.mu_main, "mu_fusion": balance.mu_fusion,
+                  "speeds": speeds, "d_speed": speed_gap(speeds)}
+    modulation = ogm_state(opt_state)
+    if modulation is not None:
+      metrics |= {"ogm_ratio": modulation.ratios, "ogm_coefficient": modulation.coefficients}
     new_state = TrainState(params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
 

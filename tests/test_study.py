@@ -117,25 +117,42 @@ def test_unknown_grid_field_and_method_are_refused_before_any_run(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("experiment,flags", [
-    ("modelnet40", ["--config.data.image_size=32", "--config.batch_size=4",
-                    "--config.eval_batch_size=4", "--config.num_epochs=2"]),
-    ("nvgesture", ["--config.data.builder_config=frames8_32px", "--config.batch_size=4",
-                   "--config.eval_batch_size=4", "--config.num_epochs=2"]),
+# Between them, the two cover every variant beyond the paper's on a real backbone: OGM-GE and
+# late fusion on the ResNet-18 pair, a uni-modal I3D beside the I3D pair (Colored MNIST runs
+# them all in tests/test_baselines.py).
+@pytest.mark.parametrize("experiment,methods,flags", [
+    ("modelnet40", "vanilla,guided,ogm_ge,late_fusion",
+     ["--config.data.image_size=32", "--config.batch_size=4", "--config.eval_batch_size=4",
+      "--config.num_epochs=2"]),
+    ("nvgesture", "vanilla,guided,unimodal_1",
+     ["--config.data.builder_config=frames8_32px", "--config.batch_size=4",
+      "--config.eval_batch_size=4", "--config.num_epochs=2"]),
 ])
-def test_study_runs_the_other_experiments_on_their_dummy_data(experiment, flags, tmp_path):
+def test_study_runs_the_other_experiments_on_their_dummy_data(experiment, methods, flags,
+                                                              tmp_path):
   dummy = {"modelnet40": "modelnet40_views", "nvgesture": "nvgesture"}[experiment]
-  result = _study(f"--config=experiments/{experiment}.py", "--methods=vanilla,guided",
+  result = _study(f"--config=experiments/{experiment}.py", f"--methods={methods}",
                   "--seeds=0", f"--workdir={tmp_path / 'study'}",
                   f"--config.data.data_dir={tmp_path / 'tfds'}",
                   f"--config.data.manual_dir={ROOT / 'data_prep' / dummy / 'dummy_data'}",
                   "--config.log_every_steps=1", *flags)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   saved = json.loads((tmp_path / "study" / "study.json").read_text())
-  assert saved["experiment"] == experiment and len(saved["groups"]) == 2
-  # One seed: a mean but no spread, and no interval for the paired difference.
-  (paired,) = [p for p in saved["paired"] if p["metric"] == "test_accuracy"]
-  assert paired["n"] == 1 and paired["ci95"] is None
+  assert saved["experiment"] == experiment
+  assert [g["method"] for g in saved["groups"]] == methods.split(",")
+  # One seed: a mean but no spread, and no interval for the paired differences.
+  paired = [p for p in saved["paired"] if p["metric"] == "test_accuracy"]
+  expected = {"modelnet40": ["guided - vanilla", "ogm_ge - vanilla", "guided - ogm_ge",
+                             "vanilla - late_fusion"], "nvgesture": ["guided - vanilla"]}
+  assert [p["comparison"] for p in paired] == expected[experiment]
+  assert all(p["n"] == 1 and p["ci95"] is None for p in paired)
+  metrics = {g["method"]: g["metrics"] for g in saved["groups"]}
+  if experiment == "modelnet40":
+    assert "d_util" in metrics["ogm_ge"] and "d_util" not in metrics["late_fusion"]
+  else:
+    unimodal = metrics["unimodal_1"]
+    assert unimodal["test_accuracy"] == unimodal["test_branch_1_accuracy"]
+    assert "test_branch_0_accuracy" not in unimodal and "d_util" not in unimodal
   assert (tmp_path / "study" / "plots" / "speeds.png").exists()
 
 

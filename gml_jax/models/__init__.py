@@ -39,14 +39,15 @@ def backbone_options(name: str) -> tuple[str, ...]:
 
 
 def build(name: str, num_classes: int, num_modalities: int = 2, *, ratio: float = 4.0,
-          **options) -> FusionNetwork:
-  """N branches of backbone ``name`` with MMTM after its ``FUSION_AFTER`` stages.
+          fusion: bool = True, **options) -> FusionNetwork:
+  """N branches of backbone ``name`` with MMTM after its ``FUSION_AFTER`` stages
+  (``fusion=False``: none, i.e. late fusion, or a uni-modal model for N = 1).
 
   ``options`` go to the backbone's ``stages()`` (see :func:`backbone_options`).
   """
   module = backbone(name)
   return fusion_network(lambda: module.stages(**options), num_modalities, num_classes,
-                        module.FUSION_AFTER, ratio=ratio)
+                        module.FUSION_AFTER if fusion else (), ratio=ratio)
 
 
 def small_cnn_fusion(num_classes: int = 10, num_modalities: int = 2, width: int = 32):

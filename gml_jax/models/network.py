@@ -44,8 +44,12 @@ class Branch(nn.Module):
 class FusionNetwork(nn.Module):
   """N branches with MMTM fusion after the stages listed in ``fusion_after``.
 
+  With no fusion stages it is a late-fusion model (ŷ is the mean of independent branches'
+  logits), and with one branch and none, a uni-modal model.
+
   Attributes:
-    branches: one :class:`Branch` per modality, all with the same number of stages.
+    branches: one :class:`Branch` per modality, all with the same number of stages
+      (two or more when ``fusion_after`` is not empty).
     fusion_after: indices of the stages followed by an MMTM (0-based).
     ratio: MMTM squeeze ratio.
   """
@@ -56,10 +60,11 @@ class FusionNetwork(nn.Module):
 
   def setup(self):
     depths = {len(b.stages) for b in self.branches}
-    if len(self.branches) < 2 or len(depths) != 1:
+    fewest = 2 if self.fusion_after else 1
+    if len(self.branches) < fewest or len(depths) != 1:
       raise ValueError(
-          f"FusionNetwork needs >= 2 branches with equal numbers of stages; got stage counts "
-          f"{[len(b.stages) for b in self.branches]}."
+          f"FusionNetwork needs >= {fewest} branches with equal numbers of stages; got stage "
+          f"counts {[len(b.stages) for b in self.branches]}."
       )
     (depth,) = depths
     if sorted(set(self.fusion_after)) != list(self.fusion_after) or not all(

@@ -11,12 +11,15 @@ import optax
 
 from gml_jax import models
 from gml_jax.balancing import METHODS, UPDATE_MODES, balanced_multimodal
+from gml_jax.modulation import ogm_ge
 from gml_jax.runner import pipeline
 from gml_jax.steps import TrainState, create_train_state, replicate
 
 SCHEDULES = ("constant", "plateau")
 OPTIMIZERS = ("sgd", "adam")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+FUSIONS = ("mmtm", "none")
+BALANCE_METHODS = (*METHODS, "ogm_ge")
 
 
 def _integer(low: int):
@@ -51,15 +54,18 @@ FIELD_CHECKS = (
     ("model.width", _integer(1)),
     ("model.ratio", _number(lambda v: v > 0, "> 0")),
     ("model.dtype", _one_of(COMPUTE_DTYPES)),
+    ("model.fusion", _one_of(FUSIONS)),
     ("optimizer.name", _one_of(OPTIMIZERS)),
     ("optimizer.learning_rate", _number(lambda v: v > 0, "> 0")),
     ("optimizer.momentum", _number(lambda v: 0 <= v < 1, "in [0, 1)")),
     ("optimizer.weight_decay", _number(lambda v: v >= 0, ">= 0")),
-    ("balance.method", _one_of(METHODS)),
+    ("balance.method", _one_of(BALANCE_METHODS)),
     ("balance.alpha", _number(lambda v: v >= 0, ">= 0")),
     ("balance.window", _integer(1)),
     ("balance.warmup_epochs", _integer(0)),
     ("balance.update_mode", _one_of(UPDATE_MODES)),
+    ("balance.ogm_alpha", _number(lambda v: v > 0, "> 0")),
+    ("balance.ogm_noise", (lambda v: isinstance(v, bool), "true or false")),
     ("schedule.name", _one_of(SCHEDULES)),
     ("schedule.factor", _number(lambda v: 0 < v < 1, "in (0, 1)")),
     ("schedule.patience", _integer(0)),
@@ -85,6 +91,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not test(value):
       what = "is unknown" if expected.startswith("one of") else "is invalid"
       raise ValueError(f"config.{field}={value!r} {what}: expected {expected}.")
+  _check_model_inputs(config)
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % jax.device_count():
       raise ValueError(f"config.{name}={config[name]} is not divisible by the "
@@ -95,17 +102,41 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                               "does not exist.")
 
 
-def model(config: ml_collections.ConfigDict, num_classes: int, num_modalities: int):
-  """The fusion network of ``config.model``: the backbone ``model.name``, given the
-  ``model`` fields its ``stages()`` takes (e.g. ``width`` for ``small_cnn``)."""
+def _check_model_inputs(config) -> None:
+  """``data.modalities`` against the dataset, and what the fusion and the method need."""
+  available = len(pipeline.MODALITIES[config.data.name])
+  chosen = config.data.modalities
+  if (not isinstance(chosen, (tuple, list)) or not chosen or len(set(chosen)) != len(chosen)
+      or not all(isinstance(m, int) and 0 <= m < available for m in chosen)):
+    raise ValueError(f"config.data.modalities={chosen!r} is invalid: expected distinct "
+                     f"indices of {config.data.name}'s {available} modalities, e.g. (0, 1) "
+                     "or (0,).")
+  method, fusion = config.balance.method, config.model.fusion
+  if fusion == "mmtm" and len(chosen) < 2:
+    raise ValueError(f"config.model.fusion='mmtm' needs two or more data.modalities, got "
+                     f"{tuple(chosen)}; use model.fusion='none' for a uni-modal model.")
+  if method in ("random", "guided") and fusion != "mmtm":
+    raise ValueError(f"config.balance.method={method!r} needs fusion layers "
+                     "(model.fusion='mmtm'): it re-balances through them.")
+  if method == "ogm_ge" and len(chosen) < 2:
+    raise ValueError("config.balance.method='ogm_ge' needs two or more data.modalities.")
+
+
+def model(config: ml_collections.ConfigDict, num_classes: int):
+  """The network of ``config.model``: one branch of backbone ``model.name`` per modality
+  of ``data.modalities``, given the ``model`` fields its ``stages()`` takes (e.g.
+  ``width`` for ``small_cnn``), with MMTM between them or no fusion (``model.fusion``)."""
   name = config.model.name
   options = {k: config.model[k] for k in models.backbone_options(name)}
-  return models.build(name, num_classes, num_modalities, ratio=config.model.ratio, **options)
+  return models.build(name, num_classes, len(config.data.modalities), ratio=config.model.ratio,
+                      fusion=config.model.fusion == "mmtm", **options)
 
 
 def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """The configured optimizer inside the balancing transform; its learning rate is a
-  hyperparameter in the optimizer state, so a schedule can change it between steps."""
+  """The configured optimizer, inside OGM-GE for ``balance.method='ogm_ge'``, inside the
+  balancing transform wherever the model has fusion layers (OGM-GE's runs then measure the
+  speeds too, with normal steps only); its learning rate is a hyperparameter in the
+  optimizer state, so a schedule can change it between steps."""
   o = config.optimizer
 
   def make_inner(learning_rate):
@@ -118,10 +149,16 @@ def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     return inner
 
   b = config.balance
+  tx = optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate)
+  if b.method == "ogm_ge":
+    tx = ogm_ge(tx, models.group_labels, alpha=b.ogm_alpha, noise=b.ogm_noise,
+                seed=config.seed)
+  if config.model.fusion == "none":
+    return tx
   return balanced_multimodal(
-      optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate),
-      models.group_labels, method=b.method, alpha=b.alpha, window=b.window,
-      warmup_steps=b.warmup_epochs * steps_per_epoch, update=b.update_mode, seed=config.seed)
+      tx, models.group_labels, method=b.method if b.method in METHODS else "vanilla",
+      alpha=b.alpha, window=b.window, warmup_steps=b.warmup_epochs * steps_per_epoch,
+      update=b.update_mode, seed=config.seed)
 
 
 def initial_state(config, network, tx, example_inputs, mesh) -> TrainState:

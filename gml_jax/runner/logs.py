@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -91,27 +92,33 @@ class RunLogs:
       self._tensorboard.close()
 
 
-def step_rows(pending: list[tuple[dict, int]], last_step: int) -> list[dict]:
+def step_rows(pending: list[tuple[dict, int]], last_step: int,
+              modalities: Sequence[int]) -> list[dict]:
   """Metrics of the calls since the last fetch -> one JSON row per step (one host sync).
 
   ``pending`` holds (metrics, steps) per call; the metrics of a multi-step call have a
   leading step axis. A row's step is the number of steps done after it (1, 2, ...), as in
-  checkpoints; the last is ``last_step``.
+  checkpoints; the last is ``last_step``. Per-branch values are named by the dataset
+  modality the branch reads (``modalities[b]`` for branch b); speeds where the run
+  measures them, OGM-GE's ratios and coefficients where it modulates.
   """
   per_step = []
   for metrics, steps in jax.device_get(pending):
     per_step += [metrics] if steps == 1 else [
         jax.tree.map(lambda x, i=i: x[i], metrics) for i in range(steps)]
   first_step = last_step - len(per_step)
+  per_branch = {"branch_accuracy": "branch_{}_accuracy", "branch_loss": "branch_{}_loss",
+                "speeds": "s_{}", "mu_main": "mu_main_{}", "mu_fusion": "mu_fusion_{}",
+                "ogm_ratio": "ogm_ratio_{}", "ogm_coefficient": "ogm_coefficient_{}"}
   rows = []
   for i, m in enumerate(per_step):
     row = {"step": first_step + i + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-           "d_speed": float(m["d_speed"]), "target": int(m["target"])}
-    for b in range(len(m["speeds"])):
-      row |= {f"branch_{b}_accuracy": float(m["branch_accuracy"][b]),
-              f"branch_{b}_loss": float(m["branch_loss"][b]),
-              f"s_{b}": float(m["speeds"][b]), f"mu_main_{b}": float(m["mu_main"][b]),
-              f"mu_fusion_{b}": float(m["mu_fusion"][b])}
+           "target": int(m["target"])}
+    if "d_speed" in m:
+      row["d_speed"] = float(m["d_speed"])
+    for b, modality in enumerate(modalities):
+      row |= {name.format(modality): float(m[key][b]) for key, name in per_branch.items()
+              if key in m}
     rows.append(row)
   return rows
 

@@ -51,10 +51,14 @@ class Preprocess:
 
   @classmethod
   def from_config(cls, data_config) -> "Preprocess":
+    """The preprocessing of ``config.data``; its modalities are those of
+    ``data.modalities`` (all of the dataset's when the field is absent)."""
     if data_config.name not in MODALITIES:
       raise ValueError(f"Unknown dataset {data_config.name!r}; known: {sorted(MODALITIES)}.")
-    return cls(MODALITIES[data_config.name], data_config.image_size, data_config.normalize,
-               data_config.hflip)
+    names = MODALITIES[data_config.name]
+    chosen = data_config.get("modalities") or range(len(names))
+    return cls(tuple(names[i] for i in chosen), data_config.image_size,
+               data_config.normalize, data_config.hflip)
 
   def resize(self, example: dict) -> dict:
     if not self.image_size:

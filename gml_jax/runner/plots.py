@@ -1,4 +1,5 @@
-"""PNG plots of a run: speeds with re-balancing steps, accuracies, utilization rates."""
+"""PNG plots of a run: speeds with re-balancing steps, OGM-GE's modulation, accuracies,
+utilization rates."""
 
 from __future__ import annotations
 
@@ -76,10 +77,39 @@ def utilization(summary: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def modulation(step_rows: list[dict], path: pathlib.Path) -> None:
+  """OGM-GE's discrepancy ratios ρ_k and the coefficients that scaled each branch."""
+  steps = np.array([r["step"] for r in step_rows])
+  names = [k[len("ogm_ratio_"):] for k in step_rows[0] if k.startswith("ogm_ratio_")]
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+  for i, m in enumerate(names):
+    top.plot(steps, [r[f"ogm_ratio_{m}"] for r in step_rows], color=f"C{i}", lw=0.8,
+             label=f"$\\rho_{m}$")
+    bottom.plot(steps, [r[f"ogm_coefficient_{m}"] for r in step_rows], color=f"C{i}", lw=0.8,
+                label=f"m{m}")
+  top.axhline(1, color="grey", lw=0.5)
+  top.set_yscale("log")
+  top.set_ylabel("discrepancy ratio (log scale)")
+  top.legend(loc="best")
+  bottom.set_ylabel("gradient coefficient")
+  bottom.set_ylim(0, 1.05)
+  bottom.set_xlabel("step")
+  bottom.legend(loc="best")
+  top.set_title("OGM-GE: discrepancy ratios and the coefficients of each branch's gradients")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_run_plots(plot_dir: pathlib.Path, step_rows: list[dict], epoch_rows: list[dict],
                     summary: dict) -> None:
-  """speeds.png, accuracy.png and utilization.png of a finished run."""
+  """accuracy.png of a finished run; speeds.png where it measured speeds, modulation.png
+  where OGM-GE modulated its gradients, utilization.png where it has fusion layers."""
   plot_dir.mkdir(exist_ok=True)
-  speeds(step_rows, plot_dir / "speeds.png")
+  if "d_speed" in step_rows[0]:
+    speeds(step_rows, plot_dir / "speeds.png")
+  if any(k.startswith("ogm_ratio_") for k in step_rows[0]):
+    modulation(step_rows, plot_dir / "modulation.png")
   accuracy(epoch_rows, plot_dir / "accuracy.png")
-  utilization(summary, plot_dir / "utilization.png")
+  if any(k.startswith("u(") for k in summary):
+    utilization(summary, plot_dir / "utilization.png")

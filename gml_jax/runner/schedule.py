@@ -6,8 +6,8 @@ import dataclasses
 
 import ml_collections
 import numpy as np
+import optax
 
-from gml_jax.balancing import balance_state
 from gml_jax.steps import TrainState, replicate
 
 
@@ -20,16 +20,15 @@ class PlateauTracker:
 
 
 def learning_rate(opt_state) -> float:
-  return float(balance_state(opt_state).inner_state.hyperparams["learning_rate"])
+  """The ``learning_rate`` hyperparameter of the (injected) optimizer, wherever it sits."""
+  return float(optax.tree_utils.tree_get(opt_state, "learning_rate"))
 
 
 def with_learning_rate(opt_state, value: float, mesh):
   """The optimizer state with a new learning rate (replicated like the rest)."""
-  inner = opt_state.inner_state
-  hyperparams = dict(inner.hyperparams)
-  hyperparams["learning_rate"] = replicate(
-      np.asarray(value, np.asarray(hyperparams["learning_rate"]).dtype), mesh)
-  return opt_state._replace(inner_state=inner._replace(hyperparams=hyperparams))
+  old = optax.tree_utils.tree_get(opt_state, "learning_rate")
+  return optax.tree_utils.tree_set(
+      opt_state, learning_rate=replicate(np.asarray(value, np.asarray(old).dtype), mesh))
 
 
 def plateau(schedule: ml_collections.ConfigDict, tracker: PlateauTracker, loss: float,

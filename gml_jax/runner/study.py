@@ -7,6 +7,8 @@ the aggregate (mean ± std over seeds, paired differences with a 95% interval) a
       --methods vanilla,guided --grid balance.alpha=0.001,0.01,0.1 --workdir runs/alpha \
       --config.num_epochs=5
   make study EXP=colored_mnist SEEDS=5 ARGS="--config.data.builder_config=var_0.05"
+  make study EXP=colored_mnist SEEDS=5 \
+      METHODS=vanilla,random,guided,ogm_ge,unimodal_0,unimodal_1,late_fusion
 
 Each run is ``python -m gml_jax.runner.main`` in its own workdir under the study's
 (``<method>/seed_<s>``, below ``<grid point>/`` with ``--grid``), with its console output
@@ -39,6 +41,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.common import VARIANTS
 from gml_jax.balancing import METHODS
 from gml_jax.runner import build, study_report
 from gml_jax.runner.workdir import atomic_write
@@ -47,7 +50,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (without a variant), e.g. "
     "experiments/colored_mnist.py; --config.<field>=<value> overrides go to every run.",
     lock_config=True)
-_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods (config variants) to run.")
+_METHODS = flags.DEFINE_list(
+    "methods", list(METHODS), f"Methods (config variants) to run, some of {list(VARIANTS)}: "
+    "the paper's methods, OGM-GE, each modality alone, late fusion.")
 _SEEDS = flags.DEFINE_string("seeds", "0-4", "Seeds: a range 0-4 or a list 0,3,7.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The study's directory (runs below it).")
 _GRID = flags.DEFINE_multi_string(
@@ -176,9 +181,9 @@ def main(argv):
   config_file = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
   overrides = [f"--config.{k}={v if isinstance(v, str) else repr(v)}"
                for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()]
-  unknown = [m for m in _METHODS.value if m not in METHODS]
+  unknown = [m for m in _METHODS.value if m not in VARIANTS]
   if unknown:
-    raise app.UsageError(f"Unknown methods {unknown}; expected some of {METHODS}.")
+    raise app.UsageError(f"Unknown methods {unknown}; expected some of {VARIANTS}.")
   workdir = pathlib.Path(_WORKDIR.value).expanduser().resolve()
   points = parse_grid(_GRID.value, config)
   process = _process_id(_RUN_ARGS.value)

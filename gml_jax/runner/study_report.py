@@ -19,7 +19,8 @@ METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
            "test_branch_2_accuracy", "test_biased_accuracy", "u(m1|m0)", "u(m0|m1)", "d_util",
            "rebalance_share_m0", "rebalance_share_m1", "rebalance_share_m2", "samples_per_s")
 # Paired differences over seeds: (method, baseline) and the values compared.
-COMPARISONS = (("guided", "vanilla"), ("guided", "random"))
+COMPARISONS = (("guided", "vanilla"), ("guided", "random"), ("ogm_ge", "vanilla"),
+               ("guided", "ogm_ge"), ("vanilla", "late_fusion"))
 PAIRED_METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
                   "test_biased_accuracy", "d_util")
 
@@ -192,8 +193,15 @@ def plots(result: dict, runs: dict, plot_dir: pathlib.Path) -> None:
                "Conditional utilization rates (mean ± std over seeds; dots: seeds)",
                "rate (negative: removing the modality helped)", summaries)
   groups = result["groups"]
-  _speeds_plot(groups, members, plot_dir / "speeds.png")
+  measured = [g for g in groups if "d_speed" in _first_row(members(g))]  # models with fusion
+  if measured:
+    _speeds_plot(measured, members, plot_dir / "speeds.png")
   _validation_plot(groups, members, plot_dir / "validation.png")
+
+
+def _first_row(runs) -> dict:
+  lines = (runs[0].workdir / "metrics" / "steps.jsonl").read_text().splitlines()
+  return json.loads(lines[0]) if lines else {}
 
 
 def _speeds_plot(groups, members, path: pathlib.Path) -> None:

@@ -3,7 +3,8 @@
 A run leaves in its workdir:
 
 * ``config.json``: the resolved config (a workdir of another config is refused);
-* ``metrics/steps.jsonl`` (every step: loss, accuracies, μ, s_k, d_speed, target) and
+* ``metrics/steps.jsonl`` (every step: loss, accuracies, target; μ, s_k and d_speed where
+  the model has fusion layers; OGM-GE's ratios and coefficients where it modulates) and
   ``metrics/epochs.jsonl`` (train and validation accuracy per branch), with CSV copies, and
   TensorBoard event files in ``tensorboard/``;
 * ``checkpoints/latest`` and ``checkpoints/best`` (best validation accuracy; never test):
@@ -13,7 +14,8 @@ A run leaves in its workdir:
   conditional utilization rates and d_util, share of re-balancing steps per modality,
   wall time and samples/s (all from the best checkpoint);
 * ``plots/``: speeds.png (s_0, s_1, d_speed with re-balancing steps marked),
-  accuracy.png (per-branch train/validation accuracy), utilization.png.
+  modulation.png (OGM-GE), accuracy.png (per-branch train/validation accuracy),
+  utilization.png (models with fusion layers).
 
 Running again with the same workdir resumes from the latest checkpoint: all randomness is
 a function of (seed, step), so the resumed run continues exactly where it stopped; a
@@ -60,7 +62,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   build.check_config(config)
   dataset = datasets.open_dataset(config.data)
   spe = pipeline.steps_per_epoch(dataset.sources["train"], config.batch_size)
-  model = build.model(config, dataset.num_classes, len(dataset.prep.modalities))
+  model = build.model(config, dataset.num_classes)
   tx = build.optimizer(config, spe)
   if (workdir / "summary.json").exists():  # finished: nothing to do, nothing to change
     check_workdir_config(workdir, config, dataset.used(), write=False)
@@ -103,8 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # ---- Final evaluation with the best checkpoint (chosen on validation accuracy).
     state, _ = run.checkpoints.restore(run.checkpoints.best, state)
     summary = final_summary(config, model, run.eval_step, state, run.split_batches,
-                            len(dataset.prep.modalities), dataset.source_name, run.progress,
-                            run.logs.steps.rows)
+                            dataset.source_name, run.progress, run.logs.steps.rows)
     summary["compile_seconds"] = compile_seconds  # this session's (not in train_seconds)
     summary["data"] = dataset.used()
     if is_writer:
@@ -170,16 +171,18 @@ def train(run: Run, state, stop_after_steps: int | None):
         if not (sum(n for _, n in pending) >= config.log_every_steps or checkpoint_due
                 or stop_asked):
           continue
-        rows = step_rows(pending, step)
+        rows = step_rows(pending, step, config.data.modalities)
         pending = []
-        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", acc=f"{rows[-1]['accuracy']:.2f}",
-                        d_speed=f"{rows[-1]['d_speed']:+.3f}")
+        bar.set_postfix({"loss": f"{rows[-1]['loss']:.3f}", "acc": f"{rows[-1]['accuracy']:.2f}"}
+                        | ({"d_speed": f"{rows[-1]['d_speed']:+.3f}"} if "d_speed" in rows[-1]
+                           else {}))
         logs.add_steps(rows)
         check_finite(rows, run.workdir, checkpoints.latest.latest_step())
         preempted = stop_signal.agreed()
         if at_epoch_end:
           progress.train_seconds += time.perf_counter() - started
-          val = evaluate(run.eval_step, state, run.split_batches("validation"))
+          val = evaluate(run.eval_step, state, run.split_batches("validation"),
+                         config.data.modalities)
           this_epoch = [r for r in logs.steps.rows if step - spe < r["step"] <= step]
           row = epoch_row(epoch + 1, step, this_epoch, val) | {
               "learning_rate": learning_rate(state.opt_state)}

@@ -1,0 +1,95 @@
+"""The study's other variants end to end on dummy Colored MNIST: each modality alone, late
+fusion (no MMTM) and OGM-GE; and the config checks that keep them consistent."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gml_jax.runner import build, pipeline, trainer
+from run_helpers import assert_states_close, restore_latest, tiny_config
+
+
+def _rows(workdir, name="steps"):
+  return [json.loads(l) for l in (workdir / "metrics" / f"{name}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("modality,feature,channels", [(0, "gray", 1), (1, "colored", 3)])
+def test_unimodal_run_reads_its_modality_alone(modality, feature, channels, data_dir, tmp_path):
+  config = tiny_config(f"unimodal_{modality}", data_dir)
+  assert config.data.modalities == (modality,) and config.model.fusion == "none"
+  prep = pipeline.Preprocess.from_config(config.data)
+  assert prep.modalities == (feature,)
+  example = {"gray": np.zeros((2, 28, 28, 1), np.uint8), "colored": np.zeros((2, 28, 28, 3),
+                                                                               np.uint8),
+             "label": np.zeros(2, np.int64)}
+  (only,) = prep.batch(example)["inputs"]
+  assert only.shape == (2, 28, 28, channels)
+
+  summary = trainer.train_and_evaluate(config, tmp_path)
+  _, state = restore_latest(tmp_path)
+  assert set(state["params"]) == {"branches_0"}  # one branch, no fusion layers
+  assert summary["modalities"] == [modality] and summary["fusion"] == "none"
+  # ŷ of one branch is that branch: the fused and the branch accuracy are one number.
+  assert summary["test_accuracy"] == summary[f"test_branch_{modality}_accuracy"]
+  assert summary["test_biased_accuracy"] == summary[f"test_biased_branch_{modality}_accuracy"]
+  assert f"test_branch_{1 - modality}_accuracy" not in summary
+  assert not [k for k in summary if k.startswith("u(") or k == "d_util"]
+  rows = _rows(tmp_path)
+  assert {r["target"] for r in rows} == {-1} and "d_speed" not in rows[0]
+  assert f"branch_{modality}_accuracy" in rows[0] and f"branch_{1 - modality}_loss" not in rows[0]
+  assert f"val_branch_{modality}_accuracy" in _rows(tmp_path, "epochs")[0]
+  assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["accuracy.png"]
+
+
+def test_late_fusion_has_two_independent_branches(data_dir, tmp_path):
+  summary = trainer.train_and_evaluate(tiny_config("late_fusion", data_dir), tmp_path)
+  _, state = restore_latest(tmp_path)
+  assert set(state["params"]) == {"branches_0", "branches_1"}  # no fusion_<i> modules
+  assert set(state["model_state"]) == {"batch_stats"}  # no fusion running means
+  for key in ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy"):
+    assert 0 <= summary[key] <= 1
+  assert not [k for k in summary if k.startswith("u(")]
+  assert summary["rebalance_share_m0"] == summary["rebalance_share_m1"] == 0.0
+  assert "d_speed" not in _rows(tmp_path)[0]
+
+
+def test_ogm_ge_run_logs_ratios_and_coefficients_and_resumes_exactly(data_dir, tmp_path):
+  config = tiny_config("ogm_ge", data_dir)
+  whole = trainer.train_and_evaluate(config, tmp_path / "whole")
+  rows = _rows(tmp_path / "whole")
+  for r in rows:  # the published coefficient of every step, from the logged ratios
+    assert r["ogm_ratio_0"] * r["ogm_ratio_1"] == pytest.approx(1, rel=1e-5)
+    for k in (0, 1):
+      rho = r[f"ogm_ratio_{k}"]
+      expected = 1 - math.tanh(config.balance.ogm_alpha * rho) if rho > 1 else 1.0
+      assert r[f"ogm_coefficient_{k}"] == pytest.approx(expected, rel=1e-5)
+    assert r["target"] == -1 and math.isfinite(r["d_speed"])  # speeds measured, no re-balancing
+  assert (tmp_path / "whole" / "plots" / "modulation.png").exists()
+  assert math.isfinite(whole["d_util"])
+
+  # The noise is a function of (seed, step): a run stopped mid-epoch continues exactly.
+  assert trainer.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=3) is None
+  resumed = trainer.train_and_evaluate(config, tmp_path / "resumed")
+  assert_states_close(restore_latest(tmp_path / "whole")[1],
+                      restore_latest(tmp_path / "resumed")[1], rtol=1e-6, atol=1e-7)
+  assert whole["test_accuracy"] == pytest.approx(resumed["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("variant,field,value,message", [
+    ("guided", "model.fusion", "none", "config.balance.method='guided' needs fusion layers"),
+    ("random", "model.fusion", "none", "config.balance.method='random' needs fusion layers"),
+    ("vanilla", "data.modalities", (1,), "config.model.fusion='mmtm' needs two or more"),
+    ("unimodal_0", "balance.method", "ogm_ge", "'ogm_ge' needs two or more data.modalities"),
+    ("vanilla", "data.modalities", (0, 2), r"config.data.modalities=\(0, 2\) is invalid"),
+    ("vanilla", "data.modalities", (1, 1), r"config.data.modalities=\(1, 1\) is invalid"),
+    ("vanilla", "model.fusion", "early", r"config.model.fusion='early' is unknown"),
+    ("ogm_ge", "balance.ogm_alpha", 0.0, r"config.balance.ogm_alpha=0.0 is invalid"),
+])
+def test_inconsistent_variants_are_refused(variant, field, value, message, tmp_path):
+  config = tiny_config(variant, tmp_path)
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    build.check_config(config)
