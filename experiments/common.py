@@ -76,9 +76,10 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
   c.eval_batch_size = 256
   c.log_every_steps = 10  # progress bar and host-side metric fetches
   c.checkpoint_every_steps = 0  # 0: at the end of every epoch only
-  # Train steps per compiled call (an unrolled scan; results identical to 1). 8 runs the
-  # CNN pair about 1.4x faster on a 2-core CPU but compiles for ~15 s more: worth it for
-  # long runs (benchmarks/RESULTS.md).
+  # Train steps per compiled call (an unrolled scan; results identical to 1). Chosen per
+  # experiment by measurement (benchmarks/RESULTS.md): 1 here and for Colored MNIST, whose
+  # 10-epoch run loses more to the longer compile (43 s against 4 s for K = 8) than it gains
+  # (1.2x); ModelNet40 sets 4.
   c.steps_per_call = 1
 
   if variant.startswith("unimodal_"):

@@ -44,5 +44,8 @@ def get_config(variant: str = "guided"):
   c.num_epochs = 300
   c.eval_batch_size = 32
   c.log_every_steps = 50
+  # 4 steps per compiled call: 1.10-1.15x faster steps on the ResNet-18 pair (2-core CPU,
+  # benchmarks/RESULTS.md) for 13 s more compilation, once in a run of ~350k steps.
+  c.steps_per_call = 4
   # α 0.01, Q 5, one warm-up epoch, update "branch": as in experiments/common.py.
   return c

@@ -38,4 +38,6 @@ def get_config(variant: str = "guided"):
   c.num_epochs = 60
   c.eval_batch_size = 16
   c.log_every_steps = 20
+  # steps_per_call stays 1: a call's dispatch (~0.3 ms, measured on CPU) is small beside an
+  # I3D-pair step (20 s on the 2-core CPU); to revisit with `make bench-device` on a GPU.
   return c

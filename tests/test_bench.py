@@ -56,3 +56,20 @@ def test_device_report_runs_with_only_the_library_stack(tmp_path):
   bf16 = [r for r in saved["ratios"] if r["dtype"] == "bfloat16"]
   assert bf16 and all(r["over_float32"] > 0 for r in bf16)
   assert "÷float32" in result.stdout
+
+
+def test_job_against_its_step_reports_rates_and_where_the_time_goes(data_dir, tmp_path, capsys):
+  from benchmarks import job_vs_step  # pylint: disable=g-import-not-at-top
+  from run_helpers import DUMMY  # pylint: disable=g-import-not-at-top
+
+  rates = job_vs_step.main([
+      "--set", f"data.data_dir={data_dir}", "--set", f"data.manual_dir={DUMMY}",
+      "--set", "model.width=4", "--set", "batch_size=32", "--set", "num_epochs=2",
+      "--steps", "10", "--workdir", str(tmp_path)])
+  out = capsys.readouterr().out
+  assert set(rates) == {"job", "step alone", "job again"} and min(rates.values()) > 0
+  for part in ("metric fetches", "checkpoint saves", "waiting for batches", "step calls"):
+    assert part in out
+  assert "job ÷ step alone:" in out
+  summary = (tmp_path / "job" / "summary.json").read_text()
+  assert '"steps": 10' in summary  # the tiny config ran: 5 steps an epoch, 2 epochs

@@ -22,7 +22,8 @@ class Progress:
     step: training steps done: the one step counter of the run.
     best_val_accuracy: the best validation accuracy of ŷ at an epoch end so far.
     best_step: the step of that epoch end (-1: none yet).
-    train_seconds: time spent in training steps (evaluations excluded).
+    train_seconds: time spent in training steps (compilation, evaluations and checkpoint
+      saves excluded).
     plateau: the reduce-on-plateau schedule's tracker.
     full_accuracy_epochs: epochs at 100% training accuracy (for the early stop).
   """

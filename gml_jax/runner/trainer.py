@@ -196,10 +196,10 @@ def train(run: Run, state, stop_after_steps: int | None):
             bar.close()
             return state
           started = time.perf_counter()
-        if checkpoint_due or stop_asked or preempted:
+        if checkpoint_due or stop_asked or preempted:  # saving is not training time
           progress.train_seconds += time.perf_counter() - started
-          started = time.perf_counter()
           checkpoints.save(checkpoints.latest, state, progress)
+          started = time.perf_counter()
         if stop_asked or preempted:
           bar.close()
           why = "a stop signal" if preempted else f"--stop_after_steps={stop_after_steps}"

@@ -1,0 +1,158 @@
+"""The real job against its own step, like for like, with where the job's time goes.
+
+Runs an experiment's job (``make demo``'s by default: guided Colored MNIST, 10 epochs) with
+the trainer's pieces timed from outside (batch waits, step calls, metric fetches and logs,
+checkpoint saves), then the same compiled step alone on one fixed batch of the job's data
+(same model, optimizer with its momentum and injected learning rate, balancing, dtype,
+steps per call), then the job again. Prints samples/s of each and their ratio.
+
+  python -m benchmarks.job_vs_step                       # make demo's run
+  python -m benchmarks.job_vs_step --config experiments/colored_mnist.py:vanilla \\
+      --set steps_per_call=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import importlib.util
+import pathlib
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from gml_jax.runner import build, checkpoints, dataset as datasets, pipeline, trainer
+from gml_jax.steps import (compile_multi_step, compile_train_step, data_mesh, make_multi_step,
+                           make_train_step)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(spec: str, overrides: list[str]):
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("job_config", ROOT / path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant) if variant else module.get_config()
+  for item in overrides:
+    field, _, value = item.partition("=")
+    *parents, name = field.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[name] = type(node[name])(value) if not isinstance(node[name], bool) else value == "True"
+  return config
+
+
+@contextlib.contextmanager
+def timed_trainer(seconds: collections.Counter):
+  """The trainer with its pieces timed: waits for batches, step calls, metric fetches (which
+  wait for the queued steps), checkpoint saves."""
+  saved = trainer.step_rows, checkpoints.Checkpoints.save, pipeline.train_batches
+
+  def clock(name, fn):
+    def wrapped(*args, **kwargs):
+      start = time.perf_counter()
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        seconds[name] += time.perf_counter() - start
+    return wrapped
+
+  def batches(*args, **kwargs):
+    it = saved[2](*args, **kwargs)
+    while True:
+      start = time.perf_counter()
+      try:
+        item = next(it)
+      except StopIteration:
+        return
+      seconds["waiting for batches"] += time.perf_counter() - start
+      yield item
+
+  @dataclasses.dataclass
+  class TimedRun(trainer.Run):
+    def __post_init__(self):
+      self.train_step = clock("step calls", self.train_step)
+      if self.multi_step is not None:
+        self.multi_step = clock("step calls", self.multi_step)
+
+  trainer.step_rows = clock("metric fetches", saved[0])
+  checkpoints.Checkpoints.save = clock("checkpoint saves", saved[1])
+  pipeline.train_batches = batches
+  original_run, trainer.Run = trainer.Run, TimedRun
+  try:
+    yield
+  finally:
+    trainer.step_rows, checkpoints.Checkpoints.save, pipeline.train_batches = saved
+    trainer.Run = original_run
+
+
+def job(config, workdir: pathlib.Path) -> tuple[dict, collections.Counter]:
+  shutil.rmtree(workdir, ignore_errors=True)
+  seconds = collections.Counter()
+  with timed_trainer(seconds):
+    summary = trainer.train_and_evaluate(config, workdir)
+  return summary, seconds
+
+
+def step_alone(config, steps: int) -> float:
+  """samples/s of the job's compiled step, ``steps`` steps on one fixed batch of its data."""
+  data = datasets.open_dataset(config.data)
+  spe = pipeline.steps_per_epoch(data.sources["train"], config.batch_size)
+  model, tx = build.model(config, data.num_classes), build.optimizer(config, spe)
+  mesh = data_mesh()
+  state = build.initial_state(config, model, tx, data.example_inputs(), mesh)
+  k = config.steps_per_call
+  plan = [k] * max(1, steps // k)
+  size, batch = next(pipeline.train_batches(data.sources["train"], data.prep,
+                                            config.batch_size, config.seed, 0, 0, [k], mesh))
+  step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype)
+  compiled = (compile_train_step(step_fn, mesh) if k == 1 else
+              compile_multi_step(make_multi_step(step_fn, k), mesh)).lower(state, batch).compile()
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in plan:
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  return len(plan) * size * config.batch_size / (time.perf_counter() - start)
+
+
+def main(argv=None) -> dict:
+  """Prints the three rates, the job's time breakdown and the ratios; returns the rates."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="experiments/colored_mnist.py:guided")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="config overrides, e.g. steps_per_call=8")
+  parser.add_argument("--workdir", default=str(ROOT / "runs" / "job_vs_step"))
+  parser.add_argument("--steps", type=int, default=400, help="steps of the step-alone timing")
+  args = parser.parse_args(argv)
+  config = load_config(args.config, args.set)
+  workdir = pathlib.Path(args.workdir)
+
+  rates = {}
+  for name in ("job", "step alone", "job again"):
+    if name == "step alone":
+      rates[name] = step_alone(config, args.steps)
+      print(f"{name:12} {rates[name]:7.0f} samples/s", flush=True)
+      continue
+    summary, seconds = job(config, workdir / name.replace(" ", "_"))
+    rates[name] = summary["samples_per_s"]
+    train = summary["train_seconds"]
+    parts = ", ".join(f"{k} {v:.1f} s ({v / train:.0%})" for k, v in seconds.most_common())
+    print(f"{name:12} {rates[name]:7.0f} samples/s (train {train:.1f} s: {parts}; compile "
+          f"{summary['compile_seconds']:.1f} s, test accuracy {summary['test_accuracy']:.3f})",
+          flush=True)
+  ratios = [rates[k] / rates["step alone"] for k in ("job", "job again")]
+  print(f"job ÷ step alone: {ratios[0]:.2f} and {ratios[1]:.2f} "
+        f"(mean {np.mean(ratios):.2f})")
+  return rates
+
+
+if __name__ == "__main__":
+  main()
