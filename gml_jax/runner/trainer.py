@@ -168,17 +168,20 @@ def train(run: Run, state, stop_after_steps: int | None):
         stop_asked = stop_after_steps is not None and step >= stop_after_steps
         # Metrics reach the host here, and only here: every checkpoint follows a check
         # that the loss is finite, so a diverged state is never saved.
-        if not (sum(n for _, n in pending) >= config.log_every_steps or checkpoint_due
-                or stop_asked):
+        if not (checkpoint_due or stop_asked
+                or sum(n for _, n in pending) > config.log_every_steps):
           continue
-        rows = step_rows(pending, step, config.data.modalities)
-        pending = []
+        preempted = stop_signal.agreed()
+        # A log alone leaves the last call's metrics for the next fetch: the device runs
+        # that call while the host writes the rows, instead of waiting for the next one.
+        sync = checkpoint_due or stop_asked or preempted
+        ready, pending = (pending, []) if sync else (pending[:-1], pending[-1:])
+        rows = step_rows(ready, step - sum(n for _, n in pending), config.data.modalities)
         bar.set_postfix({"loss": f"{rows[-1]['loss']:.3f}", "acc": f"{rows[-1]['accuracy']:.2f}"}
                         | ({"d_speed": f"{rows[-1]['d_speed']:+.3f}"} if "d_speed" in rows[-1]
                            else {}))
         logs.add_steps(rows)
         check_finite(rows, run.workdir, checkpoints.latest.latest_step())
-        preempted = stop_signal.agreed()
         if at_epoch_end:
           progress.train_seconds += time.perf_counter() - started
           val = evaluate(run.eval_step, state, run.split_batches("validation"),
