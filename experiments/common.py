@@ -59,6 +59,7 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
   c.balance.update_mode = "branch"  # branch (paper) or all (authors' code)
   c.balance.ogm_alpha = 0.8  # ogm_ge: α of the coefficient 1 - tanh(α ρ)
   c.balance.ogm_noise = True  # ogm_ge: add the generalisation-enhancement noise (GE)
+  c.balance.ogm_continuous = False  # ogm_ge: 1 - tanh(α (ρ - 1)) instead of the paper's α ρ
 
   # Learning rate: "constant", or "plateau" (x factor after more than `patience` epochs
   # whose training loss improved by less than `threshold`, relative; not below min_lr).

@@ -147,7 +147,7 @@ def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
     ("balance.alpha", -0.5, r"config.balance.alpha=-0.5 is invalid: expected a finite number >= 0"),
     ("balance.window", 0, r"config.balance.window=0 is invalid: expected an integer >= 1"),
     ("balance.method", "greedy", r"config.balance.method='greedy' is unknown: expected one of "
-     r"\('vanilla', 'random', 'guided'\)"),
+     r"\('vanilla', 'random', 'guided', 'ogm_ge'\)"),
     ("balance.update_mode", "everything", "config.balance.update_mode='everything' is unknown"),
     ("optimizer.name", "lion", "config.optimizer.name='lion' is unknown"),
     ("schedule.name", "cosine", "config.schedule.name='cosine' is unknown"),

@@ -66,6 +66,7 @@ FIELD_CHECKS = (
     ("balance.update_mode", _one_of(UPDATE_MODES)),
     ("balance.ogm_alpha", _number(lambda v: v > 0, "> 0")),
     ("balance.ogm_noise", (lambda v: isinstance(v, bool), "true or false")),
+    ("balance.ogm_continuous", (lambda v: isinstance(v, bool), "true or false")),
     ("schedule.name", _one_of(SCHEDULES)),
     ("schedule.factor", _number(lambda v: 0 < v < 1, "in (0, 1)")),
     ("schedule.patience", _integer(0)),
@@ -152,7 +153,7 @@ def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   tx = optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate)
   if b.method == "ogm_ge":
     tx = ogm_ge(tx, models.group_labels, alpha=b.ogm_alpha, noise=b.ogm_noise,
-                seed=config.seed)
+                seed=config.seed, continuous=b.ogm_continuous)
   if config.model.fusion == "none":
     return tx
   return balanced_multimodal(

@@ -176,6 +176,8 @@ def train(run: Run, state, stop_after_steps: int | None):
         # that call while the host writes the rows, instead of waiting for the next one.
         sync = checkpoint_due or stop_asked or preempted
         ready, pending = (pending, []) if sync else (pending[:-1], pending[-1:])
+        if not ready:  # one call of more steps than log_every_steps: fetched next time
+          continue
         rows = step_rows(ready, step - sum(n for _, n in pending), config.data.modalities)
         bar.set_postfix({"loss": f"{rows[-1]['loss']:.3f}", "acc": f"{rows[-1]['accuracy']:.2f}"}
                         | ({"d_speed": f"{rows[-1]['d_speed']:+.3f}"} if "d_speed" in rows[-1]
