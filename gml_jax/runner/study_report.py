@@ -193,13 +193,14 @@ def plots(result: dict, runs: dict, plot_dir: pathlib.Path) -> None:
                "Conditional utilization rates (mean ± std over seeds; dots: seeds)",
                "rate (negative: removing the modality helped)", summaries)
   groups = result["groups"]
-  measured = [g for g in groups if "d_speed" in _first_row(members(g))]  # models with fusion
+  # Speeds exist where the model has fusion layers.
+  measured = [g for g in groups if "d_speed" in _first_step_row(members(g))]
   if measured:
     _speeds_plot(measured, members, plot_dir / "speeds.png")
   _validation_plot(groups, members, plot_dir / "validation.png")
 
 
-def _first_row(runs) -> dict:
+def _first_step_row(runs) -> dict:
   lines = (runs[0].workdir / "metrics" / "steps.jsonl").read_text().splitlines()
   return json.loads(lines[0]) if lines else {}
 

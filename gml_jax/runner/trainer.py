@@ -6,7 +6,7 @@ A run leaves in its workdir:
 * ``metrics/steps.jsonl`` (every step: loss, accuracies, target; μ, s_k and d_speed where
   the model has fusion layers; OGM-GE's ratios and coefficients where it modulates) and
   ``metrics/epochs.jsonl`` (train and validation accuracy per branch), with CSV copies, and
-  TensorBoard event files in ``tensorboard/``;
+  TensorBoard event files in ``tensorboard/`` (step scalars once per metrics fetch);
 * ``checkpoints/latest`` and ``checkpoints/best`` (best validation accuracy; never test):
   orbax checkpoints of the whole train state (parameters, BatchNorm statistics, fusion
   running means, optimizer and balancing state) and the run's progress;
