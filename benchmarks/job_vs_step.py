@@ -41,10 +41,8 @@ def load_config(spec: str, overrides: list[str]):
   config = module.get_config(variant) if variant else module.get_config()
   for item in overrides:
     field, _, value = item.partition("=")
-    *parents, name = field.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
+    parent, _, name = field.rpartition(".")
+    node = build.config_field(config, parent) if parent else config
     node[name] = type(node[name])(value) if not isinstance(node[name], bool) else value == "True"
   return config
 

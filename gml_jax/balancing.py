@@ -117,9 +117,9 @@ def num_modalities(labels: Labels, tree: Any, fusion: bool = True) -> int:
   own_fusion = {k for kind, k in parsed if kind == "fusion"}
   if not own_fusion <= set(range(n)):
     raise ValueError(f"Fusion labels name modalities {sorted(own_fusion)}, but only {n} exist.")
-  has_shared = any(kind == "shared" for kind, _ in parsed)
   if not fusion:
     return n
+  has_shared = any(kind == "shared" for kind, _ in parsed)
   missing = [k for k in range(n) if k not in own_fusion and not has_shared]
   if missing:
     raise ValueError(
@@ -424,18 +424,19 @@ def balance_state(opt_state: Any) -> BalanceState:
 
 def find_balance_state(opt_state: Any) -> BalanceState | None:
   """Like :func:`balance_state`, or None when the optimizer has no balancing transform."""
-  found = [
-      s
-      for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, BalanceState))
-      if isinstance(s, BalanceState)
-  ]
+  return find_state(opt_state, BalanceState, "balanced_multimodal")
+
+
+def find_state(opt_state: Any, state_type: type, transform: str):
+  """The one ``state_type`` NamedTuple inside an optimizer state (plain optax or
+  ``nnx.Optimizer``, whose variables are unwrapped), or None; an error if there are more."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type))
+           if isinstance(s, state_type)]
   if len(found) > 1:
-    raise ValueError(
-        f"Expected one balanced_multimodal state in the optimizer state, found {len(found)}."
-    )
+    raise ValueError(f"Expected one {transform} state in the optimizer state, found {len(found)}.")
   if not found:
     return None
-  return BalanceState(*(
+  return state_type(*(
       jax.tree.map(_unwrap, field, is_leaf=lambda x: hasattr(x, "get_value"))
       for field in found[0]
   ))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gml_jax.balancing import Labels, _resolve_labels, num_modalities
+from gml_jax.balancing import Labels, _resolve_labels, find_state, num_modalities
 
 NOISE_FLOOR = 1e-8  # added to the noise scale so that a zero gradient still gets some
 
@@ -155,9 +155,4 @@ def ogm_ge(
 
 def ogm_state(opt_state: Any) -> OGMState | None:
   """The :class:`OGMState` inside an optimizer state, or None if there is none."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, OGMState))
-           if isinstance(s, OGMState)]
-  if len(found) > 1:
-    raise ValueError(f"Expected at most one ogm_ge state in the optimizer state, found "
-                     f"{len(found)}.")
-  return found[0] if found else None
+  return find_state(opt_state, OGMState, "ogm_ge")

@@ -154,9 +154,9 @@ def make_train_step(
 
     # Each collection is laid out like the params, so the same labels apply to it.
     def keep_frozen(new, old):
-      moves = (update_mask(state.opt_state, labels, new) if balancing
-               else jax.tree.map(lambda _: True, new))
-      return jax.tree.map(lambda m, n, o: jnp.where(m, n, o).astype(o.dtype), moves, new, old)
+      if balancing:
+        new = jax.tree.map(jnp.where, update_mask(state.opt_state, labels, new), new, old)
+      return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
 
     model_state = {name: keep_frozen(new, state.model_state[name])
                    for name, new in new_model_state.items()}

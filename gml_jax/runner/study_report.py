@@ -193,16 +193,11 @@ def plots(result: dict, runs: dict, plot_dir: pathlib.Path) -> None:
                "Conditional utilization rates (mean ± std over seeds; dots: seeds)",
                "rate (negative: removing the modality helped)", summaries)
   groups = result["groups"]
-  # Speeds exist where the model has fusion layers.
-  measured = [g for g in groups if "d_speed" in _first_step_row(members(g))]
+  # Speeds exist where the model has fusion layers (summaries before `fusion` all had).
+  measured = [g for g in groups if members(g)[0].summary().get("fusion", "mmtm") == "mmtm"]
   if measured:
     _speeds_plot(measured, members, plot_dir / "speeds.png")
   _validation_plot(groups, members, plot_dir / "validation.png")
-
-
-def _first_step_row(runs) -> dict:
-  lines = (runs[0].workdir / "metrics" / "steps.jsonl").read_text().splitlines()
-  return json.loads(lines[0]) if lines else {}
 
 
 def _speeds_plot(groups, members, path: pathlib.Path) -> None:
