@@ -1,34 +1,48 @@
 """gml_jax: balanced multi-modal learning in JAX/Flax (Wu et al., ICML 2022).
 
 The library: the balancing optax transform (``balancing``), OGM-GE, a second balancing
-transform (``modulation``), MMTM fusion (``fusion``),
-fusion networks and their backbones (``models``), pure data-parallel train and eval steps
-(``steps``) and the conditional utilization rate (``utilization``). It needs only jax,
-flax, optax, chex and numpy. The experiment runner (CLI, trainer, input pipeline, plots)
-is ``gml_jax.runner``, installed with the ``experiments`` extra and run from a clone.
+transform (``modulation``), the label language of both (``labels``), the cut for any fusion
+and MMTM fusion (``fusion``; NNX twins in ``gml_jax.nnx``), fusion networks and their
+backbones (``models``), pure data-parallel train and eval steps (``steps``) for any model
+that follows the model protocol (``protocol``), and the conditional utilization rate
+(``utilization``). It needs only jax, flax, optax and numpy. The experiment runner (CLI,
+trainer, input pipeline, plots) is ``gml_jax.runner``, installed with the ``experiments``
+extra and run from a clone.
 """
 
+from gml_jax import nnx
 from gml_jax.balancing import (
     METHODS,
+    UPDATE_MODES,
     BalanceState,
+    StepMode,
     balance_state,
     balanced_multimodal,
+    check_masking,
+    describe_speeds,
     find_balance_state,
+    keep_frozen,
     modality_speeds,
     rebalance_target,
     speed_gap,
+    speed_warnings,
+    step_mode,
     update_mask,
 )
-from gml_jax.fusion import MMTM
-from gml_jax.modulation import OGMState, discrepancy_ratios, modulation_coefficients, ogm_ge
+from gml_jax.fusion import MMTM, CrossModalCut
+from gml_jax.labels import label_rules, parse_label, path_string
+from gml_jax.modulation import (OGMState, discrepancy_ratios, modulation_coefficients, ogm_ge,
+                                ogm_state)
 from gml_jax.models import (
     Branch,
     FusionNetwork,
     fusion_network,
     group_labels,
+    i3d_fusion,
     resnet18_fusion,
     small_cnn_fusion,
 )
+from gml_jax.protocol import MultiModalModel
 from gml_jax.steps import (
     TrainState,
     compile_eval_step,
@@ -41,6 +55,28 @@ from gml_jax.steps import (
     shard_batch,
     true_class_scores,
 )
-from gml_jax.utilization import Utilization, conditional_utilization, squeeze_means
+from gml_jax.utilization import Utilization, conditional_utilization, training_means
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
+
+__all__ = [
+    # the balancing transform (balancing)
+    "balanced_multimodal", "BalanceState", "METHODS", "UPDATE_MODES", "rebalance_target",
+    "modality_speeds", "speed_gap", "balance_state", "find_balance_state", "update_mask",
+    # a hand-written step, checks and guidance
+    "StepMode", "step_mode", "keep_frozen", "check_masking", "speed_warnings",
+    "describe_speeds",
+    # labels
+    "label_rules", "parse_label", "path_string", "group_labels",
+    # OGM-GE (modulation)
+    "ogm_ge", "OGMState", "ogm_state", "discrepancy_ratios", "modulation_coefficients",
+    # fusion and models
+    "CrossModalCut", "MMTM", "nnx", "Branch", "FusionNetwork", "fusion_network",
+    "small_cnn_fusion", "resnet18_fusion", "i3d_fusion",
+    # steps and the model protocol
+    "MultiModalModel", "TrainState", "create_train_state", "make_train_step",
+    "make_eval_step", "true_class_scores", "data_mesh", "replicate", "shard_batch",
+    "compile_train_step", "compile_eval_step",
+    # utilization
+    "conditional_utilization", "training_means", "Utilization",
+]

@@ -6,29 +6,33 @@ gradient transformation that wraps any optimizer. Everything runs inside the com
 update: no host syncs, and switching between normal and re-balancing steps never retraces
 (the mode is a traced int32 in the state).
 
-Parameter groups are given by a label tree with the structure of the parameters. Each leaf
-is one of
-
-* ``"main:<k>"``: parameters of modality k's own branch, its classifier head included;
-* ``"fusion:<k>"``: fusion heads that feed modality k's branch (MMTM's excitation into k);
-* ``"fusion:shared"``: fusion parameters shared by all modalities (MMTM's squeeze layer);
-  they count in the fusion group of every modality;
-* ``"other"``: anything else (never measured; frozen in ``update="branch"`` re-balancing).
+Parameter groups are given by a label tree with the structure of the parameters
+(``main:<k>``, ``fusion:<k>``, ``fusion:shared``, ``other``: see :mod:`gml_jax.labels`, whose
+:func:`gml_jax.label_rules` builds one from rules over parameter paths).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-METHODS = ("vanilla", "random", "guided")
-UPDATE_MODES = ("branch", "all")
-NORMAL_STEP = -1
+from gml_jax.labels import Labels, num_modalities, path_string, resolve_labels
 
-Labels = Union[Any, Callable[[Any], Any]]
+METHODS = ("vanilla", "random", "guided")
+"""The values of :func:`balanced_multimodal`'s ``method``: normal steps only, random
+re-balancing steps, or the paper's guided re-balancing."""
+UPDATE_MODES = ("branch", "all")
+"""The values of ``update``: move only main_k in a re-balancing step for k (the paper), or
+everything but the fusion heads into φ_k (the authors' code)."""
+NORMAL_STEP = -1
+"""The re-balancing target of a normal step."""
+TINY_PARAMETERS = 1e-6
+"""A group whose ‖θ‖² is below this share of the largest group's is reported by
+:func:`speed_warnings`: its μ = ‖g‖²/‖θ‖² is dominated by the near-zero denominator."""
 
 
 class BalanceState(NamedTuple):
@@ -41,6 +45,9 @@ class BalanceState(NamedTuple):
       included (0 outside a window).
     mu_main: float32[N], μ of each main group at the last step.
     mu_fusion: float32[N], μ of each fusion group at the last step.
+    param_sq_main: float32[N], ‖θ‖² of each main group at the last step (the denominator
+      of μ; see :func:`speed_warnings`).
+    param_sq_fusion: float32[N], likewise for each fusion group.
     accum_main: float32[N], M of each main group: sum of μ over warm-up and normal steps
       (the float32 running sum; M = accum_main + accum_main_low).
     accum_fusion: float32[N], M of each fusion group, likewise.
@@ -58,6 +65,8 @@ class BalanceState(NamedTuple):
   window_left: jax.Array
   mu_main: jax.Array
   mu_fusion: jax.Array
+  param_sq_main: jax.Array
+  param_sq_fusion: jax.Array
   accum_main: jax.Array
   accum_fusion: jax.Array
   accum_main_low: jax.Array
@@ -68,65 +77,7 @@ class BalanceState(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------
-# Labels
-
-
-def parse_label(label: str) -> tuple[str, int | None]:
-  """Splits a group label into (kind, modality): ("main", k), ("fusion", k),
-  ("shared", None) or ("other", None)."""
-  if label == "other":
-    return "other", None
-  if label == "fusion:shared":
-    return "shared", None
-  kind, _, index = str(label).partition(":")
-  if kind in ("main", "fusion") and index.isdigit():
-    return kind, int(index)
-  raise ValueError(
-      f"Unknown parameter-group label {label!r}; expected 'main:<k>', 'fusion:<k>', "
-      "'fusion:shared' or 'other' (k a modality index 0, 1, ...)."
-  )
-
-
-def _resolve_labels(labels: Labels, tree: Any) -> list[tuple[str, int | None]]:
-  """The parsed label of every leaf of ``tree``, in leaf order."""
-  if callable(labels):
-    labels = labels(tree)
-  label_leaves, label_def = jax.tree.flatten(labels)
-  tree_def = jax.tree.structure(tree)
-  if label_def != tree_def:
-    raise ValueError(
-        "The label tree does not have the structure of the tree it labels.\n"
-        f"  labels: {str(label_def)[:500]}\n  tree:   {str(tree_def)[:500]}"
-    )
-  return [parse_label(label) for label in label_leaves]
-
-
-def num_modalities(labels: Labels, tree: Any, fusion: bool = True) -> int:
-  """Number of modalities named by ``labels``: N >= 2 main groups ``main:0`` ...
-  ``main:<N-1>``; with ``fusion``, every modality must also have a fusion group."""
-  parsed = _resolve_labels(labels, tree)
-  main = {k for kind, k in parsed if kind == "main"}
-  if not main:
-    raise ValueError("No parameter is labelled 'main:<k>': cannot tell the modalities apart.")
-  n = max(main) + 1
-  if n < 2 or main != set(range(n)):
-    raise ValueError(
-        f"Main groups found for modalities {sorted(main)}; expected 'main:0' ... "
-        "'main:<N-1>' with N >= 2 modalities."
-    )
-  own_fusion = {k for kind, k in parsed if kind == "fusion"}
-  if not own_fusion <= set(range(n)):
-    raise ValueError(f"Fusion labels name modalities {sorted(own_fusion)}, but only {n} exist.")
-  if not fusion:
-    return n
-  has_shared = any(kind == "shared" for kind, _ in parsed)
-  missing = [k for k in range(n) if k not in own_fusion and not has_shared]
-  if missing:
-    raise ValueError(
-        f"Modalities {missing} have no fusion parameters ('fusion:<k>' or 'fusion:shared'):"
-        " the conditional learning speed needs both a main and a fusion group."
-    )
-  return n
+# Masks
 
 
 def _leaf_moves(kind: str, k: int | None, target: jax.Array, update_all: jax.Array):
@@ -184,10 +135,12 @@ def accumulated(state: "BalanceState") -> tuple[jax.Array, jax.Array]:
 
 
 def speeds_from_accumulators(accum_main: jax.Array, accum_fusion: jax.Array) -> jax.Array:
-  """s_k = log10(M_fusion_k / M_main_k); 0 while either sum is still zero."""
+  """s_k = log10(M_fusion_k / M_main_k); undefined (NaN) while either sum is still zero,
+  e.g. before the first step or for a group that has never had a gradient. An undefined
+  d_speed never starts a re-balancing window."""
   valid = (accum_main > 0) & (accum_fusion > 0)
   safe = lambda x: jnp.where(valid, x, 1.0)
-  return jnp.where(valid, jnp.log10(safe(accum_fusion) / safe(accum_main)), 0.0)
+  return jnp.where(valid, jnp.log10(safe(accum_fusion) / safe(accum_main)), jnp.nan)
 
 
 def speed_gap(speeds: jax.Array) -> jax.Array:
@@ -261,7 +214,23 @@ def balanced_multimodal(
   fusion heads into φ_k. Masked parameters do not move, whatever ``inner`` is, and their
   entries of ``inner``'s state (momentum, Adam moments) stay as they were. The forward pass
   of that step must cut the cross-modal flow into φ_k: read the target with
-  :func:`rebalance_target` before computing the gradients.
+  :func:`rebalance_target` (or :func:`step_mode`) before computing the gradients, and pass
+  it as ``cut`` to the model's :class:`gml_jax.CrossModalCut` pieces (or MMTM).
+
+  **Where it sits in an optax chain: outermost.** Everything that changes updates (weight
+  decay, clipping of updates, learning-rate schedules) goes *inside*, as ``inner``:
+  ``balanced_multimodal(optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1)),
+  labels)``. A transform chained *after* it, e.g. ``optax.chain(balanced_multimodal(...),
+  optax.add_decayed_weights(1e-4))``, moves the parameters that a re-balancing step
+  freezes. Gradient clipping *before* it (``optax.chain(optax.clip_by_global_norm(1.0),
+  balanced_multimodal(...))``) and ``optax.MultiSteps`` around it are fine, but μ is then
+  measured on the clipped or accumulated gradient. :func:`check_masking` tests a ``tx`` in
+  one call.
+
+  The decision follows the sign of d_speed, and μ = ‖g‖²/‖θ‖² depends on the scale of each
+  group's inputs and weights: standardise the inputs, and beware fusion layers initialised
+  at zero (‖θ‖² ≈ 0 makes μ huge; :func:`speed_warnings` reports it).
+  :func:`describe_speeds` tells from a vanilla run where d_speed sits against α.
 
   Example (a two-branch model; each branch's parameters feed its own group)::
 
@@ -293,9 +262,9 @@ def balanced_multimodal(
     seed: seed of the ``"random"`` method's draws.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` (extra
-    keyword arguments go on to ``inner``, e.g. the ``scores`` of :func:`gml_jax.ogm_ge`);
-    its state is a :class:`BalanceState`.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params,
+    **extra)`` needs ``params`` (extra keyword arguments go on to ``inner``, e.g. the
+    ``scores`` of :func:`gml_jax.ogm_ge`); its state is a :class:`BalanceState`.
 
   References:
     Wu, Jastrzębski, Cho, Geras, ICML 2022, https://arxiv.org/abs/2202.05306
@@ -322,6 +291,8 @@ def balanced_multimodal(
         window_left=jnp.zeros((), jnp.int32),
         mu_main=zeros(),
         mu_fusion=zeros(),
+        param_sq_main=zeros(),
+        param_sq_fusion=zeros(),
         accum_main=zeros(),
         accum_fusion=zeros(),
         accum_main_low=zeros(),
@@ -355,7 +326,11 @@ def balanced_multimodal(
   def update_fn(updates, state: BalanceState, params=None, **extra_args):
     if params is None:
       raise ValueError("balanced_multimodal needs the parameters: tx.update(grads, state, params).")
-    parsed = _resolve_labels(labels, params)
+    if not isinstance(state, BalanceState):
+      raise ValueError(f"balanced_multimodal's update got a {type(state).__name__} as its state; "
+                       "expected the BalanceState that its init returned (is the chain the same "
+                       "as the one that made the state?).")
+    parsed = resolve_labels(labels, params)
     n = state.accum_main.shape[0]
     grad_leaves, param_def = jax.tree.flatten(updates)
     param_leaves = jax.tree.leaves(params)
@@ -392,6 +367,8 @@ def balanced_multimodal(
         window_left=window_left,
         mu_main=mu_main,
         mu_fusion=mu_fusion,
+        param_sq_main=p_main,
+        param_sq_fusion=p_fusion,
         accum_main=main_sum[0],
         accum_fusion=fusion_sum[0],
         accum_main_low=main_sum[1],
@@ -443,24 +420,205 @@ def find_state(opt_state: Any, state_type: type, transform: str):
 
 
 def rebalance_target(opt_state: Any) -> jax.Array:
-  """Modality that the next step re-balances (int32 scalar), -1 for a normal step."""
+  """Modality that the next step re-balances (int32 scalar), -1 for a normal step: pass it
+  as ``cut`` to the model's forward pass of that step."""
   return balance_state(opt_state).target
 
 
 def modality_speeds(opt_state: Any) -> jax.Array:
-  """Conditional learning speed s_k of every modality (float32[N])."""
+  """Conditional learning speed s_k of every modality (float32[N]; NaN while undefined)."""
   return speeds_from_accumulators(*accumulated(balance_state(opt_state)))
 
 
 def update_mask(opt_state: Any, labels: Labels, tree: Any) -> Any:
-  """Tree of bool scalars: True where a leaf of ``tree`` may change in the next step.
+  """Tree of bool scalars: True where a leaf of ``tree`` may change in the step that
+  ``opt_state`` is about to take (the mask of the *next* ``tx.update``).
 
-  Applies the rule of the transform's update mode to any tree labelled like the
-  parameters, e.g. BatchNorm statistics, so a train step keeps them in place for the
-  branches that a re-balancing step freezes.
+  Read it from the state *before* ``tx.update``; after it, it is the following step's
+  mask. In a hand-written step prefer :func:`step_mode` and :func:`keep_frozen`, which
+  cannot be mixed up that way.
   """
   state = balance_state(opt_state)
-  parsed = _resolve_labels(labels, tree)
+  parsed = resolve_labels(labels, tree)
   return jax.tree.unflatten(
       jax.tree.structure(tree), _masks(parsed, state.target, state.update_all)
   )
+
+
+# --------------------------------------------------------------------------------------
+# A hand-written step: the mode of the coming step and the model state it freezes
+
+
+class StepMode(NamedTuple):
+  """What the coming step does, read with :func:`step_mode` *before* ``tx.update``.
+
+  Attributes:
+    target: int32, the modality this step re-balances (the model's ``cut``), -1 normal.
+    update_all: bool, the transform's ``update="all"``.
+  """
+
+  target: jax.Array
+  update_all: jax.Array
+
+
+def step_mode(opt_state: Any) -> StepMode:
+  """The :class:`StepMode` of the step that ``opt_state`` is about to take.
+
+  In a hand-written train step, read it first, pass ``mode.target`` as the model's ``cut``,
+  and after ``tx.update`` give it to :func:`keep_frozen` with the model state the forward
+  pass returned::
+
+    mode = gml_jax.step_mode(opt_state)
+    (logits, branch_logits), new_stats = model.apply(variables, x, train=True,
+                                                     cut=mode.target, mutable=[...])
+    ...
+    updates, opt_state = tx.update(grads, opt_state, params)
+    stats = gml_jax.keep_frozen(mode, labels, new_stats, old_stats)
+
+  The library's :func:`gml_jax.make_train_step` does all of this.
+  """
+  state = balance_state(opt_state)
+  return StepMode(target=state.target, update_all=state.update_all)
+
+
+def keep_frozen(mode: StepMode, labels: Labels, new: Any, old: Any) -> Any:
+  """``new`` with the leaves that the step of ``mode`` freezes put back to ``old``.
+
+  For model state that the forward pass updates outside the optimizer: BatchNorm
+  statistics, the running means of :class:`gml_jax.CrossModalCut`. ``labels`` labels
+  ``new`` like the parameters (the same rules apply to every collection).
+
+  Args:
+    mode: the :class:`StepMode` read with :func:`step_mode` before ``tx.update``.
+    labels: a label tree or function (see :mod:`gml_jax.labels`).
+    new: the state after the forward pass.
+    old: the state before it (same structure).
+  """
+  if not isinstance(mode, StepMode):
+    raise TypeError(
+        f"keep_frozen takes the StepMode of the step, read with gml_jax.step_mode(opt_state) "
+        f"before tx.update; got {type(mode).__name__}. (An optimizer state read after "
+        "tx.update would give the next step's mask.)")
+  if jax.tree.structure(new) != jax.tree.structure(old):
+    raise ValueError("keep_frozen: `new` and `old` model state differ in structure.\n"
+                     f"  new: {str(jax.tree.structure(new))[:300]}\n"
+                     f"  old: {str(jax.tree.structure(old))[:300]}")
+  parsed = resolve_labels(labels, new)
+  moves = _masks(parsed, mode.target, mode.update_all)
+  kept = [jnp.where(m, n, o) for m, n, o in zip(moves, jax.tree.leaves(new), jax.tree.leaves(old))]
+  return jax.tree.unflatten(jax.tree.structure(new), kept)
+
+
+# --------------------------------------------------------------------------------------
+# Checks and guidance for a user's own model
+
+
+def _group_names(n: int) -> list[str]:
+  return [f"main:{k}" for k in range(n)] + [f"fusion:{k}" for k in range(n)]
+
+
+def speed_warnings(opt_state: Any) -> list[str]:
+  """Reasons not to trust the conditional learning speeds of ``opt_state``, as sentences
+  (an empty list when there are none).
+
+  Reported: a group whose ‖θ‖² at the last step is zero or below
+  :data:`TINY_PARAMETERS` of the largest group's (μ = ‖g‖²/‖θ‖² is then huge and follows
+  the denominator: a fusion layer initialised at zero does this), and undefined speeds (a
+  group that has had no gradient yet).
+  """
+  state = balance_state(opt_state)
+  sizes = np.concatenate([np.asarray(state.param_sq_main), np.asarray(state.param_sq_fusion)])
+  if int(state.step) == 0:
+    return ["No step taken yet: the speeds are undefined."]
+  warnings = []
+  largest = float(np.max(sizes))
+  for name, size in zip(_group_names(len(state.param_sq_main)), sizes):
+    if size <= TINY_PARAMETERS * largest:
+      warnings.append(
+          f"Group {name} has ‖θ‖² = {size:.3g} against {largest:.3g} for the largest group: "
+          "its μ = ‖g‖²/‖θ‖² is dominated by the near-zero denominator (a zero-initialised "
+          "fusion layer?), so the speeds and the re-balancing decision follow its scale.")
+  speeds = np.asarray(speeds_from_accumulators(*accumulated(state)))
+  for k in np.flatnonzero(~np.isfinite(speeds)):
+    warnings.append(f"s_{k} is undefined: main:{k} or fusion:{k} has had no gradient yet.")
+  return warnings
+
+
+def describe_speeds(d_speed: Any, alpha: float = 0.01) -> dict:
+  """Where d_speed sits against α, from a run's d_speed per step (typically a short
+  ``method="vanilla"`` run past its warm-up; 2 modalities).
+
+  Returns a dict: ``mean``, ``std``, ``min``, ``max`` of d_speed; ``share_above_alpha``,
+  the share of steps with |d_speed| > α (each such normal step would start a window of Q
+  re-balancing steps: near 1, guided runs back-to-back windows, a fixed schedule);
+  ``favoured``, the modality that guided would re-balance at the last step (0 if d_speed >
+  0, 1 if < 0); ``sign_agreement``, the share of steps whose sign matches the last one (low
+  values: the decision follows noise); and ``alpha_for_half``, the median of |d_speed|, the
+  α at which half the steps would re-balance, a starting point for a sweep
+  (``--grid balance.alpha=...`` in a study).
+
+  >>> r = describe_speeds([0.30, 0.20, 0.25, 0.35], alpha=0.01)
+  >>> r["favoured"], r["share_above_alpha"], round(r["alpha_for_half"], 3)
+  (0, 1.0, 0.275)
+  """
+  values = np.asarray(d_speed, np.float64).ravel()
+  values = values[np.isfinite(values)]
+  if values.size == 0:
+    raise ValueError("describe_speeds needs at least one finite d_speed value.")
+  last = values[-1]
+  return {
+      "mean": float(values.mean()), "std": float(values.std()),
+      "min": float(values.min()), "max": float(values.max()),
+      "share_above_alpha": float(np.mean(np.abs(values) > alpha)),
+      "favoured": int(last < 0),
+      "sign_agreement": float(np.mean(np.sign(values) == np.sign(last))),
+      "alpha_for_half": float(np.median(np.abs(values))),
+  }
+
+
+def check_masking(tx: optax.GradientTransformation, params: Any, labels: Labels,
+                  seed: int = 0, **extra_args) -> None:
+  """Checks that ``tx`` keeps frozen parameters in place in re-balancing steps.
+
+  Runs one re-balancing step for every modality on random gradients (from ``tx.init``'s
+  state, forced into that step) and raises if any parameter that the step must freeze
+  moved: the sign that something after :func:`balanced_multimodal` in an optax chain
+  changes updates (weight decay, say). Returns None when ``tx`` is safe.
+
+  Args:
+    tx: the optimizer as it will be used; it must contain one ``balanced_multimodal``.
+    params: the model's parameters (their values matter: weight decay reads them).
+    labels: the labels given to the transform.
+    seed: seed of the random gradients.
+    **extra_args: passed on to ``tx.update`` (e.g. ``scores=`` for :func:`gml_jax.ogm_ge`).
+  """
+  tx = optax.with_extra_args_support(tx)
+  state = tx.init(params)
+  balance = balance_state(state)
+  parsed = resolve_labels(labels, params)
+  paths = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  grads = jax.tree.unflatten(treedef, [
+      jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)])
+  mode = "all" if bool(balance.update_all) else "branch"
+  problems = []
+  for target in range(balance.accum_main.shape[0]):
+    forced = jax.tree.map(
+        lambda s: s._replace(target=jnp.int32(target), window_left=jnp.int32(1))
+        if isinstance(s, BalanceState) else s,
+        state, is_leaf=lambda s: isinstance(s, BalanceState))
+    updates, _ = tx.update(grads, forced, params, **extra_args)
+    moves = _masks(parsed, jnp.int32(target), balance.update_all)
+    for path, (kind, k), frozen, u in zip(paths, parsed, moves, jax.tree.leaves(updates)):
+      if not bool(frozen) and bool(jnp.any(u != 0)):
+        label = "other" if kind == "other" else ("fusion:shared" if kind == "shared"
+                                                 else f"{kind}:{k}")
+        problems.append(f"{path!r} ({label}) in a step for modality {target}")
+  if problems:
+    raise ValueError(
+        f"Parameters that a re-balancing step (update={mode!r}) must freeze moved: "
+        f"{', '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}. Something after "
+        "balanced_multimodal in the optax chain changes updates (e.g. "
+        "optax.add_decayed_weights): put it inside, balanced_multimodal(optax.chain(..., "
+        "optimizer), labels), so that the transform is outermost.")

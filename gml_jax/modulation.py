@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gml_jax.balancing import Labels, _resolve_labels, find_state, num_modalities
+from gml_jax.balancing import find_state
+from gml_jax.labels import Labels, num_modalities, resolve_labels
 
 NOISE_FLOOR = 1e-8  # added to the noise scale so that a zero gradient still gets some
 
@@ -130,7 +131,7 @@ def ogm_ge(
     scores = jnp.asarray(scores, jnp.float32)
     if scores.shape != (n,):
       raise ValueError(f"scores must have shape ({n},), one per modality; got {scores.shape}.")
-    parsed = _resolve_labels(labels, updates)
+    parsed = resolve_labels(labels, updates)
     ratios = discrepancy_ratios(scores)
     coefficients = modulation_coefficients(ratios, alpha, continuous)
     leaves, treedef = jax.tree.flatten(updates)

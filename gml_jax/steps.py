@@ -6,7 +6,8 @@ device on the ``data`` axis and the state is replicated; XLA all-reduces the gra
 BatchNorm sees the global batch, so every device takes the same balancing decision.
 
 A batch is ``{"inputs": (x_0, ..., x_{N-1}), "label": int32[B]}``, optionally with
-``"mask"`` (float[B], 0 for padding examples, used by evaluation).
+``"mask"`` (float[B], 0 for padding examples, used by evaluation). The model is a Linen
+module or an NNX model that follows :mod:`gml_jax.protocol`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gml_jax.balancing import (NORMAL_STEP, accumulated, find_balance_state, speed_gap,
-                               speeds_from_accumulators, update_mask)
+from gml_jax.balancing import (NORMAL_STEP, StepMode, accumulated, find_balance_state,
+                               keep_frozen, speed_gap, speeds_from_accumulators)
+from gml_jax.fusion import TRAIN_MEANS
+from gml_jax.labels import Labels
 from gml_jax.models import group_labels
 from gml_jax.modulation import ogm_state
+from gml_jax.protocol import as_functional, check_model, check_outputs
 
 DATA_AXIS = "data"
 
@@ -53,8 +57,14 @@ class TrainState:
 def create_train_state(
     model: nn.Module, tx: optax.GradientTransformation, example_inputs, seed: int = 0
 ) -> TrainState:
-  """Initialises the model on ``example_inputs`` (shapes only matter) and the optimizer."""
-  variables = model.init(jax.random.key(seed), tuple(example_inputs), train=False)
+  """Initialises the model on ``example_inputs`` (a tuple of N arrays; shapes only matter)
+  and the optimizer. An NNX model keeps the weights it was built with."""
+  model = as_functional(model)
+  check_model(model, ("train",), "create_train_state")
+  variables = dict(model.init(jax.random.key(seed), tuple(example_inputs), train=False))
+  variables.pop(TRAIN_MEANS, None)  # measured after training, not carried
+  if "params" not in variables:
+    raise ValueError("create_train_state: the model has no parameters ('params' collection).")
   params = variables.pop("params")
   return TrainState(
       params=params,
@@ -80,7 +90,22 @@ def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def true_class_scores(branch_logits: jax.Array, labels: jax.Array) -> jax.Array:
   """float[N]: per branch, the batch's sum of the softmax probability of the true class
-  (the ``scores`` of :func:`gml_jax.ogm_ge`)."""
+  (the ``scores`` of :func:`gml_jax.ogm_ge`).
+
+  Args:
+    branch_logits: float[N, B, C], every branch's logits stacked on a first axis.
+    labels: int[B], the true classes.
+  """
+  if not hasattr(branch_logits, "shape") or jnp.ndim(branch_logits) != 3:
+    got = (f"a {type(branch_logits).__name__}" if not hasattr(branch_logits, "shape")
+           else f"shape {branch_logits.shape}")
+    raise ValueError("true_class_scores: branch_logits must be one array [N, B, C] (the "
+                     f"branches' logits stacked with jnp.stack); got {got}.")
+  if jnp.shape(labels) != jnp.shape(branch_logits)[1:2] or not jnp.issubdtype(
+      jnp.result_type(labels), jnp.integer):
+    raise ValueError(f"true_class_scores: labels must be int[B] with B = "
+                     f"{jnp.shape(branch_logits)[1]}; got {jnp.result_type(labels)} "
+                     f"{jnp.shape(labels)}.")
   probs = jax.nn.softmax(branch_logits, axis=-1)
   return jnp.sum(jnp.take_along_axis(probs, labels[None, :, None], axis=-1)[..., 0], axis=-1)
 
@@ -100,16 +125,20 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
-    labels: Callable[[Any], Any] = group_labels,
+    labels: Labels = group_labels,
     compute_dtype: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The train step of a multi-modal network, uncompiled.
+  """The train step of a multi-modal network, uncompiled: ``(state, batch) -> (state,
+  metrics)``.
 
-  When ``tx`` contains :func:`gml_jax.balanced_multimodal`, the step reads the re-balancing
-  target from the optimizer state, cuts the flow into that branch in the forward pass,
-  updates the parameters, and keeps the model state (BatchNorm statistics, fusion running
-  means) of the branches that this step freezes. ``labels`` maps a variable collection
-  (params, batch_stats, fusion_stats: each laid out like the params) to its group labels.
+  ``model`` follows :mod:`gml_jax.protocol` (a Linen module, or an NNX model, which is
+  wrapped with :func:`gml_jax.nnx.wrap`); the loss is Σ_k CE(ŷ_k, y). When ``tx`` contains
+  :func:`gml_jax.balanced_multimodal`, the step reads the re-balancing target from the
+  optimizer state, passes it as ``cut`` to the forward pass, updates the parameters, and
+  keeps the model state (BatchNorm statistics, the cuts' running means) of the groups that
+  this step freezes. ``labels`` labels every variable collection (params, batch_stats,
+  fusion_stats: the same rules apply to each): the library's :func:`gml_jax.group_labels`
+  by default, :func:`gml_jax.label_rules` for your own model.
   Any other optimizer works too (every step is then a normal step). ``tx.update`` is given
   ``scores=`` (:func:`true_class_scores`), which :func:`gml_jax.ogm_ge` reads and other
   transforms ignore.
@@ -125,22 +154,27 @@ def make_train_step(
   balancing decisions.
   """
 
+  model = as_functional(model)
+  check_model(model, ("train", "cut"), "make_train_step")
   tx = optax.with_extra_args_support(tx)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     balance = find_balance_state(state.opt_state)
     balancing = balance is not None
-    target = balance.target if balancing else jnp.full((), NORMAL_STEP, jnp.int32)
+    # Read before tx.update: the mode of *this* step (afterwards it is the next step's).
+    mode = StepMode(balance.target, balance.update_all) if balancing else None
+    target = mode.target if balancing else jnp.full((), NORMAL_STEP, jnp.int32)
     collections = list(state.model_state)
 
     def loss_fn(params):
-      (logits, branch_logits), new_model_state = model.apply(
+      outputs, new_model_state = model.apply(
           {"params": cast_floats(params, compute_dtype), **state.model_state},
           cast_floats(tuple(batch["inputs"]), compute_dtype),
           train=True,
           cut=target,
           mutable=collections,
       )
+      logits, branch_logits = check_outputs(outputs, batch["label"].shape[0], "make_train_step")
       logits, branch_logits = logits.astype(jnp.float32), branch_logits.astype(jnp.float32)
       losses = jnp.mean(branch_cross_entropy(branch_logits, batch["label"]), axis=-1)
       return jnp.sum(losses), (new_model_state, logits, branch_logits, losses)
@@ -152,13 +186,13 @@ def make_train_step(
                                    scores=true_class_scores(branch_logits, batch["label"]))
     params = optax.apply_updates(state.params, updates)
 
-    # Each collection is laid out like the params, so the same labels apply to it.
-    def keep_frozen(new, old):
+    # Each collection is labelled by the same rules as the params.
+    def kept(new, old):
       if balancing:
-        new = jax.tree.map(jnp.where, update_mask(state.opt_state, labels, new), new, old)
+        new = keep_frozen(mode, labels, new, old)
       return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
 
-    model_state = {name: keep_frozen(new, state.model_state[name])
+    model_state = {name: kept(new, state.model_state[name])
                    for name, new in new_model_state.items()}
 
     metrics = {
@@ -184,10 +218,15 @@ def make_train_step(
 
 def make_eval_step(model: nn.Module) -> Callable[[TrainState, dict], dict]:
   """Eval step with normal fusion: sums of correct predictions (fused and per branch)
-  and the number of real examples, so that results add up over batches."""
+  and the number of real examples, so that results add up over batches. ``model`` follows
+  :mod:`gml_jax.protocol`."""
+  model = as_functional(model)
+  check_model(model, ("train",), "make_eval_step")
 
   def eval_step(state: TrainState, batch: dict) -> dict:
-    logits, branch_logits = model.apply(state.variables, tuple(batch["inputs"]), train=False)
+    logits, branch_logits = check_outputs(
+        model.apply(state.variables, tuple(batch["inputs"]), train=False),
+        batch["label"].shape[0], "make_eval_step")
     weight = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
     losses = branch_cross_entropy(branch_logits, batch["label"])
     return {

@@ -2,8 +2,9 @@
 
 A(f_k) is the test accuracy of branch k's prediction ŷ_k with every modality. A(f_k^{-j})
 is the same with modality j's input to the fusion layers removed: in every fusion layer,
-j's squeeze vector is replaced by its mean over the training split (one pass over the
-training data with the trained model in eval mode). Then
+what is computed from j is replaced by its mean over the training split (one pass over the
+training data with the trained model in eval mode): MMTM's squeeze vector of j, or the
+signal of every :class:`gml_jax.CrossModalCut` whose sources include j. Then
 
     u(m_j | m_k) = (A(f_k) - A(f_k^{-j})) / A(f_k),    d_util = u(m_1|m_0) - u(m_0|m_1).
 
@@ -21,27 +22,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gml_jax.fusion import SQUEEZE_MEAN
+from gml_jax.fusion import TRAIN_MEANS
+from gml_jax.protocol import as_functional, check_model, check_outputs
 
 
 def _weight(batch: dict) -> jax.Array:
   return batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
 
 
-def squeeze_means(model: nn.Module, variables: dict, batches: Iterable[dict]) -> Any:
-  """Mean squeeze vector of every fusion layer and modality over ``batches`` (eval mode).
+def training_means(model: nn.Module, variables: dict, batches: Iterable[dict]) -> Any:
+  """The mean over ``batches`` (the training split, eval mode) of every signal that a
+  :class:`gml_jax.CrossModalCut` (or MMTM, for its squeeze vectors) can drop.
 
-  Returns the ``squeeze_mean`` collection that :class:`gml_jax.fusion.MMTM` reads when
-  ``drop`` is given.
+  Returns the ``train_means`` collection that the cuts read when ``drop`` is given.
+  ``model`` follows :mod:`gml_jax.protocol`; batches are ``{"inputs": (x_0, ...),
+  "label": ...}`` with an optional ``"mask"`` (0: padding, left out of the means).
   """
+  model = as_functional(model)
 
   @jax.jit
   def batch_sums(batch):
     _, captured = model.apply(
-        variables, tuple(batch["inputs"]), train=False, mutable=["intermediates"]
+        variables, tuple(batch["inputs"]), train=False, mutable=[TRAIN_MEANS]
     )
     w = _weight(batch)
-    sums = jax.tree.map(lambda s: jnp.einsum("b,bc->c", w, s), captured["intermediates"])
+    sums = jax.tree.map(lambda s: jnp.tensordot(w, s.astype(jnp.float32), axes=(0, 0)),
+                        captured.get(TRAIN_MEANS, {}))
     return sums, jnp.sum(w)
 
   total, count = None, 0.0
@@ -50,7 +56,11 @@ def squeeze_means(model: nn.Module, variables: dict, batches: Iterable[dict]) ->
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     count += float(n)
   if total is None or count == 0:
-    raise ValueError("squeeze_means needs at least one non-empty batch of training data.")
+    raise ValueError("training_means needs at least one non-empty batch of training data.")
+  if not jax.tree.leaves(total):
+    raise ValueError(
+        "training_means: the model has no signal to drop. Put a gml_jax.CrossModalCut (or "
+        "gml_jax.nnx.CrossModalCut) on each cross-modal signal and pass it `drop`, or use MMTM.")
   return jax.tree.map(lambda s: s / count, total)
 
 
@@ -105,10 +115,11 @@ def conditional_utilization(
   """Measures u(m_j | m_k) for every pair of modalities (spec §4).
 
   Args:
-    model: a network whose fusion layers are :class:`gml_jax.fusion.MMTM`, called as
-      ``model.apply(variables, inputs, train=False, drop=...)`` and returning
-      ``(ŷ, ŷ_k stacked [N, B, classes])``.
-    variables: the trained model's variables (params and statistics).
+    model: a Linen or NNX model following :mod:`gml_jax.protocol` (its call takes
+      ``drop``), whose fusion layers drop through :class:`gml_jax.CrossModalCut` pieces or
+      MMTM.
+    variables: the trained model's variables (params and statistics, e.g.
+      ``TrainState.variables``).
     train_batches: the training split (for the mean squeeze vectors).
     test_batches: the split to measure accuracies on; iterated N + 1 times (N with
       ``baseline``).
@@ -116,16 +127,20 @@ def conditional_utilization(
       measured on ``test_batches`` (e.g. by the evaluation that reported them): skips that
       pass.
   """
-  means = squeeze_means(model, variables, train_batches)
-  with_means = {**variables, SQUEEZE_MEAN: means}
+  model = as_functional(model)
+  check_model(model, ("train", "drop"), "conditional_utilization")
+  means = training_means(model, variables, train_batches)
+  with_means = {**variables, TRAIN_MEANS: means}
   test_batches = list(test_batches)
+  if not test_batches:
+    raise ValueError("conditional_utilization needs at least one batch of test data.")
   n = len(test_batches[0]["inputs"])
 
   @jax.jit
   def correct(batch, drop):
-    logits, branch_logits = model.apply(
-        with_means, tuple(batch["inputs"]), train=False, drop=drop
-    )
+    logits, branch_logits = check_outputs(
+        model.apply(with_means, tuple(batch["inputs"]), train=False, drop=drop),
+        batch["label"].shape[0], "conditional_utilization")
     w = _weight(batch)
     hit = lambda z: (jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32)
     return jnp.sum(hit(logits) * w), jnp.sum(hit(branch_logits) * w, axis=-1), jnp.sum(w)

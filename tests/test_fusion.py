@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gml_jax
-from gml_jax.fusion import FUSION_STATS, MMTM, SQUEEZE_MEAN
+from gml_jax.fusion import FUSION_STATS, MMTM, TRAIN_MEANS
 
 sigmoid = lambda x: 1 / (1 + np.exp(-x))
 
@@ -65,8 +65,9 @@ def test_running_means_follow_training_calls_only():
     )
     jax.tree.map(np.testing.assert_array_equal, after_eval[FUSION_STATS], stats)
   for k in range(2):
-    np.testing.assert_allclose(stats[f"excitation_mean_{k}"], np.mean(seen[k], axis=0), rtol=1e-5)
-    assert float(stats[f"excitation_count_{k}"]) == len(seen[k]) == 5
+    np.testing.assert_allclose(stats[f"cut_{k}"]["running_mean"], np.mean(seen[k], axis=0),
+                               rtol=1e-5)
+    assert float(stats[f"cut_{k}"]["running_count"]) == len(seen[k]) == 5
 
 
 def test_cut_replaces_excitation_by_running_mean():
@@ -74,13 +75,13 @@ def test_cut_replaces_excitation_by_running_mean():
   xs = _inputs(rng)
   module = MMTM()
   variables = module.init(jax.random.key(0), xs, train=False)
-  means = {"excitation_mean_0": jnp.linspace(0.1, 0.9, 3), "excitation_count_0": jnp.float32(4),
-           "excitation_mean_1": jnp.linspace(0.2, 0.6, 5), "excitation_count_1": jnp.float32(4)}
+  means = {"cut_0": {"running_mean": jnp.linspace(0.1, 0.9, 3), "running_count": jnp.float32(4)},
+           "cut_1": {"running_mean": jnp.linspace(0.2, 0.6, 5), "running_count": jnp.float32(4)}}
   variables = {"params": variables["params"], FUSION_STATS: means}
   out = module.apply(variables, xs, train=False, cut=jnp.int32(1))
   expected, _ = _numpy_mmtm(variables["params"], xs)
   np.testing.assert_allclose(out[0], expected[0], rtol=1e-5, atol=1e-6)  # branch 0: normal
-  np.testing.assert_allclose(out[1], np.asarray(xs[1]) * np.asarray(means["excitation_mean_1"]),
+  np.testing.assert_allclose(out[1], np.asarray(xs[1]) * np.asarray(means["cut_1"]["running_mean"]),
                              rtol=1e-6)
 
 
@@ -109,16 +110,17 @@ def test_drop_substitutes_squeeze_vector():
   xs = _inputs(rng)
   module = MMTM()
   variables = module.init(jax.random.key(0), xs, train=False)
-  constant = {"squeeze_0": jnp.zeros(3), "squeeze_1": jnp.linspace(-1, 1, 5)}
-  out = module.apply({**variables, SQUEEZE_MEAN: constant}, xs, train=False,
+  constant = {"drop_0": {"train_mean": jnp.zeros(3)},
+              "drop_1": {"train_mean": jnp.linspace(-1, 1, 5)}}
+  out = module.apply({**variables, TRAIN_MEANS: constant}, xs, train=False,
                      drop=jnp.array([False, True]))
   batch = xs[0].shape[0]
   squeezed = [np.asarray(xs[0]).mean(axis=(1, 2)),
-              np.tile(np.asarray(constant["squeeze_1"]), (batch, 1))]
+              np.tile(np.asarray(constant["drop_1"]["train_mean"]), (batch, 1))]
   expected, _ = _numpy_mmtm(variables["params"], xs, squeezed)
   for o, e in zip(out, expected):
     np.testing.assert_allclose(o, e, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="squeeze_mean"):
+  with pytest.raises(ValueError, match="train_means"):
     module.apply(variables, xs, train=False, drop=jnp.array([False, True]))
 
 

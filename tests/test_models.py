@@ -56,7 +56,7 @@ def test_group_labels_cover_every_collection():
   assert labels["fusion_1"]["excite_2"] == {"kernel": "fusion:2", "bias": "fusion:2"}
   assert set(jax.tree.leaves(labels["fusion_0"]["squeeze"])) == {"fusion:shared"}
   stats = gml_jax.group_labels(variables["fusion_stats"])
-  assert stats["fusion_0"]["excitation_mean_1"] == "fusion:1"
+  assert stats["fusion_0"]["cut_1"]["running_mean"] == "fusion:1"
   assert set(jax.tree.leaves(gml_jax.group_labels(variables["batch_stats"]))) == {
       "main:0", "main:1", "main:2"}
 

@@ -99,10 +99,10 @@ def test_all_rebalancing_moves_other_branches_and_their_fusion_means():
                             after.params[f"branches_{other}"]["head"]["kernel"])
   stats_old, stats_new = before.model_state["fusion_stats"], after.model_state["fusion_stats"]
   # The cut branch's running mean holds; the other modality's mean moves.
-  np.testing.assert_array_equal(stats_old["fusion_0"][f"excitation_mean_{k}"],
-                                stats_new["fusion_0"][f"excitation_mean_{k}"])
-  assert not np.array_equal(stats_old["fusion_0"][f"excitation_mean_{other}"],
-                            stats_new["fusion_0"][f"excitation_mean_{other}"])
+  np.testing.assert_array_equal(stats_old["fusion_0"][f"cut_{k}"]["running_mean"],
+                                stats_new["fusion_0"][f"cut_{k}"]["running_mean"])
+  assert not np.array_equal(stats_old["fusion_0"][f"cut_{other}"]["running_mean"],
+                            stats_new["fusion_0"][f"cut_{other}"]["running_mean"])
   np.testing.assert_array_equal(before.params["fusion_0"][f"excite_{k}"]["kernel"],
                                 after.params["fusion_0"][f"excite_{k}"]["kernel"])
 

@@ -73,9 +73,9 @@ def test_known_utilization():
 def test_squeeze_means_are_training_means():
   model, variables = _constructed_model()
   train = [_batch([1, 0, 1, 1]), _batch([0, 0], mask=[1, 0])]
-  means = gml_jax.squeeze_means(model, variables, train)
-  np.testing.assert_allclose(means["fusion_0"]["squeeze_1"], [(1 - 1 + 1 + 1 - 1) / 5])
-  np.testing.assert_allclose(means["fusion_0"]["squeeze_0"], [1.0])
+  means = gml_jax.training_means(model, variables, train)
+  np.testing.assert_allclose(means["fusion_0"]["drop_1"]["train_mean"], [(1 - 1 + 1 + 1 - 1) / 5])
+  np.testing.assert_allclose(means["fusion_0"]["drop_0"]["train_mean"], [1.0])
 
 
 def test_rates_of_a_branch_with_zero_accuracy_are_undefined():

@@ -8,7 +8,7 @@ Variable layout (every collection follows it, which is what :func:`group_labels`
 
 * ``branches_<k>``: branch k's stages (``stages_<s>``) and head (``head``): group main_k;
 * ``fusion_<i>``: the i-th MMTM: ``squeeze`` is fusion:shared, ``excite_<k>`` and the
-  running means ``excitation_*_<k>`` belong to fusion_k.
+  running means of its cut ``cut_<k>`` belong to fusion_k.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gml_jax.fusion import MMTM
+from gml_jax.labels import SHARED, label_rules
 
 
 class Branch(nn.Module):
@@ -103,37 +104,24 @@ class FusionNetwork(nn.Module):
     return jnp.mean(branch_logits, axis=0), branch_logits
 
 
+_FUSION_NETWORK_LABELS = label_rules(
+    [(r"branches_(\d+)", r"main:\1"),
+     (r"fusion_\d+/squeeze", SHARED),
+     (r"fusion_\d+/(?:excite|cut|drop)_(\d+)", r"fusion:\1")],
+    context="gml_jax.group_labels knows the layout of gml_jax's FusionNetwork only; label "
+            "your own model with gml_jax.label_rules.")
+
+
 def group_labels(tree: Any) -> Any:
   """Labels every leaf of a :class:`FusionNetwork` variable collection with its group.
 
   Works on ``params``, ``batch_stats`` and ``fusion_stats`` alike, from the network's
-  layout (module names it creates itself, matched exactly): ``branches_<k>`` -> ``main:<k>``;
-  inside ``fusion_<i>``: ``squeeze`` -> ``fusion:shared``, ``excite_<k>``,
-  ``excitation_mean_<k>`` and ``excitation_count_<k>`` -> ``fusion:<k>``. Anything else is
-  ``other``.
+  layout (module names it creates itself), as :func:`gml_jax.label_rules`:
+  ``branches_<k>`` -> ``main:<k>``; inside ``fusion_<i>``: ``squeeze`` -> ``fusion:shared``,
+  ``excite_<k>`` and the cut ``cut_<k>`` (its running means) -> ``fusion:<k>``. Any other
+  path is an error naming it.
   """
-
-  def fusion_label(name: str) -> str:
-    if name == "squeeze":
-      return "fusion:shared"
-    for prefix in ("excite_", "excitation_mean_", "excitation_count_"):
-      index = name[len(prefix):]
-      if name.startswith(prefix) and index.isdigit():
-        return f"fusion:{index}"
-    return "other"
-
-  def label(top: str, sub: str | None) -> str:
-    if top.startswith("branches_") and top[len("branches_"):].isdigit():
-      return f"main:{top[len('branches_'):]}"
-    if top.startswith("fusion_") and top[len("fusion_"):].isdigit() and sub is not None:
-      return fusion_label(sub)
-    return "other"
-
-  def by_path(path, _):
-    keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
-    return label(str(keys[0]), str(keys[1]) if len(keys) > 1 else None)
-
-  return jax.tree_util.tree_map_with_path(by_path, tree)
+  return _FUSION_NETWORK_LABELS(tree)
 
 
 def fusion_network(

@@ -1,0 +1,156 @@
+"""Flax NNX: the cut for any fusion, and NNX models in the library's steps.
+
+* :class:`CrossModalCut`: the NNX twin of :class:`gml_jax.CrossModalCut` (same behaviour,
+  same variable names: ``running_mean``, ``running_count``, ``train_mean``).
+* :func:`wrap`: an NNX model as a functional model with ``init`` and ``apply`` in Linen's
+  form, so that :func:`gml_jax.create_train_state`, :func:`gml_jax.make_train_step`,
+  :func:`gml_jax.make_eval_step` and :func:`gml_jax.conditional_utilization` take it (they
+  wrap an ``nnx.Module`` themselves). Variables become collections by type: ``nnx.Param``
+  -> ``params``, ``nnx.BatchStat`` -> ``batch_stats``, :class:`FusionStat` ->
+  ``fusion_stats``, :class:`TrainMean` -> ``train_means``, anything else -> ``nnx_other``.
+
+An NNX model in these steps is called as ``model(inputs, *, train, cut, drop)`` (see
+:mod:`gml_jax.protocol`); ``train`` selects batch statistics (pass
+``use_running_average=not train`` to ``nnx.BatchNorm``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gml_jax.fusion import FUSION_STATS, TRAIN_MEANS, check_switches, substitute
+
+
+class FusionStat(nnx.Variable):
+  """Running means of a :class:`CrossModalCut` (model state, collection ``fusion_stats``)."""
+
+
+class TrainMean(nnx.Variable):
+  """Training-split means of a :class:`CrossModalCut` (collection ``train_means``)."""
+
+
+COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat),
+               (FUSION_STATS, FusionStat), (TRAIN_MEANS, TrainMean), ("nnx_other", ...))
+"""(collection, NNX variable type) pairs of :func:`wrap`, in order; ``...``: the rest."""
+
+
+class CrossModalCut(nnx.Module):
+  """The cut for any fusion, in NNX: put it on the cross-modal signal entering ``branch``.
+
+  Behaves as :class:`gml_jax.CrossModalCut` (read its documentation): ``cut == branch``
+  substitutes the running mean of earlier training calls (and leaves it in place),
+  ``drop`` of a source substitutes the training-split mean, a normal training call updates
+  the running mean.
+
+  Args:
+    shape: the signal's shape without the batch axis (e.g. ``(2 * width,)``).
+    branch: the branch the signal enters; None: never cut.
+    sources: modalities the signal is computed from; None: every modality but ``branch``;
+      ``()``: never dropped.
+  """
+
+  def __init__(self, shape: Sequence[int], *, branch: int | None = None,
+               sources: Sequence[int] | None = None):
+    shape = tuple(int(d) for d in shape)
+    self.shape, self.branch = shape, branch
+    self.sources = None if sources is None else tuple(sources)
+    self.capture_signals = False  # set by wrap()'s apply while training_means collects
+    if branch is not None:
+      self.running_mean = FusionStat(jnp.zeros(shape, jnp.float32))
+      self.running_count = FusionStat(jnp.zeros((), jnp.float32))
+    if self.sources != ():
+      self.train_mean = TrainMean(jnp.zeros(shape, jnp.float32))
+
+  def __call__(self, signal: jax.Array, *, train: bool, cut: jax.Array | int = -1,
+               drop: jax.Array | None = None) -> jax.Array:
+    if jnp.shape(signal)[1:] != self.shape:
+      raise ValueError(f"gml_jax.nnx.CrossModalCut(shape={self.shape}): got a signal of shape "
+                       f"{jnp.shape(signal)}; expected [B, {', '.join(map(str, self.shape))}].")
+    check_switches("gml_jax.nnx.CrossModalCut", cut, drop)
+    used = signal
+    if self.sources != ():
+      if self.capture_signals:
+        self.train_mean.value = signal  # collected by training_means
+      sources = self.sources
+      if drop is not None and sources is None:
+        sources = [j for j in range(jnp.shape(drop)[0]) if j != self.branch]
+      if drop is not None and sources:
+        dropped = jnp.any(jnp.asarray(drop)[jnp.asarray(sources)])
+        used = substitute(used, self.train_mean.value, dropped)
+    if self.branch is not None:
+      is_cut = jnp.asarray(cut) == self.branch
+      mean, count = self.running_mean.value, self.running_count.value
+      used = substitute(used, mean, is_cut)
+      if train:
+        new_count = count + 1.0
+        new_mean = mean + (jnp.mean(signal, axis=0) - mean) / new_count
+        self.running_mean.value = jnp.where(is_cut, mean, new_mean)
+        self.running_count.value = jnp.where(is_cut, count, new_count)
+    return used
+
+
+class NNXModel:
+  """An NNX model seen as a functional model: ``init`` and ``apply`` in Linen's form.
+
+  Made by :func:`wrap`. ``apply(variables, inputs, *, train, cut=-1, drop=None,
+  mutable=False)`` merges the variables into the model's graph, calls it, and (with
+  ``mutable``, a list of collection names) returns ``(outputs, updated collections)``.
+  """
+
+  def __init__(self, module: nnx.Module):
+    self.module_type = type(module)
+    self.graphdef, *states = nnx.split(module, *(t for _, t in COLLECTIONS))
+    self._templates = dict(zip((name for name, _ in COLLECTIONS), states))
+
+  def init(self, rng=None, inputs=None, **_) -> dict:
+    """The wrapped model's variables, by collection (the model is already initialised:
+    ``rng`` and ``inputs`` are ignored; ``train_means`` is left out, as Linen does)."""
+    del rng, inputs
+    return {name: nnx.to_pure_dict(state) for name, state in self._templates.items()
+            if name != TRAIN_MEANS and jax.tree.leaves(state)}
+
+  def _states(self, variables: dict) -> list:
+    states = []
+    for name, template in self._templates.items():
+      state = jax.tree.map(lambda x: x, template)  # a copy: the template stays untouched
+      if name in variables:
+        nnx.replace_by_pure_dict(state, variables[name])
+      elif name != TRAIN_MEANS and jax.tree.leaves(state):
+        raise ValueError(f"The variables of {self.module_type.__name__} lack the collection "
+                         f"{name!r}; expected {sorted(self.init())}.")
+      states.append(state)
+    return states
+
+  def module(self, variables: dict) -> nnx.Module:
+    """The NNX model holding ``variables`` (e.g. a trained ``TrainState.variables``)."""
+    return nnx.merge(self.graphdef, *self._states(variables))
+
+  def apply(self, variables: dict, inputs, *, train: bool, cut: Any = -1, drop: Any = None,
+            mutable: Any = False):
+    module = self.module(variables)
+    if mutable is not False and TRAIN_MEANS in mutable:
+      for _, m in module.iter_modules():
+        if isinstance(m, CrossModalCut):
+          m.capture_signals = True
+    kwargs = {"train": train, "cut": cut} | ({} if drop is None else {"drop": drop})
+    out = module(tuple(inputs), **kwargs)
+    if mutable is False:
+      return out
+    _, *states = nnx.split(module, *(t for _, t in COLLECTIONS))
+    return out, {name: nnx.to_pure_dict(state)
+                 for (name, _), state in zip(COLLECTIONS, states) if name in mutable}
+
+
+def wrap(module: nnx.Module) -> NNXModel:
+  """``module`` as a functional model for the library's steps (see :class:`NNXModel`).
+
+  The steps wrap an ``nnx.Module`` themselves; wrap it yourself to get the trained model
+  back: ``wrap(model).module(state.variables)``.
+  """
+  if not isinstance(module, nnx.Module):
+    raise TypeError(f"gml_jax.nnx.wrap takes an nnx.Module; got {type(module).__name__}.")
+  return NNXModel(module)
