@@ -63,7 +63,7 @@ bench: install  ## JAX vs the PyTorch reference, interleaved: table + benchmarks
 	  .venv-torch/bin/pip install --quiet 'torch==2.13.0' numpy; }
 	$(RUN_ENV) $(PY) -m benchmarks.bench --torch-python $(TORCH_PYTHON) $(ARGS)
 
-# On an accelerator machine, with the interpreter that has jax, flax, optax, chex and torch
+# On an accelerator machine, with the interpreter that has jax, flax, optax and torch
 # (no venv, no install: the benchmark needs nothing else).
 DEVICE_PYTHON ?= python3
 bench-device:  ## the accelerator report: JAX vs PyTorch, float32 and bfloat16, compile, overhead, peak memory

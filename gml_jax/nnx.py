@@ -74,22 +74,22 @@ class CrossModalCut(nnx.Module):
     used = signal
     if self.sources != ():
       if self.capture_signals:
-        self.train_mean.value = signal  # collected by training_means
+        self.train_mean.set_value(signal)  # collected by training_means
       sources = self.sources
       if drop is not None and sources is None:
         sources = [j for j in range(jnp.shape(drop)[0]) if j != self.branch]
       if drop is not None and sources:
         dropped = jnp.any(jnp.asarray(drop)[jnp.asarray(sources)])
-        used = substitute(used, self.train_mean.value, dropped)
+        used = substitute(used, self.train_mean.get_value(), dropped)
     if self.branch is not None:
       is_cut = jnp.asarray(cut) == self.branch
-      mean, count = self.running_mean.value, self.running_count.value
+      mean, count = self.running_mean.get_value(), self.running_count.get_value()
       used = substitute(used, mean, is_cut)
       if train:
         new_count = count + 1.0
         new_mean = mean + (jnp.mean(signal, axis=0) - mean) / new_count
-        self.running_mean.value = jnp.where(is_cut, mean, new_mean)
-        self.running_count.value = jnp.where(is_cut, count, new_count)
+        self.running_mean.set_value(jnp.where(is_cut, mean, new_mean))
+        self.running_count.set_value(jnp.where(is_cut, count, new_count))
     return used
 
 
@@ -133,7 +133,7 @@ class NNXModel:
             mutable: Any = False):
     module = self.module(variables)
     if mutable is not False and TRAIN_MEANS in mutable:
-      for _, m in module.iter_modules():
+      for _, m in nnx.iter_modules(module):
         if isinstance(m, CrossModalCut):
           m.capture_signals = True
     kwargs = {"train": train, "cut": cut} | ({} if drop is None else {"drop": drop})

@@ -99,8 +99,8 @@ def test_cut_substitutes_the_mean_of_earlier_training_calls(framework):
     module = gml_jax.nnx.CrossModalCut((2,), branch=1)
     def call(x, *, train, cut):
       out = module(jnp.asarray(x, jnp.float32), train=train, cut=jnp.int32(cut))
-      return np.asarray(out), {"running_mean": module.running_mean.value,
-                               "running_count": module.running_count.value}
+      return np.asarray(out), {"running_mean": module.running_mean.get_value(),
+                               "running_count": module.running_count.get_value()}
 
   out, stats = call(signals[0], train=True, cut=-1)  # normal: passes, mean of batch 0
   np.testing.assert_array_equal(out, signals[0])
@@ -148,7 +148,7 @@ def test_linen_and_nnx_take_the_same_steps_from_the_same_weights():
                (linen_end.params, linen_end.model_state), (nnx_end.params, nnx_end.model_state))
   # The trained NNX model comes back as an NNX module.
   trained = gml_jax.nnx.wrap(nnx_model).module(nnx_end.variables)
-  np.testing.assert_allclose(trained.head_1.kernel.value, linen_end.params["head_1"]["kernel"],
+  np.testing.assert_allclose(trained.head_1.kernel.get_value(), linen_end.params["head_1"]["kernel"],
                              rtol=1e-5, atol=1e-6)
 
 

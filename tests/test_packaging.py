@@ -13,7 +13,7 @@ from run_helpers import ROOT
 # What only the runner may load (the experiments extra), never `import gml_jax`.
 HEAVY = ("tensorflow_datasets", "grain", "orbax", "matplotlib", "cv2", "tensorboardX",
          "mlxtend", "ml_collections", "tensorflow")
-CORE_REQUIREMENTS = {"jax", "flax", "optax", "chex", "numpy"}
+CORE_REQUIREMENTS = {"jax", "flax", "optax", "numpy"}
 
 # A meta-path finder that makes the heavy modules look uninstalled.
 BLOCK_HEAVY = textwrap.dedent(f"""

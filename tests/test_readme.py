@@ -1,5 +1,6 @@
 """The README's Python examples run as written, one after another."""
 
+import ast
 import pathlib
 import re
 
@@ -12,5 +13,11 @@ def test_readme_examples_run(capsys):
   namespace = {}
   for block in blocks:
     exec(compile(block, str(README), "exec"), namespace)
-  printed = capsys.readouterr().out.split("\n")
-  assert printed[0].startswith("[") and printed[1].strip() in {"-1", "0", "1"}
+  speeds, utilization, nnx_line = capsys.readouterr().out.strip().split("\n")
+  # Linen FiLM through the library's steps: two speeds and the last step's target.
+  assert speeds.startswith("[") and speeds.split()[-1] in {"-1", "0", "1"}
+  rates = ast.literal_eval(utilization)
+  assert {"accuracy", "branch_0_accuracy", "u(m1|m0)", "u(m0|m1)", "d_util"} <= set(rates)
+  assert 0 <= rates["accuracy"] <= 1
+  # NNX: 60 steps taken, and the trained model back as an nnx.Module.
+  assert nnx_line == "60 (16, 3)"
