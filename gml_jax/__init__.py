@@ -71,7 +71,7 @@ __all__ = [
     # OGM-GE (modulation)
     "ogm_ge", "OGMState", "ogm_state", "discrepancy_ratios", "modulation_coefficients",
     # fusion and models
-    "CrossModalCut", "MMTM", "nnx", "Branch", "FusionNetwork", "fusion_network",
+    "CrossModalCut", "MMTM", "Branch", "FusionNetwork", "fusion_network",
     "small_cnn_fusion", "resnet18_fusion", "i3d_fusion",
     # steps and the model protocol
     "MultiModalModel", "TrainState", "create_train_state", "make_train_step",

@@ -73,7 +73,7 @@ def _public_api_names() -> list[str]:
 
 def test_import_loads_no_runner_dependency_and_every_public_name_resolves():
   names = _public_api_names()
-  assert len(names) >= 25 and "balanced_multimodal" in names and "models.i3d_fusion" in names
+  assert len(names) >= 25 and "balanced_multimodal" in names and "i3d_fusion" in names
   result = _python(textwrap.dedent(f"""
       import functools, sys
       import gml_jax
@@ -84,6 +84,14 @@ def test_import_loads_no_runner_dependency_and_every_public_name_resolves():
       """), cwd=pathlib.Path("/"))
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip() == "loaded: []"
+
+
+def test_all_matches_the_readme_table():
+  import gml_jax  # pylint: disable=g-import-not-at-top
+
+  top_level = {n for n in _public_api_names() if "." not in n}
+  assert top_level == set(gml_jax.__all__)
+  assert len(gml_jax.__all__) == len(set(gml_jax.__all__))
 
 
 def test_readme_linen_example_runs_with_the_heavy_modules_blocked():

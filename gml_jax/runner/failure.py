@@ -1,0 +1,89 @@
+"""One failure path for the runner's CLIs (``main``, ``study``, ``prepare``): whatever goes
+wrong ends in one line, ``Error: ...``, the last on the console, with the details in a log
+file where one can be written."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import sys
+import traceback
+from typing import Any
+
+from absl import flags
+
+ECHO_LIMIT = 200
+"""Longest value a message echoes (longer ones are cut, saying how long they were)."""
+
+
+def shorten(value: Any, limit: int = ECHO_LIMIT) -> str:
+  """``str(value)`` cut to ``limit`` characters."""
+  text = str(value)
+  if len(text) <= limit:
+    return text
+  return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def one_line(error: BaseException) -> str:
+  """The message of ``error`` on one line (the innermost cause of a flag error; the text
+  of a KeyError inside an AttributeError, as ml_collections raises for unknown fields)."""
+  while isinstance(error, flags.Error) and (error.__cause__ or error.__context__):
+    error = error.__cause__ or error.__context__
+  if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
+    key_error = error.args[0]
+    error = KeyError(key_error.args[0] if key_error.args else "")
+  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  return " ".join(str(text).split()) or type(error).__name__
+
+
+def print_error(reason: str) -> None:
+  """Prints ``Error: reason`` as the last console line (standard output flushed first)."""
+  sys.stdout.flush()
+  print(f"Error: {reason}", file=sys.stderr, flush=True)
+
+
+def read_json(path: pathlib.Path) -> Any:
+  """The JSON in ``path``; a ValueError naming the file when it is not valid JSON."""
+  text = pathlib.Path(path).read_text()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno});"
+                     " it was cut or edited.") from None
+
+
+def fail(error: BaseException, log_dir: pathlib.Path | None, log_name: str = "error.log",
+         explained: tuple[type, ...] = (), show_traceback: bool = True) -> int:
+  """Ends a failed command: the traceback into ``log_dir/log_name`` (when the folder exists
+  and the log can be written), the one-line reason last on the console; returns the exit
+  status (1). ``explained`` errors carry their own explanation: their traceback stays in
+  the log; others (faults of the code) also go to the console's standard error first."""
+  detail = "".join(traceback.format_exception(error))
+  where = ""
+  if log_dir is not None and pathlib.Path(log_dir).is_dir():
+    log = pathlib.Path(log_dir) / log_name
+    try:
+      if log.is_symlink():
+        raise OSError(f"{log} is a symbolic link")
+      with log.open("a") as f:
+        f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')}\n{detail}\n")
+      where = f" (details: {log})"
+    except OSError as e:
+      where = f" (the details could not be written to {log}: {one_line(e)})"
+  if show_traceback and not isinstance(error, explained):
+    sys.stdout.flush()
+    sys.stderr.write(detail)
+  print_error(f"{one_line(error)}{where}")
+  return 1
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for ``app.run(..., flags_parser=parse_flags)``: a bad flag, an
+  unknown config field or variant, a bad value ends in one ``Error:`` line (status 2)
+  instead of a traceback and absl's usage hint."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    print_error(one_line(e))
+    sys.exit(2)
