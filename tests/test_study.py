@@ -94,19 +94,24 @@ def test_study_end_to_end_resumes_an_unfinished_run_and_skips_finished_ones(data
 
 
 def test_grid_axis_in_the_table_and_a_failed_run_reported(data_dir, tmp_path):
-  # window 0 is rejected by the run (Q >= 1): that run fails, the other aggregates.
+  # A learning rate of 1e6 passes the config's checks but diverges: that run fails (at
+  # run time, as any run can), the other aggregates.
   result = _study(f"--config={CONFIG}", "--methods=guided", "--seeds=0",
-                  "--grid=balance.window=0,2", f"--workdir={tmp_path}", *tiny_flags(data_dir))
+                  "--grid=optimizer.learning_rate=1e6,0.01", f"--workdir={tmp_path}",
+                  *tiny_flags(data_dir))
   assert result.returncode == 1
-  failed_log = tmp_path / "balance.window=0" / "guided" / "seed_0" / "run.log"
-  assert f"FAILED: balance.window=0 guided seed 0; log: {failed_log}" in result.stdout
-  assert "window" in failed_log.read_text()
+  failed_log = tmp_path / "optimizer.learning_rate=1e6" / "guided" / "seed_0" / "run.log"
+  assert (f"FAILED: optimizer.learning_rate=1e6 guided seed 0; exit 1; log: {failed_log}"
+          in result.stdout)
+  assert "The training loss is" in failed_log.read_text()
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "Error: 1 of 2 runs left out of the study: optimizer.learning_rate=1e6 guided seed 0")
   table = (tmp_path / "study.md").read_text()
-  assert "## balance.window=2" in table and "| guided | 1 |" in table
-  assert "## balance.window=0" not in table and "Failed runs" in table
-  config = json.loads((tmp_path / "balance.window=2" / "guided" / "seed_0" / "config.json")
-                      .read_text())
-  assert config["balance"]["window"] == 2
+  assert "## optimizer.learning_rate=0.01" in table and "| guided | 1 |" in table
+  assert "## optimizer.learning_rate=1e6" not in table and "Failed runs" in table
+  config = json.loads((tmp_path / "optimizer.learning_rate=0.01" / "guided" / "seed_0" /
+                       "config.json").read_text())
+  assert config["optimizer"]["learning_rate"] == 0.01
 
 
 def test_unknown_grid_field_and_method_are_refused_before_any_run(tmp_path):

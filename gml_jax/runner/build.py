@@ -13,6 +13,7 @@ from gml_jax import models
 from gml_jax.balancing import METHODS, UPDATE_MODES, balanced_multimodal
 from gml_jax.modulation import ogm_ge
 from gml_jax.runner import pipeline
+from gml_jax.runner.failure import shorten
 from gml_jax.steps import TrainState, create_train_state, replicate
 
 SCHEDULES = ("constant", "plateau")
@@ -91,7 +92,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     value = config_field(config, field)
     if not test(value):
       what = "is unknown" if expected.startswith("one of") else "is invalid"
-      raise ValueError(f"config.{field}={value!r} {what}: expected {expected}.")
+      raise ValueError(f"config.{field}={shorten(repr(value))} {what}: expected {expected}.")
   _check_model_inputs(config)
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % jax.device_count():
@@ -108,10 +109,11 @@ def _check_model_inputs(config) -> None:
   available = len(pipeline.MODALITIES[config.data.name])
   chosen = config.data.modalities
   if (not isinstance(chosen, (tuple, list)) or not chosen or len(set(chosen)) != len(chosen)
-      or not all(isinstance(m, int) and 0 <= m < available for m in chosen)):
-    raise ValueError(f"config.data.modalities={chosen!r} is invalid: expected distinct "
-                     f"indices of {config.data.name}'s {available} modalities, e.g. (0, 1) "
-                     "or (0,).")
+      or not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < available
+                 for m in chosen)):
+    raise ValueError(f"config.data.modalities={shorten(repr(chosen))} is invalid: expected "
+                     f"distinct integer indices of {config.data.name}'s {available} "
+                     "modalities, e.g. (0, 1) or (0,).")
   method, fusion = config.balance.method, config.model.fusion
   if fusion == "mmtm" and len(chosen) < 2:
     raise ValueError(f"config.model.fusion='mmtm' needs two or more data.modalities, got "

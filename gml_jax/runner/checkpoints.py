@@ -45,9 +45,11 @@ class Progress:
 
 class Checkpoints:
   """``checkpoints/latest`` and ``checkpoints/best`` of a workdir: orbax checkpoints of the
-  whole train state with the run's :class:`Progress`."""
+  whole train state with the run's :class:`Progress` and the digest of the config that made
+  them (:func:`gml_jax.runner.workdir.config_digest`), checked on restore."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir: pathlib.Path, config_digest: str):
+    self.config_digest = config_digest
     # Orbax writes into a temporary directory and renames it when complete: a run killed
     # mid-save leaves the previous checkpoint intact.
     manager = lambda name: ocp.CheckpointManager(
@@ -58,31 +60,48 @@ class Checkpoints:
            progress: Progress) -> None:
     if manager.latest_step() == progress.step:
       return
+    meta = progress.to_json() | {"config_digest": self.config_digest}
     manager.save(progress.step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(progress.to_json())),
-                 force=True)
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     manager.wait_until_finished()
 
   def restore(self, manager: ocp.CheckpointManager,
               target: TrainState) -> tuple[TrainState, Progress]:
     step = manager.latest_step()
     path = pathlib.Path(manager.directory) / str(step)
-    mismatch = _mismatch(path / "state", target)
+    damaged = (f"Checkpoint {path} is damaged (%s): delete {path} to resume from an older "
+               "checkpoint if there is one, or use a new --workdir.")
+    try:
+      saved = _tree_shapes(ocp.StandardCheckpointer().metadata(path / "state").item_metadata)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(damaged % f"its layout cannot be read: {_first_line(e)}") from e
+    mismatch = _mismatch(saved, target)
     if mismatch:  # checked first: orbax's own report is thousands of lines of arrays
       raise ValueError(f"Checkpoint {path} does not fit this model and optimizer ({mismatch});"
                        " it was saved by another config or code version. Use a new --workdir.")
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-      return restored.state, Progress.from_json(restored.meta)
     except Exception as e:  # pylint: disable=broad-except
-      reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-      raise ValueError(f"Checkpoint {path} cannot be restored: {reason}") from e
+      raise ValueError(damaged % f"it cannot be read back: {_first_line(e)}") from e
+    meta = dict(restored.meta)
+    digest = meta.pop("config_digest", None)
+    if digest is not None and digest != self.config_digest:
+      raise ValueError(
+          f"Checkpoint {path} was saved by a run of another config or on other data (the "
+          "config digest saved with it differs from this config's), whatever config.json "
+          "says. Use a new --workdir, or the config that made it.")
+    return restored.state, Progress.from_json(meta)
 
   def close(self) -> None:
     """Ends orbax's background work (a run that stops on an error leaves none behind)."""
     for manager in (self.latest, self.best):
       manager.close()
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _tree_shapes(tree) -> dict[str, tuple]:
@@ -91,13 +110,9 @@ def _tree_shapes(tree) -> dict[str, tuple]:
   return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def _mismatch(state_dir: pathlib.Path, target: TrainState) -> str:
-  """What differs between the arrays saved in ``state_dir`` and ``target``, in a line
-  ('' when they match or the saved layout cannot be read)."""
-  try:
-    saved = _tree_shapes(ocp.StandardCheckpointer().metadata(state_dir).item_metadata)
-  except Exception:  # pylint: disable=broad-except
-    return ""
+def _mismatch(saved: dict[str, tuple], target: TrainState) -> str:
+  """What differs between the saved arrays' shapes and ``target``'s, in a line ('' when
+  they match)."""
   wanted = _tree_shapes(target)
   shapes = [k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k]]
   missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
+import re
 import sys
 import traceback
 from typing import Any
@@ -26,15 +27,29 @@ def shorten(value: Any, limit: int = ECHO_LIMIT) -> str:
 
 
 def one_line(error: BaseException) -> str:
-  """The message of ``error`` on one line (the innermost cause of a flag error; the text
-  of a KeyError inside an AttributeError, as ml_collections raises for unknown fields)."""
-  while isinstance(error, flags.Error) and (error.__cause__ or error.__context__):
-    error = error.__cause__ or error.__context__
+  """The message of ``error`` on one line (the text of a KeyError inside an AttributeError,
+  as ml_collections raises for an unknown field, without its quotes)."""
   if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
-    key_error = error.args[0]
-    error = KeyError(key_error.args[0] if key_error.args else "")
+    error = error.args[0]
   text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
   return " ".join(str(text).split()) or type(error).__name__
+
+
+def _flag_error(error: BaseException, argv: list[str]) -> str:
+  """What a failed flag parse says, on one line, naming the flag."""
+  text = str(error)
+  if "Traceback (most recent call last)" in text:  # a config file's get_config() raised
+    last = [l for l in text.splitlines() if l.strip()][-1].strip()
+    return last.split(": ", 1)[1] if ": " in last and last.split(":")[0].isidentifier() else last
+  bad_bool = re.match(r"flag (--\S+?)=(.*?): \('Non-boolean argument", text)
+  if bad_bool:
+    return f"{bad_bool.group(1)}={shorten(bad_bool.group(2))}: expected True or False."
+  if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
+    key = str(error.args[0].args[0]).split("\n")[0].strip("'") if error.args[0].args else ""
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                 and key and key in a.split("=")[0].split(".")), "--config")
+    return f"{flag}: unknown config field. {one_line(error)}"
+  return shorten(one_line(error), 2 * ECHO_LIMIT)
 
 
 def print_error(reason: str) -> None:
@@ -85,5 +100,5 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    print_error(one_line(e))
+    print_error(_flag_error(e, argv))
     sys.exit(2)

@@ -11,7 +11,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from gml_jax.runner.workdir import atomic_write
+from gml_jax.runner.workdir import atomic_write, open_no_follow, refuse_link
 
 
 
@@ -22,6 +22,7 @@ class MetricLog:
   def __init__(self, path: pathlib.Path, resume_step: int, write: bool = True):
     self.path, self.write = path, write
     rows = []
+    refuse_link(path)
     if path.exists():  # rows past the restored checkpoint belong to the lost future
       lines = path.read_text().splitlines()
       rows = [json.loads(l) for l in lines[:-1]] + _parse_last(lines[-1:])
@@ -34,14 +35,14 @@ class MetricLog:
   def append(self, rows: list[dict]) -> None:
     self.rows += rows
     if self.write:
-      with self.path.open("a") as f:
+      with open_no_follow(self.path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
   def write_csv(self) -> None:
     if not self.rows or not self.write:
       return
     keys = list(dict.fromkeys(k for r in self.rows for k in r))
-    with self.path.with_suffix(".csv").open("w", newline="") as f:
+    with open_no_follow(self.path.with_suffix(".csv"), "w") as f:
       writer = csv.DictWriter(f, keys)
       writer.writeheader()
       writer.writerows(self.rows)

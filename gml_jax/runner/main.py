@@ -12,16 +12,14 @@ gml_jax/runner/trainer.py for what a run writes. Run it from a clone of the repo
 (it reads experiments/ and data_prep/), with the ``experiments`` extra installed.
 """
 
-import datetime
 import pathlib
 import sys
-import traceback
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gml_jax.runner import dataset, trainer
+from gml_jax.runner import dataset, failure, trainer
 from gml_jax.runner import workdir as workdir_lib
 from gml_jax.runner.evaluation import format_summary
 
@@ -73,28 +71,17 @@ def main(argv):
 
 
 # Errors that carry their own explanation: their message is all the console shows.
-EXPLAINED = (ValueError, FileNotFoundError, FloatingPointError, dataset.DatasetCorruptError,
+EXPLAINED = (ValueError, OSError, FloatingPointError, dataset.DatasetCorruptError,
              dataset.DatasetIncompleteError, workdir_lib.WorkdirInUseError)
 
 
 def fail(error: Exception, workdir: pathlib.Path) -> int:
   """Ends a failed run: the full traceback into ``<workdir>/error.log`` (when the workdir
-  exists), the one-line reason last on the console; returns the exit status."""
-  detail = "".join(traceback.format_exception(error))
-  where = ""
-  if workdir.is_dir():
-    suffix = "" if jax.process_index() == 0 else f".{jax.process_index()}"
-    log = workdir / f"error{suffix}.log"
-    with log.open("a") as f:
-      f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')}\n{detail}\n")
-    where = f" (details: {log})"
-  if not isinstance(error, EXPLAINED):
-    sys.stderr.write(detail)  # a fault of the code: the traceback helps
-  reason = " ".join(str(error).split()) or type(error).__name__
-  sys.stdout.flush()
-  print(f"Error: {reason}{where}", file=sys.stderr, flush=True)
-  return 1
+  exists and the log can be written), the one-line reason last on the console; returns
+  the exit status."""
+  suffix = "" if jax.process_index() == 0 else f".{jax.process_index()}"
+  return failure.fail(error, workdir, f"error{suffix}.log", EXPLAINED)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=failure.parse_flags)

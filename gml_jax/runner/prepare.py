@@ -14,7 +14,7 @@ and the split sizes. Run it once before a multi-host launch so that no host wait
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gml_jax.runner import dataset
+from gml_jax.runner import dataset, failure
 from gml_jax.runner.workdir import describe_data
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,7 +30,7 @@ def main(argv):
   try:
     data = dataset.open_dataset(_CONFIG.value.data)
   except Exception as e:  # pylint: disable=broad-except
-    raise SystemExit(f"Error: {' '.join(str(e).split())}") from None
+    raise SystemExit(failure.fail(e, None, show_traceback=False)) from None
   used = data.used()
   print(f"{data.builder.name}/{data.builder.builder_config.name}: {data.builder.data_dir}")
   print(f"built from {describe_data(used)}")
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=failure.parse_flags)

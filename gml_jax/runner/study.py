@@ -15,7 +15,18 @@ Each run is ``python -m gml_jax.runner.main`` in its own workdir under the study
 in ``run.log`` there: a finished run (one with ``summary.json``) is skipped, an unfinished
 one resumes, so an interrupted study continues where it stopped. ``--config.<field>=<value>``
 overrides go to every run, as in ``make train``; ``--run_args`` adds flags of the runs.
-The study writes ``study.json``, ``study.md`` and ``plots/``.
+The study writes ``study.json``, ``study.md`` and ``plots/``, always, from the runs whose
+summaries it could read; a run that failed or whose summary is missing or malformed is
+reported (its log, or the file and what is wrong with it) and left out, and the study then
+exits with status 1.
+
+Every argument is checked before any run starts (seeds, methods, ``--parallel``, and each
+grid point against the config's own checks). One study holds a directory at a time
+(``study.lock.json``, taken over after a killed study). SIGINT or SIGTERM to the study asks
+its running runs to stop at their next checkpoint, waits for them, says what stopped and
+exits with 128 + the signal's number; a second signal kills them. Runs run in their own
+session (a Ctrl-C at the terminal reaches the study alone) and die with a killed study, so
+no run outlives it holding its workdir; the same command resumes them.
 
 Runs see the study's devices (each run is data-parallel over all of them, as a plain run);
 ``--parallel N`` runs N at once, which pays only where one run leaves the devices idle.
@@ -27,12 +38,16 @@ process id 0 writes the aggregate.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.util
 import itertools
 import json
 import os
 import pathlib
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -43,8 +58,8 @@ from ml_collections import config_flags
 
 from experiments.common import VARIANTS
 from gml_jax.balancing import METHODS
-from gml_jax.runner import build, study_report
-from gml_jax.runner.workdir import atomic_write
+from gml_jax.runner import build, failure, study_report
+from gml_jax.runner.workdir import WorkdirInUseError, WorkdirLock, atomic_write, refuse_link
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (without a variant), e.g. "
@@ -53,15 +68,19 @@ _CONFIG = config_flags.DEFINE_config_file(
 _METHODS = flags.DEFINE_list(
     "methods", list(METHODS), f"Methods (config variants) to run, some of {list(VARIANTS)}: "
     "the paper's methods, OGM-GE, each modality alone, late fusion.")
-_SEEDS = flags.DEFINE_string("seeds", "0-4", "Seeds: a range 0-4 or a list 0,3,7.")
+_SEEDS = flags.DEFINE_string("seeds", "0-4", "Seeds: a range 0-4, a list 0,3,7, or both: 0-2,5.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The study's directory (runs below it).")
 _GRID = flags.DEFINE_multi_string(
-    "grid", [], "An extra axis: field=value,value,... (e.g. balance.alpha=0.001,0.01,0.1); "
-    "repeat for several axes (their product is run).")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at once, each its own process.")
+    "grid", [], "An extra axis: field=value,value,... (e.g. balance.alpha=0.001,0.01,0.1; "
+    "tuples as data.modalities=(0,),(1,)); repeat for several axes (their product is run).")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at once (>= 1), each its own process.")
 _RUN_ARGS = flags.DEFINE_string("run_args", "", "More flags for every run, e.g. "
                                 "'--distributed --num_processes=2 --process_id=0'.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# A study's own failures: their message says it all (a fault of the code shows its traceback).
+EXPLAINED = (ValueError, OSError, WorkdirInUseError)
+
 
 @dataclasses.dataclass
 class Run:
@@ -69,9 +88,12 @@ class Run:
   seed: int
   point: tuple[tuple[str, str], ...]  # the grid point: (field, value) per axis
   workdir: pathlib.Path
-  status: str = "pending"  # pending, finished, skipped (finished before), failed
+  # pending, finished, skipped (finished before), failed, stopped, not started (the study
+  # was stopped first), unreadable (its summary is missing or malformed)
+  status: str = "pending"
   seconds: float | None = None
   log_name: str = "run.log"  # run.<i>.log for process i > 0 of a multi-process job
+  problem: str = ""  # why it is left out, for failed and unreadable runs
 
   @property
   def point_label(self) -> str:
@@ -85,35 +107,151 @@ class Run:
   def log(self) -> pathlib.Path:
     return self.workdir / self.log_name
 
-  def summary(self) -> dict | None:
-    path = self.workdir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+  @property
+  def summary_path(self) -> pathlib.Path:
+    return self.workdir / "summary.json"
+
+  def summary(self) -> dict:
+    """The run's summary; a ValueError naming the file and what is wrong with it."""
+    path = self.summary_path
+    if not path.exists():
+      raise ValueError(f"{path} is missing (was the run's folder moved or deleted?)")
+    refuse_link(path)
+    summary = failure.read_json(path)
+    if not isinstance(summary, dict) or not isinstance(summary.get("test_accuracy"),
+                                                         (int, float)):
+      raise ValueError(f"{path} is not a run summary: expected a JSON object with a "
+                       f"test_accuracy number, got {failure.shorten(json.dumps(summary), 80)}")
+    return summary
 
 
 # --------------------------------------------------------------------------------------
-# Running
+# Arguments, all checked before any run
 
 
 def parse_seeds(text: str) -> list[int]:
-  if "-" in text:
-    first, last = (int(x) for x in text.split("-"))
-    return list(range(first, last + 1))
-  return [int(x) for x in text.split(",") if x]
+  """``0-4``, ``0,3,7`` or both (``0-2,5``): distinct integers >= 0, in the order given."""
+  seeds = []
+  for item in text.split(","):
+    item = item.strip()
+    single, span = re.fullmatch(r"\d+", item), re.fullmatch(r"(\d+)-(\d+)", item)
+    if span and int(span.group(1)) > int(span.group(2)):
+      raise app.UsageError(f"--seeds={failure.shorten(text)}: the range {item} goes down; "
+                           "expected first-last with first <= last, e.g. 0-4.")
+    if not (single or span):
+      raise app.UsageError(f"--seeds={failure.shorten(text)}: {failure.shorten(item)!r} is not "
+                           "a seed or a range; expected integers >= 0, e.g. 0-4, 0,3,7 or 0-2,5.")
+    seeds += [int(item)] if single else list(range(int(span.group(1)), int(span.group(2)) + 1))
+  repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+  if repeated:
+    raise app.UsageError(f"--seeds={failure.shorten(text)}: seeds {repeated} are listed more "
+                         "than once; each seed is one run.")
+  return seeds
+
+
+def split_values(text: str) -> list[str]:
+  """``a,b,(c,d)`` -> ``["a", "b", "(c,d)"]``: commas inside brackets or quotes stay."""
+  values, depth, quote, current = [], 0, None, ""
+  for char in text:
+    if quote:
+      quote = None if char == quote else quote
+    elif char in "'\"":
+      quote = char
+    elif char in "([{":
+      depth += 1
+    elif char in ")]}":
+      depth -= 1
+    elif char == "," and depth == 0:
+      values.append(current)
+      current = ""
+      continue
+    current += char
+  return values + [current]
+
+
+def parse_value(text: str, current):
+  """A grid value as the config field holding ``current`` takes it (a ValueError if not)."""
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false"):
+      raise ValueError("expected True or False")
+    return text.lower() == "true"
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if isinstance(current, (tuple, list)):
+      raise ValueError(f"expected a tuple like {current!r}") from None
+    return text
+  if isinstance(current, (tuple, list)) and not isinstance(value, (tuple, list)):
+    raise ValueError(f"expected a tuple like {current!r}")
+  return tuple(value) if isinstance(current, tuple) else value
 
 
 def parse_grid(axes: list[str], config) -> list[tuple[tuple[str, str], ...]]:
-  """``field=v1,v2`` per axis -> every grid point; each field must exist in the config."""
+  """``field=v1,v2`` per axis -> every grid point; each field must exist in the config and
+  each value parse as its type."""
   parsed = []
   for axis in axes:
     field, _, values = axis.partition("=")
     try:
-      build.config_field(config, field)
+      current = build.config_field(config, field)
     except (KeyError, AttributeError, TypeError):
-      raise app.UsageError(f"--grid {axis}: the config has no field {field!r}.") from None
+      raise app.UsageError(f"--grid {failure.shorten(axis)}: the config has no field "
+                           f"{field!r}.") from None
     if not values:
-      raise app.UsageError(f"--grid {axis}: expected {field}=value,value,...")
-    parsed.append([(field, v) for v in values.split(",")])
+      raise app.UsageError(f"--grid {failure.shorten(axis)}: expected {field}=value,value,...")
+    points = []
+    for value in split_values(values):
+      try:
+        parse_value(value, current)
+      except ValueError as e:
+        raise app.UsageError(f"--grid {failure.shorten(axis)}: {failure.shorten(value)!r} is not "
+                             f"a value of {field} ({e}).") from None
+      points.append((field, value))
+    if len({v for _, v in points}) != len(points):
+      raise app.UsageError(f"--grid {failure.shorten(axis)}: a value is listed twice.")
+    parsed.append(points)
   return list(itertools.product(*parsed))
+
+
+def _load_variant(config_file: str, method: str):
+  spec = importlib.util.spec_from_file_location("study_config", config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(method)
+
+
+def _set_field(config, path: str, value) -> None:
+  *parents, name = path.split(".")
+  for part in parents:
+    config = config[part]
+  setattr(config, name, value)
+
+
+def check_every_run_config(config_file: str, methods, points, overrides: dict, seeds) -> None:
+  """Each (method, grid point)'s config through the config's own checks, before any run:
+  a bad value is refused here, naming the grid point, not found by every run failing."""
+  for method, point in itertools.product(methods, points):
+    config = _load_variant(config_file, method)
+    for field, value in overrides.items():
+      _set_field(config, field, value)
+    for field, text in point:
+      _set_field(config, field, parse_value(text, build.config_field(config, field)))
+    config.seed = seeds[0]
+    where = ", ".join(filter(None, [",".join(f"{k}={v}" for k, v in point), method]))
+    try:
+      build.check_config(config)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(f"The run {where} would fail: {failure.one_line(e)}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Running
 
 
 def run_command(config_file: str, run: Run, overrides: list[str], run_args: str) -> list[str]:
@@ -123,45 +261,99 @@ def run_command(config_file: str, run: Run, overrides: list[str], run_args: str)
           *shlex.split(run_args)]
 
 
-def execute(runs: list[Run], command, parallel: int, writer: bool = True) -> None:
+class StopRequest:
+  """SIGINT and SIGTERM to the study, counted: the first stops the runs at their next
+  checkpoint, the second kills them."""
+
+  def __init__(self):
+    self.signum, self.count, self._previous = None, 0, {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = self.signum or signum
+    self.count += 1
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+# Run by each run's process before it becomes the run: killed (SIGKILL) when the study's
+# process ends, however it ends, so that no run outlives a killed study holding its
+# workdir's lock (Linux's PR_SET_PDEATHSIG, kept across exec).
+_DIE_WITH_STUDY = """import ctypes, os, sys
+ctypes.CDLL(None).prctl(1, 9)
+if os.getppid() != int(sys.argv[1]):
+  sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _start(run: Run, command) -> subprocess.Popen:
+  run.workdir.mkdir(parents=True, exist_ok=True)
+  refuse_link(run.log)
+  argv = command(run)
+  if sys.platform.startswith("linux"):
+    argv = [sys.executable, "-c", _DIE_WITH_STUDY, str(os.getpid()), *argv]
+  with open(run.log, "a", encoding="utf-8") as log:  # the child keeps its own copy
+    # Its own session: a Ctrl-C at the terminal reaches the study alone, which stops the
+    # runs itself (a second signal to a run would interrupt it without a checkpoint).
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"}, start_new_session=True)
+
+
+def execute(runs: list[Run], command, parallel: int, stop: StopRequest,
+            writer: bool = True) -> None:
   """Runs every pending run (``parallel`` at a time), printing a line per run started,
-  finished, failed or skipped, with the time left estimated from the runs done so far.
-  A run is finished when it exits with status 0 and (on the ``writer``, whose runs are
+  finished, failed, skipped or stopped, with the time left estimated from the runs done so
+  far. A run is finished when it exits with status 0 and (on the ``writer``, whose runs are
   process 0 of their jobs and write the summaries) has written its summary."""
   total = len(runs)
   todo = []
   for i, run in enumerate(runs):
-    if run.summary() is not None:
+    if run.summary_path.exists() or run.summary_path.is_symlink():
       run.status = "skipped"
       print(f"[{i + 1}/{total}] skipped {run.name}: finished before", flush=True)
     else:
       todo.append((i, run))
-  running, durations = [], []
+  running, durations, asked = [], [], 0
   while todo or running:
-    while todo and len(running) < parallel:
+    while todo and len(running) < parallel and not stop.count:
       i, run = todo.pop(0)
-      run.workdir.mkdir(parents=True, exist_ok=True)
-      log = run.log.open("a")
-      proc = subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT,
-                              env=os.environ | {"PYTHONUNBUFFERED": "1"})
-      running.append((i, run, proc, log, time.perf_counter()))
+      running.append((i, run, _start(run, command), time.perf_counter()))
       print(f"[{i + 1}/{total}] started {run.name}", flush=True)
+    if stop.count > asked:  # forward the signal: SIGTERM first, SIGKILL the second time
+      asked = stop.count
+      for _, run, proc, _ in running:
+        proc.send_signal(signal.SIGTERM if asked == 1 else signal.SIGKILL)
+      for _, run in todo:
+        run.status = "not started"
+      todo = []
+      print(f"Stopping: {len(running)} running run(s) "
+            f"{'stop at their next checkpoint' if asked == 1 else 'killed'}.", flush=True)
     time.sleep(0.2)
     for entry in [e for e in running if e[2].poll() is not None]:
       running.remove(entry)
-      i, run, proc, log, started = entry
-      log.close()
+      i, run, proc, started = entry
       run.seconds = time.perf_counter() - started
       durations.append(run.seconds)
       left = (len(todo) + len(running)) * float(np.mean(durations)) / parallel
-      if proc.returncode == 0 and (run.summary() is not None or not writer):
+      if proc.returncode == 0 and (run.summary_path.exists() or not writer):
         run.status = "finished"
         print(f"[{i + 1}/{total}] finished {run.name} in {run.seconds:.0f} s; about "
               f"{_minutes(left)} left", flush=True)
+      elif stop.count:
+        run.status = "stopped"
+        print(f"[{i + 1}/{total}] stopped {run.name} (exit {proc.returncode}); it resumes "
+              "when the study runs again", flush=True)
       else:
-        run.status = "failed"
-        print(f"[{i + 1}/{total}] FAILED {run.name} (exit {proc.returncode}); log: {run.log}",
-              flush=True)
+        run.status, run.problem = "failed", f"exit {proc.returncode}; log: {run.log}"
+        print(f"[{i + 1}/{total}] FAILED {run.name} ({run.problem})", flush=True)
 
 
 def _process_id(run_args: str) -> int:
@@ -174,57 +366,123 @@ def _minutes(seconds: float) -> str:
   return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def main(argv):
+# --------------------------------------------------------------------------------------
+# The study
+
+
+def readable_runs(runs: list[Run]) -> list[tuple[Run, dict]]:
+  """(run, summary) of every finished run whose summary reads as one; the others are
+  marked unreadable and reported (the file and what is wrong with it)."""
+  readable = []
+  for run in runs:
+    if run.status not in ("finished", "skipped"):
+      continue
+    try:
+      readable.append((run, run.summary()))
+    except (ValueError, OSError) as e:
+      run.status, run.problem = "unreadable", failure.one_line(e)
+      print(f"LEFT OUT {run.name}: {run.problem}", flush=True)
+  return readable
+
+
+def write_study(workdir: pathlib.Path, runs: list[Run], experiment: str, started: float) -> None:
+  """study.json and study.md from the runs whose summaries read, then the plots."""
+  done = readable_runs(runs)
+  result = study_report.aggregate([{"method": r.method, "seed": r.seed, "point": r.point_label,
+                                    "summary": s} for r, s in done])
+  result |= {
+      "experiment": experiment,
+      "command": " ".join(["python -m gml_jax.runner.study", *sys.argv[1:]]),
+      "wall_seconds": time.perf_counter() - started,
+      "runs": [{"method": r.method, "seed": r.seed, "point": r.point_label, "status": r.status,
+                "workdir": str(r.workdir), "seconds": r.seconds, "problem": r.problem or None}
+               for r in runs],
+  }
+  atomic_write(workdir / "study.json", json.dumps(result, indent=2))
+  atomic_write(workdir / "study.md", study_report.markdown(result))
+  print("\n" + study_report.markdown(result))
+  if done:
+    try:
+      study_report.plots(result, {r.workdir: r for r, _ in done}, workdir / "plots")
+    except (ValueError, OSError, KeyError) as e:  # a run's logs unreadable: the tables stand
+      print(f"The plots could not be drawn: {failure.one_line(e)}")
+
+
+def study(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   config_file = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+  override_values = config_flags.get_override_values(flags.FLAGS["config"])
   overrides = [f"--config.{k}={v if isinstance(v, str) else repr(v)}"
-               for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()]
-  unknown = [m for m in _METHODS.value if m not in VARIANTS]
-  if unknown:
+               for k, v in override_values.items()]
+  methods = _METHODS.value
+  unknown = [m for m in methods if m not in VARIANTS]
+  if unknown or not methods:
     raise app.UsageError(f"Unknown methods {unknown}; expected some of {VARIANTS}.")
-  workdir = pathlib.Path(_WORKDIR.value).expanduser().resolve()
+  if len(set(methods)) != len(methods):
+    raise app.UsageError(f"--methods={','.join(methods)}: a method is listed twice.")
+  if _PARALLEL.value < 1:
+    raise app.UsageError(f"--parallel={_PARALLEL.value}: expected an integer >= 1.")
+  seeds = parse_seeds(_SEEDS.value)
   points = parse_grid(_GRID.value, config)
+  check_every_run_config(config_file, methods, points, override_values, seeds)
+  workdir = pathlib.Path(_WORKDIR.value).expanduser().resolve()
   process = _process_id(_RUN_ARGS.value)
   runs = []
   for point in points:
     base = workdir.joinpath(*[f"{k}={v}" for k, v in point])
     runs += [Run(m, s, point, base / m / f"seed_{s}",
                  log_name=f"run.{process}.log" if process else "run.log")
-             for m in _METHODS.value for s in parse_seeds(_SEEDS.value)]
-  print(f"Study of {config.experiment}: {len(_METHODS.value)} methods x "
-        f"{len(parse_seeds(_SEEDS.value))} seeds x {len(points)} grid points = {len(runs)} "
-        f"runs in {workdir}", flush=True)
-  started = time.perf_counter()
-  writer = process == 0  # the host whose runs write the summaries writes the aggregate
-  execute(runs, lambda run: run_command(config_file, run, overrides, _RUN_ARGS.value),
-          _PARALLEL.value, writer)
-  failed = [r for r in runs if r.status == "failed"]
-  if not writer:
-    print("The runs are done; the study of process 0 writes the aggregate.")
-    sys.exit(1 if failed else 0)
-  done = [r for r in runs if r.status in ("finished", "skipped")]
-  result = study_report.aggregate([{"method": r.method, "seed": r.seed, "point": r.point_label,
-                       "summary": r.summary()} for r in done])
-  result |= {
-      "experiment": config.experiment,
-      "command": " ".join(["python -m gml_jax.runner.study", *sys.argv[1:]]),
-      "wall_seconds": time.perf_counter() - started,
-      "runs": [{"method": r.method, "seed": r.seed, "point": r.point_label, "status": r.status,
-                "workdir": str(r.workdir), "seconds": r.seconds} for r in runs],
-  }
-  atomic_write(workdir / "study.json", json.dumps(result, indent=2))
-  atomic_write(workdir / "study.md", study_report.markdown(result))
-  if done:
-    study_report.plots(result, {r.workdir: r for r in done}, workdir / "plots")
-  print("\n" + study_report.markdown(result))
-  for r in failed:
-    print(f"FAILED: {r.name}; log: {r.log}")
-  print(f"\nStudy: {workdir}/study.json, study.md, plots/")
-  if failed:
-    sys.exit(1)
+             for m in methods for s in seeds]
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock = WorkdirLock(workdir, f"study.lock.{process}.json" if process else "study.lock.json",
+                     holder="study")
+  lock.acquire()
+  try:
+    print(f"Study of {config.experiment}: {len(methods)} methods x {len(seeds)} seeds x "
+          f"{len(points)} grid points = {len(runs)} runs in {workdir}", flush=True)
+    started = time.perf_counter()
+    writer = process == 0  # the host whose runs write the summaries writes the aggregate
+    with StopRequest() as stop:
+      execute(runs, lambda run: run_command(config_file, run, overrides, _RUN_ARGS.value),
+              _PARALLEL.value, stop, writer)
+    if writer:
+      write_study(workdir, runs, config.experiment, started)
+    else:
+      print("The runs are done; the study of process 0 writes the aggregate.")
+    left_out = [r for r in runs if r.status in ("failed", "unreadable")]
+    for r in left_out:
+      print(f"{r.status.upper()}: {r.name}; {r.problem}")
+    if writer:
+      print(f"\nStudy: {workdir}/study.json, study.md, plots/", flush=True)
+    if stop.signum:
+      stopped = [r.name for r in runs if r.status == "stopped"]
+      waiting = sum(r.status == "not started" for r in runs)
+      print(f"Stopped by {signal.Signals(stop.signum).name}: {len(stopped)} run(s) stopped at "
+            f"their checkpoints ({', '.join(stopped) or 'none'}), {waiting} not started. Run "
+            "the same command to resume.", flush=True)
+      return 128 + stop.signum
+    if left_out:
+      failure.print_error(failure.shorten(
+          f"{len(left_out)} of {len(runs)} runs left out of the study: "
+          + "; ".join(f"{r.name} ({r.problem})" for r in left_out), 1000))
+      return 1
+    return 0
+  finally:
+    lock.release()
+
+
+def main(argv):
+  try:
+    sys.exit(study(argv))
+  except app.UsageError as e:
+    failure.print_error(failure.one_line(e))
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    log_dir = pathlib.Path(_WORKDIR.value).expanduser() if _WORKDIR.value else None
+    sys.exit(failure.fail(e, log_dir, "study_error.log", EXPLAINED))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=failure.parse_flags)

@@ -129,10 +129,11 @@ def markdown(result: dict) -> str:
         seeds = ", ".join(f"{s}: {d:+.3f}" for s, d in p["per_seed"].items())
         lines.append(f"| {p['comparison']} | {p['metric']} | {p['mean']:+.3f} | {ci} | {seeds} |")
       lines.append("")
-  failed = [r for r in result["runs"] if r["status"] == "failed"]
+  failed = [r for r in result["runs"] if r["status"] in ("failed", "unreadable")]
   if failed:
     lines += ["Failed runs (left out): " + ", ".join(
-        f"{r['method']} seed {r['seed']} {r['point']} ({r['workdir']}/run.log)" for r in failed), ""]
+        f"{r['method']} seed {r['seed']} {r['point']} "
+        f"({r.get('problem') or r['workdir'] + '/run.log'})" for r in failed), ""]
   return "\n".join(lines)
 
 

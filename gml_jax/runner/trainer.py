@@ -46,7 +46,9 @@ from gml_jax.runner.checkpoints import Checkpoints, Progress
 from gml_jax.runner.evaluation import evaluate, final_summary
 from gml_jax.runner.logs import RunLogs, epoch_row, step_rows
 from gml_jax.runner.schedule import end_of_epoch, learning_rate
-from gml_jax.runner.workdir import WorkdirLock, atomic_write, check_workdir_config
+from gml_jax.runner.failure import read_json
+from gml_jax.runner.workdir import (WorkdirLock, atomic_write, check_workdir_config,
+                                    config_digest, refuse_link, write_config)
 from gml_jax.steps import (compile_eval_step, compile_multi_step, compile_train_step,
                            data_mesh, make_eval_step, make_multi_step, make_train_step)
 
@@ -65,15 +67,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = build.model(config, dataset.num_classes)
   tx = build.optimizer(config, spe)
   if (workdir / "summary.json").exists():  # finished: nothing to do, nothing to change
-    check_workdir_config(workdir, config, dataset.used(), write=False)
-    return json.loads((workdir / "summary.json").read_text())
+    check_workdir_config(workdir, config, dataset.used())
+    refuse_link(workdir / "summary.json")
+    return read_json(workdir / "summary.json")
 
   with contextlib.ExitStack() as cleanup:  # released and closed however the run ends
     workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(workdir)
     lock.acquire()
     cleanup.callback(lock.release)
-    check_workdir_config(workdir, config, dataset.used(), write=is_writer)
+    check_workdir_config(workdir, config, dataset.used())
 
     # ---- State, steps, and the run so far.
     mesh = data_mesh()
@@ -89,11 +92,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     compile_seconds = time.perf_counter() - started
     run = Run(config, workdir, dataset, spe, mesh, train_step=train_step, multi_step=multi_step,
               eval_step=compile_eval_step(make_eval_step(model), mesh),
-              checkpoints=Checkpoints(workdir))
+              checkpoints=Checkpoints(workdir, config_digest(config, dataset.used())))
     cleanup.callback(run.checkpoints.close)
     if run.checkpoints.latest.latest_step() is not None:
       state, run.progress = run.checkpoints.restore(run.checkpoints.latest, state)
       print(f"Resuming {workdir} from step {run.progress.step}.")
+    if is_writer:  # only now: a checkpoint of another config has been refused above
+      write_config(workdir, config, dataset.used())
     # Every process reads the logs (decisions at epoch ends use them); process 0 writes.
     run.logs = RunLogs(workdir, run.progress.step, write=is_writer)
     cleanup.callback(run.logs.close)
@@ -149,7 +154,8 @@ def train(run: Run, state, stop_after_steps: int | None):
   started = time.perf_counter()
   bar = tqdm(total=total_steps, initial=progress.step, unit="step", desc=config.experiment,
              disable=not is_writer)
-  with StopSignal() as stop_signal:
+  # The bar closes however the loop ends, so that an error is the console's last line.
+  with bar, StopSignal() as stop_signal:
     while progress.step < total_steps:
       epoch, start = divmod(progress.step, spe)
       plan = pipeline.call_plan(progress.step, config.steps_per_call, spe,
@@ -198,7 +204,6 @@ def train(run: Run, state, stop_after_steps: int | None):
           state, finished = end_of_epoch(config, state, row, progress, run.mesh)
           if finished:  # early stop: a full checkpoint, then the final evaluation
             checkpoints.save(checkpoints.latest, state, progress)
-            bar.close()
             return state
           started = time.perf_counter()
         if checkpoint_due or stop_asked or preempted:  # saving is not training time
@@ -206,12 +211,11 @@ def train(run: Run, state, stop_after_steps: int | None):
           checkpoints.save(checkpoints.latest, state, progress)
           started = time.perf_counter()
         if stop_asked or preempted:
-          bar.close()
+          bar.close()  # before the message, so that it stands on its own line
           why = "a stop signal" if preempted else f"--stop_after_steps={stop_after_steps}"
           print(f"Stopped by {why} at step {step}; checkpoint saved in {run.workdir}. "
                 "Run the same command again to resume.")
           return None
-  bar.close()
   return state
 
 
