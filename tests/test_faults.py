@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -378,3 +379,149 @@ def test_small_splits_read_into_memory_equal_the_files(data_dir):
       assert a.keys() == b.keys()
       for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+# --------------------------------------------------------------------------------------
+# Every failure ends in one line that names the file; a workdir cannot be confused or
+# redirected
+
+
+def _cli(workdir, data_dir, *extra, method="guided", **overrides):
+  return subprocess.run(cli_command(method, workdir, data_dir, *extra, **overrides), cwd=ROOT,
+                        env=cli_env(1), capture_output=True, text=True, timeout=300)
+
+
+def _last_console_line(result) -> str:
+  """The last line as a terminal shows it: progress bars redraw with \\r, so an error
+  printed right after a bar would share its line."""
+  return (result.stdout + result.stderr).rstrip("\n").split("\n")[-1]
+
+
+def test_a_diverging_run_ends_with_the_error_on_its_own_line(data_dir, tmp_path):
+  (tmp_path / "error.log").mkdir(parents=True)  # a log that cannot be written
+  result = _cli(tmp_path, data_dir, optimizer__learning_rate=1e6, optimizer__momentum=0.0,
+                log_every_steps=1)
+  assert result.returncode == 1
+  last = _last_console_line(result)
+  assert last.startswith("Error: The training loss is"), last
+  assert last.endswith(f"(the details could not be written to {tmp_path / 'error.log'}: "
+                       f"[Errno 21] Is a directory: '{tmp_path / 'error.log'}')")
+  assert "Traceback" not in result.stderr
+
+
+def test_a_workdir_removed_mid_training_ends_in_one_line(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  proc = _start(workdir, data_dir)
+  _wait_for_steps(workdir, 2, proc)
+  shutil.rmtree(workdir)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  last = (out + err).rstrip("\n").split("\n")[-1]
+  assert last.startswith("Error: [Errno 2] No such file or directory: "), last
+  assert str(workdir) in last and "Traceback" not in err
+
+
+def test_a_checkpoint_is_refused_to_another_config_even_without_config_json(data_dir,
+                                                                             tmp_path):
+  first = _cli(tmp_path, data_dir, "--stop_after_steps=3")
+  assert first.returncode == 0, first.stderr[-2000:]
+  (tmp_path / "config.json").unlink()
+  other = _cli(tmp_path, data_dir, optimizer__learning_rate=0.5, batch_size=64)
+  assert other.returncode == 1
+  last = _last_console_line(other)
+  assert last.startswith(f"Error: Checkpoint {tmp_path / 'checkpoints' / 'latest' / '3'} was "
+                         "saved by a run of another config"), last
+  assert not (tmp_path / "config.json").exists()  # nothing written for the refused config
+  assert not (tmp_path / "summary.json").exists()
+  same = _cli(tmp_path, data_dir)
+  assert same.returncode == 0, same.stderr[-2000:]
+  assert "Resuming" in same.stdout and (tmp_path / "config.json").exists()
+
+
+def test_symbolic_links_in_a_workdir_are_not_followed(data_dir, tmp_path):
+  outside = tmp_path / "outside.txt"
+  outside.write_text("keep me")
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  (locked / "lock.json").symlink_to(outside)
+  refused = _cli(locked, data_dir)
+  assert refused.returncode == 1
+  assert _last_console_line(refused).startswith(
+      f"Error: {locked / 'lock.json'} is a symbolic link (to {outside}); the runner does not "
+      "write through links.")
+  assert outside.read_text() == "keep me"
+
+  logged = tmp_path / "logged"
+  (logged / "metrics").mkdir(parents=True)
+  (logged / "metrics" / "steps.jsonl.tmp").symlink_to(outside)
+  run = _cli(logged, data_dir, "--stop_after_steps=2")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert outside.read_text() == "keep me"
+  assert [r["step"] for r in step_rows(logged)] == [1, 2]
+
+  (logged / "metrics" / "epochs.jsonl").unlink()
+  (logged / "metrics" / "epochs.jsonl").symlink_to(outside)
+  refused = _cli(logged, data_dir)
+  assert refused.returncode == 1 and "epochs.jsonl is a symbolic link" in refused.stderr
+  assert outside.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.balance.ogm_alhpa=0.5"], 'Error: --config.balance.ogm_alhpa: unknown config '
+     'field. \'ogm_alhpa\' Did you mean "ogm_alpha" instead of "ogm_alhpa"?'),
+    (["--config.data.hflip=maybe"], "Error: --config.data.hflip=maybe: expected True or False."),
+    (["--config.data.modalities=(True,False)"], "Error: config.data.modalities=(True, False) is "
+     "invalid: expected distinct integer indices of colored_mnist's 2 modalities"),
+])
+def test_config_errors_are_one_line(args, message, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "gml_jax.runner.main", f"--config={ROOT}/experiments/"
+       "colored_mnist.py:guided", f"--workdir={tmp_path / 'run'}", *args], cwd=ROOT,
+      env=cli_env(1), capture_output=True, text=True, timeout=300)
+  assert result.returncode in (1, 2)
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_variant_is_one_line_listing_the_variants(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "gml_jax.runner.main",
+       f"--config={ROOT}/experiments/colored_mnist.py:guidedd", f"--workdir={tmp_path}"],
+      cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "Error: Unknown variant 'guidedd' of colored_mnist; expected one of ('vanilla', "
+      "'random', 'guided', 'ogm_ge', 'unimodal_0', 'unimodal_1', 'late_fusion')."]
+
+
+def test_damaged_files_of_a_workdir_are_named(data_dir, tmp_path):
+  first = _cli(tmp_path, data_dir, "--stop_after_steps=2")
+  assert first.returncode == 0, first.stderr[-2000:]
+  config_json = tmp_path / "config.json"
+  saved = config_json.read_text()
+  # A crafted config.json: a huge field is named, cut to a sensible length.
+  config_json.write_text(json.dumps(json.loads(saved) | {"x" * 1_000_000: 1}))
+  crafted = _cli(tmp_path, data_dir)
+  assert crafted.returncode == 1 and "holds a run of another config" in crafted.stderr
+  assert len(_last_console_line(crafted)) < 1000
+  config_json.write_text(saved[:40])  # cut short
+  cut = _cli(tmp_path, data_dir)
+  assert cut.returncode == 1
+  assert _last_console_line(cut).startswith(f"Error: {config_json} is not valid JSON (")
+  config_json.write_text(saved)
+  checkpoint = tmp_path / "checkpoints" / "latest" / "2"
+  manifest = checkpoint / "state" / "manifest.ocdbt"
+  manifest.write_bytes(manifest.read_bytes()[:20])  # truncated
+  truncated = _cli(tmp_path, data_dir)
+  assert truncated.returncode == 1
+  assert _last_console_line(truncated).startswith(
+      f"Error: Checkpoint {checkpoint} is damaged ({checkpoint / 'state' / '_METADATA'} lists "
+      "119 arrays, ")
+  (checkpoint / "state" / "_METADATA").unlink()
+  damaged = _cli(tmp_path, data_dir)
+  assert damaged.returncode == 1
+  last = _last_console_line(damaged)
+  assert last.startswith(f"Error: Checkpoint {checkpoint} is damaged "
+                         f"({checkpoint / 'state' / '_METADATA'} is missing or empty)"), last
+  assert f"delete {checkpoint} to resume from an older checkpoint" in last

@@ -4,6 +4,7 @@ saved with them."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -71,10 +72,19 @@ class Checkpoints:
     path = pathlib.Path(manager.directory) / str(step)
     damaged = (f"Checkpoint {path} is damaged (%s): delete {path} to resume from an older "
                "checkpoint if there is one, or use a new --workdir.")
+    layout = path / "state" / "_METADATA"  # what orbax writes last: without it, a partial read
+    if not layout.is_file() or layout.stat().st_size == 0:
+      raise ValueError(damaged % f"{layout} is missing or empty")
     try:
-      saved = _tree_shapes(ocp.StandardCheckpointer().metadata(path / "state").item_metadata)
+      metadata = ocp.StandardCheckpointer().metadata(path / "state").item_metadata
+      entries = json.loads(layout.read_text()).get("tree_metadata", {}).values()
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(damaged % f"its layout cannot be read: {_first_line(e)}") from e
+    listed = sum(not e.get("value_metadata", {}).get("skip_deserialize", False) for e in entries)
+    found = len(jax.tree.leaves(metadata))
+    if found < listed:  # e.g. a truncated manifest.ocdbt: a partial read
+      raise ValueError(damaged % f"{layout} lists {listed} arrays, {found} can be read")
+    saved = _tree_shapes(metadata)
     mismatch = _mismatch(saved, target)
     if mismatch:  # checked first: orbax's own report is thousands of lines of arrays
       raise ValueError(f"Checkpoint {path} does not fit this model and optimizer ({mismatch});"

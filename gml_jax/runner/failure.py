@@ -53,9 +53,10 @@ def _flag_error(error: BaseException, argv: list[str]) -> str:
 
 
 def print_error(reason: str) -> None:
-  """Prints ``Error: reason`` as the last console line (standard output flushed first)."""
+  """Prints ``Error: reason`` as the last console line, on a line of its own (standard
+  output flushed first; a newline first, in case a library's thread left a line open)."""
   sys.stdout.flush()
-  print(f"Error: {reason}", file=sys.stderr, flush=True)
+  print(f"\nError: {reason}", file=sys.stderr, flush=True)
 
 
 def read_json(path: pathlib.Path) -> Any:

@@ -12,6 +12,7 @@ gml_jax/runner/trainer.py for what a run writes. Run it from a clone of the repo
 (it reads experiments/ and data_prep/), with the ``experiments`` extra installed.
 """
 
+import os
 import pathlib
 import sys
 
@@ -62,7 +63,12 @@ def main(argv):
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, workdir, _STOP_AFTER_STEPS.value)
   except Exception as e:  # pylint: disable=broad-except
-    sys.exit(fail(e, pathlib.Path(workdir)))
+    status = fail(e, pathlib.Path(workdir))
+    # Out at once: the background threads of a failed checkpoint read would print their
+    # own tracebacks at interpreter shutdown, after the one line that says what happened.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
   if summary is None or jax.process_index() != 0:
     return
   print("\n" + format_summary(summary))

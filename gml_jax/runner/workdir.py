@@ -82,7 +82,7 @@ def describe_data(data_used: dict) -> str:
   what = {"embedded": "the embedded MNIST subset", "tfds": "tfds's prepared mnist"}.get(
       data_used.get("source"),
       f"manual files (sha256 {str(data_used.get('sha256'))[:12]}, from "
-      f"{data_used.get('manual_dir')})")
+      f"{shorten(data_used.get('manual_dir'))})")
   return f"{what} ({counts} examples)" if counts else what
 
 
