@@ -6,13 +6,11 @@ for branch k replaces it by its running mean (and the utilization rate by its tr
 mean). Labels come from rules over module names. Run: ``python examples/film_linen.py``.
 """
 
-import argparse
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 import gml_jax
-from spurious_task import CLASSES, report
+from spurious_task import CLASSES, main
 
 WIDTH = 32
 
@@ -41,8 +39,4 @@ class FiLMNet(nn.Module):
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per method")
-  parser.add_argument("--epochs", type=int, default=12)
-  args = parser.parse_args()
-  report(lambda seed: FiLMNet(), LABELS, range(args.seeds), args.epochs)  # seeded at init
+  main(lambda seed: FiLMNet(), LABELS, __doc__.splitlines()[0])  # seeded at init

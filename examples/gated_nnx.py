@@ -7,13 +7,11 @@ library's steps take the NNX model as it is (``gml_jax.nnx.wrap`` gives the trai
 back). Run: ``python examples/gated_nnx.py``.
 """
 
-import argparse
-
 import jax.numpy as jnp
 from flax import nnx
 
 import gml_jax
-from spurious_task import CLASSES, report
+from spurious_task import CLASSES, main
 
 WIDTH = 32
 
@@ -51,8 +49,4 @@ class GatedNet(nnx.Module):
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per method")
-  parser.add_argument("--epochs", type=int, default=12)
-  args = parser.parse_args()
-  report(GatedNet, LABELS, range(args.seeds), args.epochs)
+  main(GatedNet, LABELS, __doc__.splitlines()[0])

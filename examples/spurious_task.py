@@ -13,6 +13,8 @@ scale: see "Guidance for the decision" in the README).
 
 from __future__ import annotations
 
+import argparse
+
 import jax
 import numpy as np
 import optax
@@ -102,3 +104,12 @@ def report(make_model, labels, seeds, epochs: int = 12) -> dict:
     for warning in r["warnings"]:
       print("  warning:", warning)
   return results
+
+
+def main(make_model, labels, description: str) -> None:
+  """The examples' command line: ``--seeds N`` (seeds 0 .. N-1 per method), ``--epochs``."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per method")
+  parser.add_argument("--epochs", type=int, default=12)
+  args = parser.parse_args()
+  report(make_model, labels, range(args.seeds), args.epochs)
