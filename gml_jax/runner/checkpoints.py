@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -79,10 +80,12 @@ class Checkpoints:
       metadata = ocp.StandardCheckpointer().metadata(path / "state").item_metadata
       entries = json.loads(layout.read_text()).get("tree_metadata", {}).values()
     except Exception as e:  # pylint: disable=broad-except
+      _settle()
       raise ValueError(damaged % f"its layout cannot be read: {_first_line(e)}") from e
     listed = sum(not e.get("value_metadata", {}).get("skip_deserialize", False) for e in entries)
     found = len(jax.tree.leaves(metadata))
     if found < listed:  # e.g. a truncated manifest.ocdbt: a partial read
+      _settle()
       raise ValueError(damaged % f"{layout} lists {listed} arrays, {found} can be read")
     saved = _tree_shapes(metadata)
     mismatch = _mismatch(saved, target)
@@ -93,6 +96,7 @@ class Checkpoints:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
+      _settle()
       raise ValueError(damaged % f"it cannot be read back: {_first_line(e)}") from e
     meta = dict(restored.meta)
     digest = meta.pop("config_digest", None)
@@ -107,6 +111,13 @@ class Checkpoints:
     """Ends orbax's background work (a run that stops on an error leaves none behind)."""
     for manager in (self.latest, self.best):
       manager.close()
+
+
+def _settle() -> None:
+  """After a failed read of a damaged checkpoint, tensorstore's callbacks print tracebacks
+  from background threads for a short while (0.2 s measured): let them finish, so that the
+  run's one-line error is printed after them, not among them."""
+  time.sleep(2.0)
 
 
 def _first_line(error: Exception) -> str:

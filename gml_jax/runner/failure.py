@@ -52,11 +52,12 @@ def _flag_error(error: BaseException, argv: list[str]) -> str:
   return shorten(one_line(error), 2 * ECHO_LIMIT)
 
 
-def print_error(reason: str) -> None:
+def print_error(reason: str, stream=None) -> None:
   """Prints ``Error: reason`` as the last console line, on a line of its own (standard
-  output flushed first; a newline first, in case a library's thread left a line open)."""
+  output flushed first; a newline first, in case a library's thread left a line open), to
+  ``stream`` (default: standard error)."""
   sys.stdout.flush()
-  print(f"\nError: {reason}", file=sys.stderr, flush=True)
+  print(f"\nError: {reason}", file=stream or sys.stderr, flush=True)
 
 
 def read_json(path: pathlib.Path) -> Any:
@@ -70,11 +71,14 @@ def read_json(path: pathlib.Path) -> Any:
 
 
 def fail(error: BaseException, log_dir: pathlib.Path | None, log_name: str = "error.log",
-         explained: tuple[type, ...] = (), show_traceback: bool = True) -> int:
+         explained: tuple[type, ...] = (), show_traceback: bool = True,
+         stream=None) -> int:
   """Ends a failed command: the traceback into ``log_dir/log_name`` (when the folder exists
-  and the log can be written), the one-line reason last on the console; returns the exit
-  status (1). ``explained`` errors carry their own explanation: their traceback stays in
-  the log; others (faults of the code) also go to the console's standard error first."""
+  and the log can be written), the one-line reason last on the console (``stream``,
+  default standard error); returns the exit status (1). ``explained`` errors carry their
+  own explanation: their traceback stays in the log; others (faults of the code) also go
+  to the console first."""
+  stream = stream or sys.stderr
   detail = "".join(traceback.format_exception(error))
   where = ""
   if log_dir is not None and pathlib.Path(log_dir).is_dir():
@@ -89,8 +93,8 @@ def fail(error: BaseException, log_dir: pathlib.Path | None, log_name: str = "er
       where = f" (the details could not be written to {log}: {one_line(e)})"
   if show_traceback and not isinstance(error, explained):
     sys.stdout.flush()
-    sys.stderr.write(detail)
-  print_error(f"{one_line(error)}{where}")
+    stream.write(detail)
+  print_error(f"{one_line(error)}{where}", stream)
   return 1
 
 

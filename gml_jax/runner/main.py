@@ -63,11 +63,13 @@ def main(argv):
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, workdir, _STOP_AFTER_STEPS.value)
   except Exception as e:  # pylint: disable=broad-except
-    status = fail(e, pathlib.Path(workdir))
-    # Out at once: the background threads of a failed checkpoint read would print their
-    # own tracebacks at interpreter shutdown, after the one line that says what happened.
+    # The background threads of a failed checkpoint read (orbax, tensorstore) go on
+    # printing tracebacks for a while: from here on theirs go nowhere, so that the one line
+    # that says what happened stays last, and the run leaves at once.
+    console, sys.stderr = sys.stderr, open(os.devnull, "w", encoding="utf-8")
+    status = fail(e, pathlib.Path(workdir), console)
     sys.stdout.flush()
-    sys.stderr.flush()
+    console.flush()
     os._exit(status)  # pylint: disable=protected-access
   if summary is None or jax.process_index() != 0:
     return
@@ -81,12 +83,12 @@ EXPLAINED = (ValueError, OSError, FloatingPointError, dataset.DatasetCorruptErro
              dataset.DatasetIncompleteError, workdir_lib.WorkdirInUseError)
 
 
-def fail(error: Exception, workdir: pathlib.Path) -> int:
+def fail(error: Exception, workdir: pathlib.Path, console=None) -> int:
   """Ends a failed run: the full traceback into ``<workdir>/error.log`` (when the workdir
-  exists and the log can be written), the one-line reason last on the console; returns
-  the exit status."""
+  exists and the log can be written), the one-line reason last on the ``console``
+  (default: standard error); returns the exit status."""
   suffix = "" if jax.process_index() == 0 else f".{jax.process_index()}"
-  return failure.fail(error, workdir, f"error{suffix}.log", EXPLAINED)
+  return failure.fail(error, workdir, f"error{suffix}.log", EXPLAINED, stream=console)
 
 
 if __name__ == "__main__":
