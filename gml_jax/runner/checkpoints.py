@@ -11,6 +11,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from gml_jax.labels import path_string
 from gml_jax.runner.schedule import PlateauTracker
 from gml_jax.steps import TrainState
 
@@ -127,8 +128,7 @@ def _first_line(error: Exception) -> str:
 
 def _tree_shapes(tree) -> dict[str, tuple]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-  return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+  return {path_string(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _mismatch(saved: dict[str, tuple], target: TrainState) -> str:
