@@ -110,7 +110,8 @@ def step_alone(config, steps: int) -> float:
   plan = [k] * max(1, steps // k)
   size, batch = next(pipeline.train_batches(data.sources["train"], data.prep,
                                             config.batch_size, config.seed, 0, 0, [k], mesh))
-  step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype)
+  step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype,
+                            loss=build.loss(config))
   compiled = (compile_train_step(step_fn, mesh) if k == 1 else
               compile_multi_step(make_multi_step(step_fn, k), mesh)).lower(state, batch).compile()
   state, metrics = compiled(state, batch)

@@ -9,12 +9,16 @@ from ml_collections import config_dict
 from gml_jax.balancing import METHODS
 
 # The config variants (the part after ':' of --config): one per balancing method of the
-# paper, OGM-GE, and the baselines: each modality alone, and late fusion (no MMTM).
-BASELINES = ("unimodal_0", "unimodal_1", "late_fusion")
-VARIANTS = (*METHODS, "ogm_ge", *BASELINES)
+# paper, OGM-GE on the paper's model (per-branch heads and losses) and as its authors run it
+# (`ogm_ge_joint`, docs/ogm_ge.md), and the baselines: each modality alone, late fusion (no
+# MMTM), and the OGM-GE authors' late fusion without modulation (`late_fusion_joint`: one
+# head over both branches' features, one cross-entropy on the fused output).
+BASELINES = ("unimodal_0", "unimodal_1", "late_fusion", "late_fusion_joint")
+VARIANTS = (*METHODS, "ogm_ge", "ogm_ge_joint", *BASELINES)
+JOINT = ("ogm_ge_joint", "late_fusion_joint")
 
 
-def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
+def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_dict.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r} of {experiment}; expected one of {VARIANTS}.")
   c = config_dict.ConfigDict()
@@ -39,6 +43,10 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
   # "mmtm" (intermediate fusion, the paper's model) or "none": no fusion layers, ŷ is the
   # mean of the branches' logits (late fusion; with one modality, a uni-modal model).
   c.model.fusion = "mmtm"
+  # "branch": each branch has its own linear head and loss (the paper's model); "joint": one
+  # head over every branch's pooled features trained with the fused output's cross-entropy
+  # alone, branch k's logits being its share of that head (OGM-GE's authors' model).
+  c.model.head = "branch"
   c.model.pretrained = ("", "")  # converted weights (.npz) per branch; "": from scratch
   # Compute dtype of the train step: float32, or bfloat16 (mixed precision: activations,
   # matmuls and convolutions in bfloat16; parameters, optimizer and balancing state float32).
@@ -52,7 +60,9 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
 
   c.balance = config_dict.ConfigDict()
   # vanilla, random, guided (the paper's), or ogm_ge (Peng et al., CVPR 2022: docs/ogm_ge.md)
-  c.balance.method = variant if variant not in BASELINES else "vanilla"
+  c.balance.method = {"ogm_ge_joint": "ogm_ge"}.get(variant, variant)
+  if variant in BASELINES:
+    c.balance.method = "vanilla"
   c.balance.alpha = 0.01  # threshold on |d_speed| (log10 scale), authors' value
   c.balance.window = 5  # Q: re-balancing steps per decision, authors' value
   c.balance.warmup_epochs = 1  # the authors balance from the second epoch on
@@ -60,6 +70,12 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
   c.balance.ogm_alpha = 0.8  # ogm_ge: α of the coefficient 1 - tanh(α ρ)
   c.balance.ogm_noise = True  # ogm_ge: add the generalisation-enhancement noise (GE)
   c.balance.ogm_continuous = False  # ogm_ge: 1 - tanh(α (ρ - 1)) instead of the paper's α ρ
+  # ogm_ge: what is modulated: "branch" (every parameter of a branch, its head included) or
+  # "encoder_kernels" (a branch encoder's kernels of rank >= 2: the authors' scope).
+  c.balance.ogm_scope = "branch"
+  # ogm_ge: the epochs (first, last) that modulate, both included (the authors' default is
+  # (0, 50) of 100 epochs); (): every epoch. Set it again when changing num_epochs.
+  c.balance.ogm_epochs = ()
 
   # Learning rate: "constant", or "plateau" (x factor after more than `patience` epochs
   # whose training loss improved by less than `threshold`, relative; not below min_lr).
@@ -73,7 +89,7 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
   c.early_stop_full_train_accuracy_epochs = 0
 
   c.batch_size = 64  # global, over all devices and processes
-  c.num_epochs = 10
+  c.num_epochs = num_epochs
   c.eval_batch_size = 256
   c.log_every_steps = 10  # progress bar and host-side metric fetches
   c.checkpoint_every_steps = 0  # 0: at the end of every epoch only
@@ -87,4 +103,9 @@ def base_config(experiment: str, variant: str) -> config_dict.ConfigDict:
     c.data.modalities = (int(variant[len("unimodal_"):]),)
   if variant in BASELINES:
     c.model.fusion = "none"
+  if variant in JOINT:  # late fusion through one head
+    c.model.fusion, c.model.head = "none", "joint"
+  if variant == "ogm_ge_joint":  # the authors' scope and window: their first half of epochs
+    c.balance.ogm_scope = "encoder_kernels"
+    c.balance.ogm_epochs = (0, num_epochs // 2)
   return c

@@ -27,7 +27,7 @@ from experiments.common import VARIANTS, base_config  # noqa: F401 (VARIANTS: fo
 
 
 def get_config(variant: str = "guided"):
-  c = base_config("modelnet40", variant)
+  c = base_config("modelnet40", variant, num_epochs=300)
   c.data.name = "modelnet40_views"
   # views_0_6_224px: views 0 and 6 decoded and resized once, at build time (default; ~7x
   # the disk of the PNGs); views_0_6, views_0_3, views_0_1: the PNGs, decoded every epoch.
@@ -42,7 +42,6 @@ def get_config(variant: str = "guided"):
   c.schedule.name = "plateau"  # x0.3, patience 10, threshold 1e-3, floor 1e-6 (common.py)
   c.early_stop_full_train_accuracy_epochs = 5
   c.batch_size = 8
-  c.num_epochs = 300
   c.eval_batch_size = 32
   c.log_every_steps = 50
   # 4 steps per compiled call: 1.10-1.15x faster steps on the ResNet-18 pair (2-core CPU,

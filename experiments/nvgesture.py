@@ -25,7 +25,7 @@ from experiments.common import VARIANTS, base_config  # noqa: F401 (VARIANTS: fo
 
 
 def get_config(variant: str = "guided"):
-  c = base_config("nvgesture", variant)
+  c = base_config("nvgesture", variant, num_epochs=60)
   c.data.name = "nvgesture"
   c.data.builder_config = "frames32_112px"  # or frames64_224px; frames8_32px: smoke tests
   # data.manual_dir: list files and Video_data/ (required). Clips are sized by the builder
@@ -36,7 +36,6 @@ def get_config(variant: str = "guided"):
   c.schedule.name = "plateau"
   c.early_stop_full_train_accuracy_epochs = 5
   c.batch_size = 8
-  c.num_epochs = 60
   c.eval_batch_size = 16
   c.log_every_steps = 20
   # steps_per_call stays 1: a call's dispatch (~0.3 ms, measured on CPU) is small beside an

@@ -31,6 +31,9 @@ from gml_jax.modulation import ogm_state
 from gml_jax.protocol import as_functional, check_model, check_outputs
 
 DATA_AXIS = "data"
+# What a train step minimises: Σ_k CE(ŷ_k, y) (every branch's own loss, the balancing
+# paper's), or CE(ŷ, y) alone (the fused output's, as OGM-GE's authors train).
+LOSSES = ("branches", "fused")
 
 
 @flax.struct.dataclass
@@ -84,6 +87,20 @@ def branch_cross_entropy(branch_logits: jax.Array, labels: jax.Array) -> jax.Arr
   return ce(branch_logits, labels)
 
 
+def training_loss(loss: str, logits: jax.Array, branch_losses: jax.Array,
+                  labels: jax.Array) -> jax.Array:
+  """The loss a step minimises (see :data:`LOSSES`), from the fused logits [B, C], the
+  branches' mean losses float[N] and the labels int[B]."""
+  if loss == "fused":
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  return jnp.sum(branch_losses)
+
+
+def _check_loss(loss: str, caller: str) -> None:
+  if loss not in LOSSES:
+    raise ValueError(f"{caller}: loss must be one of {LOSSES}, got {loss!r}.")
+
+
 def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
@@ -127,12 +144,14 @@ def make_train_step(
     tx: optax.GradientTransformation,
     labels: Labels = group_labels,
     compute_dtype: Any = None,
+    loss: str = "branches",
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The train step of a multi-modal network, uncompiled: ``(state, batch) -> (state,
   metrics)``.
 
   ``model`` follows :mod:`gml_jax.protocol` (a Linen module, or an NNX model, which is
-  wrapped with :func:`gml_jax.nnx.wrap`); the loss is Σ_k CE(ŷ_k, y). When ``tx`` contains
+  wrapped with :func:`gml_jax.nnx.wrap`); the loss is Σ_k CE(ŷ_k, y) (``loss="branches"``)
+  or CE(ŷ, y) (``loss="fused"``; the branches' losses are then only reported). When ``tx`` contains
   :func:`gml_jax.balanced_multimodal`, the step reads the re-balancing target from the
   optimizer state, passes it as ``cut`` to the forward pass, updates the parameters, and
   keeps the model state (BatchNorm statistics, the cuts' running means) of the groups that
@@ -156,6 +175,7 @@ def make_train_step(
 
   model = as_functional(model)
   check_model(model, ("train", "cut"), "make_train_step")
+  _check_loss(loss, "make_train_step")
   tx = optax.with_extra_args_support(tx)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -177,11 +197,11 @@ def make_train_step(
       logits, branch_logits = check_outputs(outputs, batch["label"].shape[0], "make_train_step")
       logits, branch_logits = logits.astype(jnp.float32), branch_logits.astype(jnp.float32)
       losses = jnp.mean(branch_cross_entropy(branch_logits, batch["label"]), axis=-1)
-      return jnp.sum(losses), (new_model_state, logits, branch_logits, losses)
+      value = training_loss(loss, logits, losses, batch["label"])
+      return value, (new_model_state, logits, branch_logits, losses, value)
 
-    grads, (new_model_state, logits, branch_logits, losses) = jax.grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
+    new_model_state, logits, branch_logits, losses, loss_value = aux
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                    scores=true_class_scores(branch_logits, batch["label"]))
     params = optax.apply_updates(state.params, updates)
@@ -196,7 +216,7 @@ def make_train_step(
                    for name, new in new_model_state.items()}
 
     metrics = {
-        "loss": jnp.sum(losses),
+        "loss": loss_value,
         "branch_loss": losses,
         "accuracy": jnp.mean(_correct(logits, batch["label"])),
         "branch_accuracy": jnp.mean(_correct(branch_logits, batch["label"]), axis=-1),
@@ -216,24 +236,29 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[TrainState, dict], dict]:
-  """Eval step with normal fusion: sums of correct predictions (fused and per branch)
-  and the number of real examples, so that results add up over batches. ``model`` follows
+def make_eval_step(model: nn.Module, loss: str = "branches") -> Callable[[TrainState, dict], dict]:
+  """Eval step with normal fusion: sums of correct predictions (fused and per branch), of
+  the loss the train step minimises (``loss``, see :func:`make_train_step`) and the number of
+  real examples, so that results add up over batches. ``model`` follows
   :mod:`gml_jax.protocol`."""
   model = as_functional(model)
   check_model(model, ("train",), "make_eval_step")
+  _check_loss(loss, "make_eval_step")
 
   def eval_step(state: TrainState, batch: dict) -> dict:
     logits, branch_logits = check_outputs(
         model.apply(state.variables, tuple(batch["inputs"]), train=False),
         batch["label"].shape[0], "make_eval_step")
     weight = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-    losses = branch_cross_entropy(branch_logits, batch["label"])
+    if loss == "fused":
+      example_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    else:
+      example_loss = jnp.sum(branch_cross_entropy(branch_logits, batch["label"]), axis=0)
     return {
         "count": jnp.sum(weight),
         "correct": jnp.sum(_correct(logits, batch["label"]) * weight),
         "branch_correct": jnp.sum(_correct(branch_logits, batch["label"]) * weight, axis=-1),
-        "loss_sum": jnp.sum(jnp.sum(losses, axis=0) * weight),
+        "loss_sum": jnp.sum(example_loss * weight),
     }
 
   return eval_step

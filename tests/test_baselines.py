@@ -1,5 +1,6 @@
 """The study's other variants end to end on dummy Colored MNIST: each modality alone, late
-fusion (no MMTM) and OGM-GE; and the config checks that keep them consistent."""
+fusion (no MMTM), OGM-GE on the paper's model and as its authors run it; and the config
+checks that keep them consistent."""
 
 import json
 import math
@@ -77,6 +78,42 @@ def test_ogm_ge_run_logs_ratios_and_coefficients_and_resumes_exactly(data_dir, t
   assert whole["test_accuracy"] == pytest.approx(resumed["test_accuracy"], abs=1e-6)
 
 
+def test_ogm_ge_joint_run_modulates_inside_its_epochs_only(data_dir, tmp_path):
+  """The authors' recipe: one joint head trained on the fused loss, modulation in epoch 0
+  alone (ogm_epochs (0, 0) of 2 epochs of 5 steps); its baseline has the same model."""
+  config = tiny_config("ogm_ge_joint", data_dir)
+  assert (config.model.head, config.model.fusion, config.balance.ogm_scope) == (
+      "joint", "none", "encoder_kernels")
+  config.balance.ogm_epochs = (0, 0)
+  summary = trainer.train_and_evaluate(config, tmp_path)
+  _, state = restore_latest(tmp_path)
+  assert set(state["params"]) == {"branches_0", "branches_1", "head"}
+  assert not [k for k in state["params"]["branches_0"] if k.startswith("head")]
+  rows = _rows(tmp_path)
+  assert [r["step"] for r in rows] == list(range(1, 11))
+  for r in rows:
+    modulating = r["step"] <= 5  # steps 1-5 are epoch 0
+    for k in (0, 1):
+      rho = r[f"ogm_ratio_{k}"]
+      expected = 1 - math.tanh(config.balance.ogm_alpha * rho) if rho > 1 and modulating else 1
+      assert r[f"ogm_coefficient_{k}"] == pytest.approx(expected, rel=1e-5)
+    assert r["target"] == -1 and "d_speed" not in r  # no fusion layers: no speeds
+  assert 0 <= summary["test_branch_0_accuracy"] <= 1 and "d_util" not in summary
+  assert summary["fusion"] == "none"
+  baseline = tiny_config("late_fusion_joint", data_dir)
+  assert (baseline.model.head, baseline.balance.method) == ("joint", "vanilla")
+
+
+def test_ogm_epochs_become_a_window_of_updates():
+  config = tiny_config("ogm_ge_joint", "/unused")
+  assert config.balance.ogm_epochs == (0, 5)  # the authors' first half: of 10 epochs here
+  assert build.ogm_window(config, 7) == (0, 42)  # epochs 0-5 included: updates 0-41
+  config.balance.ogm_epochs = (2, 3)
+  assert build.ogm_window(config, 10) == (20, 40)
+  config.balance.ogm_epochs = ()
+  assert build.ogm_window(config, 10) is None
+
+
 @pytest.mark.parametrize("variant,field,value,message", [
     ("guided", "model.fusion", "none", "config.balance.method='guided' needs fusion layers"),
     ("random", "model.fusion", "none", "config.balance.method='random' needs fusion layers"),
@@ -86,6 +123,13 @@ def test_ogm_ge_run_logs_ratios_and_coefficients_and_resumes_exactly(data_dir, t
     ("vanilla", "data.modalities", (1, 1), r"config.data.modalities=\(1, 1\) is invalid"),
     ("vanilla", "model.fusion", "early", r"config.model.fusion='early' is unknown"),
     ("ogm_ge", "balance.ogm_alpha", 0.0, r"config.balance.ogm_alpha=0.0 is invalid"),
+    ("ogm_ge_joint", "model.fusion", "mmtm",
+     r"config.model.head='joint' .* needs model.fusion='none' and two or more"),
+    ("late_fusion_joint", "data.modalities", (0,), r"data.modalities=\(0,\)"),
+    ("ogm_ge", "balance.ogm_epochs", (3, 1), r"config.balance.ogm_epochs=\(3, 1\) is invalid: "
+     r"expected \(\) \(every epoch\) or \(first, last\)"),
+    ("ogm_ge", "balance.ogm_scope", "heads", r"config.balance.ogm_scope='heads' is unknown"),
+    ("vanilla", "model.head", "shared", r"config.model.head='shared' is unknown"),
 ])
 def test_inconsistent_variants_are_refused(variant, field, value, message, tmp_path):
   config = tiny_config(variant, tmp_path)

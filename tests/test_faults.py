@@ -492,7 +492,8 @@ def test_an_unknown_variant_is_one_line_listing_the_variants(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       "Error: Unknown variant 'guidedd' of colored_mnist; expected one of ('vanilla', "
-      "'random', 'guided', 'ogm_ge', 'unimodal_0', 'unimodal_1', 'late_fusion')."]
+      "'random', 'guided', 'ogm_ge', 'ogm_ge_joint', 'unimodal_0', 'unimodal_1', 'late_fusion', "
+      "'late_fusion_joint')."]
 
 
 def test_damaged_files_of_a_workdir_are_named(data_dir, tmp_path):

@@ -176,3 +176,125 @@ def test_inside_vanilla_balancing_it_modulates_and_the_speeds_use_the_raw_gradie
   mu_main_1 = sq(grads, ["b1"]) / sq(params, ["b1"])  # raw, although b1's update was damped
   np.testing.assert_allclose(state.mu_main[1], mu_main_1, rtol=1e-5)
   assert gml_jax.modulation.ogm_state(state).coefficients[1] < 1
+
+
+# --------------------------------------------------------------------------------------
+# The authors' recipe: joint head, fused loss, window, scope, unbiased noise
+
+
+def test_joint_head_scores_are_each_modalitys_half_of_the_head():
+  """OGM-GE's late fusion: ŷ = [f_0, f_1] W + b, ŷ_k = f_k W_k + b / 2, by hand in NumPy,
+  through the network, the fused-loss train step and the scores OGM-GE sees."""
+  model = gml_jax.models.build("small_cnn", 5, 2, fusion=False, head="joint", width=4)
+  rng = np.random.default_rng(3)
+  label = rng.integers(0, 5, 8).astype(np.int32)
+  inputs = (rng.normal(size=(8, 12, 12, 1)).astype(np.float32),
+            rng.normal(size=(8, 12, 12, 3)).astype(np.float32))
+  tx = gml_jax.ogm_ge(optax.sgd(0.1), gml_jax.group_labels, alpha=0.8, noise=False)
+  state = gml_jax.create_train_state(model, tx, [x[:1] for x in inputs])
+  head = state.params["head"]
+  head = {"kernel": head["kernel"], "bias": jnp.asarray(rng.normal(size=5), jnp.float32)}
+  state = state.replace(params={**state.params, "head": head})
+  assert gml_jax.group_labels(state.params)["head"] == {"kernel": "other", "bias": "other"}
+
+  # The branches' pooled features, read from the last stage of each branch.
+  (logits, shares), inter = model.apply(state.variables, inputs, train=True,
+                                        mutable=["batch_stats", "intermediates"],
+                                        capture_intermediates=True)
+  features = [np.asarray(inter["intermediates"][f"branches_{k}"]["stages_2"]["__call__"][0],
+                         np.float64).mean(axis=(1, 2)) for k in (0, 1)]
+  w, b = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
+  d = features[0].shape[1]
+  expected = [features[0] @ w[:d] + b / 2, features[1] @ w[d:] + b / 2]
+  np.testing.assert_allclose(shares, expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logits, np.concatenate(features, axis=1) @ w + b, rtol=1e-4,
+                             atol=1e-5)
+
+  step = jax.jit(gml_jax.make_train_step(model, tx, loss="fused"))
+  _, metrics = step(state, {"inputs": inputs, "label": label})
+  fused = np.concatenate(features, axis=1) @ w + b
+  log_p = fused - np.log(np.exp(fused).sum(axis=1, keepdims=True))
+  assert float(metrics["loss"]) == pytest.approx(-log_p[np.arange(8), label].mean(), rel=1e-4)
+  probs = [np.exp(e) / np.exp(e).sum(axis=1, keepdims=True) for e in expected]
+  scores = [p[np.arange(8), label].sum() for p in probs]
+  np.testing.assert_allclose(metrics["ogm_ratio"], [scores[0] / scores[1], scores[1] / scores[0]],
+                             rtol=1e-4)
+
+
+def test_fused_loss_trains_the_fused_output_alone():
+  """loss="fused": the gradient is that of CE(ŷ) (the head's bias gradient is
+  mean(softmax(ŷ) - onehot(y)), by hand); the branches' losses are only reported."""
+  model = gml_jax.models.build("small_cnn", 3, 2, fusion=False, head="joint", width=4)
+  rng = np.random.default_rng(0)
+  label = np.array([0, 2, 1, 2], np.int32)
+  inputs = (rng.normal(size=(4, 8, 8, 1)).astype(np.float32),
+            rng.normal(size=(4, 8, 8, 3)).astype(np.float32))
+  state = gml_jax.create_train_state(model, optax.sgd(1.0), [x[:1] for x in inputs])
+  (logits, _), _ = model.apply(state.variables, inputs, train=True, mutable=["batch_stats"])
+  p = np.exp(np.asarray(logits, np.float64))
+  p /= p.sum(axis=1, keepdims=True)
+  bias_grad = (p - np.eye(3)[label]).mean(axis=0)
+  new, metrics = gml_jax.make_train_step(model, optax.sgd(1.0), loss="fused")(
+      state, {"inputs": inputs, "label": label})
+  np.testing.assert_allclose(state.params["head"]["bias"] - new.params["head"]["bias"],
+                             bias_grad, rtol=1e-4, atol=1e-6)
+  assert metrics["branch_loss"].shape == (2,)
+  with pytest.raises(ValueError, match=r"loss must be one of \('branches', 'fused'\)"):
+    gml_jax.make_train_step(model, optax.sgd(1.0), loss="sum")
+
+
+@pytest.mark.parametrize("scope", ["branch", "kernels"])
+def test_window_and_scope_decide_exactly_what_is_modulated(scope):
+  """Updates 2 and 3 of 6 modulate (window (2, 4)); the others pass every gradient
+  unchanged. Inside, exactly the scope is scaled and noised: every main:k leaf, or its
+  leaves of rank >= 2 (a dense and a 4-D and a 5-D kernel, not biases or scales)."""
+  rng = np.random.default_rng(0)
+  shapes = {"dense0": (3, 4), "bias0": (4,), "conv1": (2, 2, 1, 3), "conv3d1": (1, 2, 2, 1, 3),
+            "scale1": (3,), "head": (5, 2)}
+  labels = {"dense0": "main:0", "bias0": "main:0", "conv1": "main:1", "conv3d1": "main:1",
+            "scale1": "main:1", "head": "other"}
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  tx = gml_jax.ogm_ge(optax.sgd(-1.0), labels, alpha=0.5, scope=scope, window=(2, 4))
+  update = jax.jit(lambda g, s: tx.update(g, s, params, scores=jnp.array([6.0, 3.0])))
+  state = tx.init(params)
+  in_scope = {k for k in shapes
+              if labels[k] != "other" and (scope == "branch" or len(shapes[k]) >= 2)}
+  for step in range(6):
+    updates, state = update(grads, state)
+    if step in (2, 3):
+      np.testing.assert_allclose(state.coefficients, _np_coefficients([6.0, 3.0], 0.5), rtol=1e-6)
+      changed = {k for k in shapes if not np.array_equal(updates[k], grads[k])}
+      assert changed == in_scope
+    else:
+      np.testing.assert_array_equal(state.coefficients, [1.0, 1.0])
+      for k in shapes:
+        np.testing.assert_array_equal(updates[k], grads[k])
+    np.testing.assert_allclose(state.ratios, [2.0, 0.5], rtol=1e-6)  # measured throughout
+
+
+def test_noise_uses_the_unbiased_standard_deviation():
+  # By hand: entries 1 and 3, mean 2, Σ (x - mean)² = 2, unbiased variance 2 / (2 - 1).
+  assert float(gml_jax.modulation.noise_scale(jnp.array([1.0, 3.0]))) == pytest.approx(
+      np.sqrt(2.0) + 1e-8, rel=1e-6)
+  assert float(gml_jax.modulation.noise_scale(jnp.array([5.0]))) == pytest.approx(1e-8)
+  # The transform draws with it: 2,000 updates of a 2-entry leaf (equal scores, so the
+  # coefficient is 1) give noise of standard deviation √2 (the biased estimate would be 1).
+  labels = {"a": "main:0", "b": "main:1"}
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+  grads = {"a": jnp.array([1.0, 3.0]), "b": jnp.zeros(2)}
+  tx = gml_jax.ogm_ge(optax.sgd(-1.0), labels, alpha=0.5, seed=1)
+
+  def body(state, _):
+    updates, state = tx.update(grads, state, params, scores=jnp.array([1.0, 1.0]))
+    return state, updates["a"] - grads["a"]
+
+  _, noise = jax.lax.scan(body, tx.init(params), None, length=2000)
+  assert np.std(np.asarray(noise)) == pytest.approx(np.sqrt(2.0), rel=0.05)
+
+
+def test_bad_window_and_scope_are_named():
+  with pytest.raises(ValueError, match=r"scope must be one of \('branch', 'kernels'\)"):
+    gml_jax.ogm_ge(optax.sgd(1.0), {}, alpha=0.5, scope="encoder")
+  with pytest.raises(ValueError, match=r"window must be None .* got \(5, 2\)"):
+    gml_jax.ogm_ge(optax.sgd(1.0), {}, alpha=0.5, window=(5, 2))

@@ -13,12 +13,13 @@ import pkgutil
 from types import ModuleType
 
 from gml_jax.models import backbones
-from gml_jax.models.network import Branch, FusionNetwork, fusion_network, group_labels
+from gml_jax.models.network import (HEADS, Branch, FusionNetwork, JointHead, encoder_labels,
+                                    fusion_network, group_labels)
 from gml_jax.models.weights import load_branch_weights
 
-__all__ = ["BACKBONES", "Branch", "FusionNetwork", "backbone", "backbone_options", "build",
-           "fusion_network", "group_labels", "i3d_fusion", "load_branch_weights",
-           "resnet18_fusion", "small_cnn_fusion"]
+__all__ = ["BACKBONES", "HEADS", "Branch", "FusionNetwork", "JointHead", "backbone",
+           "backbone_options", "build", "encoder_labels", "fusion_network", "group_labels",
+           "i3d_fusion", "load_branch_weights", "resnet18_fusion", "small_cnn_fusion"]
 
 # Every module of gml_jax/models/backbones/ (names starting with "_" are shared helpers).
 BACKBONES = tuple(sorted(m.name for m in pkgutil.iter_modules(backbones.__path__)
@@ -39,15 +40,17 @@ def backbone_options(name: str) -> tuple[str, ...]:
 
 
 def build(name: str, num_classes: int, num_modalities: int = 2, *, ratio: float = 4.0,
-          fusion: bool = True, **options) -> FusionNetwork:
+          fusion: bool = True, head: str = "branch", **options) -> FusionNetwork:
   """N branches of backbone ``name`` with MMTM after its ``FUSION_AFTER`` stages
-  (``fusion=False``: none, i.e. late fusion, or a uni-modal model for N = 1).
+  (``fusion=False``: none, i.e. late fusion, or a uni-modal model for N = 1); ``head``:
+  each branch's own (``"branch"``) or one over all of them (``"joint"``, see
+  :class:`JointHead`).
 
   ``options`` go to the backbone's ``stages()`` (see :func:`backbone_options`).
   """
   module = backbone(name)
   return fusion_network(lambda: module.stages(**options), num_modalities, num_classes,
-                        module.FUSION_AFTER if fusion else (), ratio=ratio)
+                        module.FUSION_AFTER if fusion else (), ratio=ratio, head=head)
 
 
 def small_cnn_fusion(num_classes: int = 10, num_modalities: int = 2, width: int = 32):

@@ -21,6 +21,9 @@ OPTIMIZERS = ("sgd", "adam")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 FUSIONS = ("mmtm", "none")
 BALANCE_METHODS = (*METHODS, "ogm_ge")
+# What OGM-GE modulates: every parameter of a branch, or its encoder's kernels of rank >= 2
+# (not biases, normalisation or heads: the authors' scope).
+OGM_SCOPES = ("branch", "encoder_kernels")
 
 
 def _integer(low: int):
@@ -35,6 +38,11 @@ def _number(test, text: str):
 
 def _one_of(choices):
   return (lambda v: v in choices, f"one of {tuple(choices)}")
+
+
+def _epoch_window(v) -> bool:
+  return v == () or (isinstance(v, (tuple, list)) and len(v) == 2 and all(
+      isinstance(e, int) and not isinstance(e, bool) for e in v) and 0 <= v[0] <= v[1])
 
 
 # Every checked config field: (field, (test, what is expected)).
@@ -56,6 +64,7 @@ FIELD_CHECKS = (
     ("model.ratio", _number(lambda v: v > 0, "> 0")),
     ("model.dtype", _one_of(COMPUTE_DTYPES)),
     ("model.fusion", _one_of(FUSIONS)),
+    ("model.head", _one_of(models.HEADS)),
     ("optimizer.name", _one_of(OPTIMIZERS)),
     ("optimizer.learning_rate", _number(lambda v: v > 0, "> 0")),
     ("optimizer.momentum", _number(lambda v: 0 <= v < 1, "in [0, 1)")),
@@ -68,6 +77,9 @@ FIELD_CHECKS = (
     ("balance.ogm_alpha", _number(lambda v: v > 0, "> 0")),
     ("balance.ogm_noise", (lambda v: isinstance(v, bool), "true or false")),
     ("balance.ogm_continuous", (lambda v: isinstance(v, bool), "true or false")),
+    ("balance.ogm_scope", _one_of(OGM_SCOPES)),
+    ("balance.ogm_epochs", (_epoch_window, "() (every epoch) or (first, last) epochs, "
+                            "0 <= first <= last")),
     ("schedule.name", _one_of(SCHEDULES)),
     ("schedule.factor", _number(lambda v: 0 < v < 1, "in (0, 1)")),
     ("schedule.patience", _integer(0)),
@@ -123,6 +135,10 @@ def _check_model_inputs(config) -> None:
                      "(model.fusion='mmtm'): it re-balances through them.")
   if method == "ogm_ge" and len(chosen) < 2:
     raise ValueError("config.balance.method='ogm_ge' needs two or more data.modalities.")
+  if config.model.head == "joint" and (fusion != "none" or len(chosen) < 2):
+    raise ValueError("config.model.head='joint' (one head over every branch's features) "
+                     "needs model.fusion='none' and two or more data.modalities; got "
+                     f"model.fusion={fusion!r}, data.modalities={tuple(chosen)}.")
 
 
 def model(config: ml_collections.ConfigDict, num_classes: int):
@@ -132,7 +148,22 @@ def model(config: ml_collections.ConfigDict, num_classes: int):
   name = config.model.name
   options = {k: config.model[k] for k in models.backbone_options(name)}
   return models.build(name, num_classes, len(config.data.modalities), ratio=config.model.ratio,
-                      fusion=config.model.fusion == "mmtm", **options)
+                      fusion=config.model.fusion == "mmtm", head=config.model.head, **options)
+
+
+def loss(config: ml_collections.ConfigDict) -> str:
+  """What the train step minimises (:data:`gml_jax.steps.LOSSES`): with a joint head, the
+  fused output's cross-entropy alone (OGM-GE's authors' training); else every branch's."""
+  return "fused" if config.model.head == "joint" else "branches"
+
+
+def ogm_window(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """``balance.ogm_epochs`` (first, last), both included as in the authors' code, as the
+  transform's window of updates; () (every epoch): None."""
+  if not config.balance.ogm_epochs:
+    return None
+  first, last = config.balance.ogm_epochs
+  return first * steps_per_epoch, (last + 1) * steps_per_epoch
 
 
 def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -154,8 +185,11 @@ def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   b = config.balance
   tx = optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate)
   if b.method == "ogm_ge":
-    tx = ogm_ge(tx, models.group_labels, alpha=b.ogm_alpha, noise=b.ogm_noise,
-                seed=config.seed, continuous=b.ogm_continuous)
+    encoder_kernels = b.ogm_scope == "encoder_kernels"
+    tx = ogm_ge(tx, models.encoder_labels if encoder_kernels else models.group_labels,
+                alpha=b.ogm_alpha, noise=b.ogm_noise, seed=config.seed,
+                continuous=b.ogm_continuous, scope="kernels" if encoder_kernels else "branch",
+                window=ogm_window(config, steps_per_epoch))
   if config.model.fusion == "none":
     return tx
   return balanced_multimodal(

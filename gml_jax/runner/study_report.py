@@ -20,7 +20,8 @@ METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
            "rebalance_share_m0", "rebalance_share_m1", "rebalance_share_m2", "samples_per_s")
 # Paired differences over seeds: (method, baseline) and the values compared.
 COMPARISONS = (("guided", "vanilla"), ("guided", "random"), ("ogm_ge", "vanilla"),
-               ("guided", "ogm_ge"), ("vanilla", "late_fusion"))
+               ("guided", "ogm_ge"), ("vanilla", "late_fusion"),
+               ("ogm_ge_joint", "late_fusion_joint"), ("guided", "ogm_ge_joint"))
 PAIRED_METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
                   "test_biased_accuracy", "d_util")
 

@@ -82,7 +82,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh = data_mesh()
     example = dataset.example_inputs()
     state = build.initial_state(config, model, tx, example, mesh)
-    step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype)
+    step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype,
+                              loss=build.loss(config))
     k = config.steps_per_call
     spec = lambda steps=None: pipeline.batch_spec(example, config.batch_size, mesh, steps)
     started = time.perf_counter()  # compiled ahead, so that training time excludes it
@@ -91,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, spec(k)).compile()
     compile_seconds = time.perf_counter() - started
     run = Run(config, workdir, dataset, spe, mesh, train_step=train_step, multi_step=multi_step,
-              eval_step=compile_eval_step(make_eval_step(model), mesh),
+              eval_step=compile_eval_step(make_eval_step(model, build.loss(config)), mesh),
               checkpoints=Checkpoints(workdir, config_digest(config, dataset.used())))
     cleanup.callback(run.checkpoints.close)
     if run.checkpoints.latest.latest_step() is not None:
