@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 import gml_jax
-from gml_jax import steps
+from gml_jax import parallel, steps
 from gml_jax.balancing import METHODS
 from benchmarks.workloads import ALPHA, DEFAULT_WORKLOADS, LEARNING_RATE, WINDOW, WORKLOADS
 
@@ -96,10 +96,10 @@ class JaxRunner:
       self.fn = gml_jax.compile_train_step(counted, self.mesh)
       self.batch = gml_jax.shard_batch(host_batches(workload, 1)[0], self.mesh)
     else:
-      self.fn = steps.compile_multi_step(steps.make_multi_step(counted, steps_per_call),
+      self.fn = parallel.compile_multi_step(steps.make_multi_step(counted, steps_per_call),
                                          self.mesh)
-      stacked = steps.stack_batches(host_batches(workload, steps_per_call))
-      self.batch = steps.shard_stacked_batches(stacked, self.mesh)
+      stacked = parallel.stack_batches(host_batches(workload, steps_per_call))
+      self.batch = parallel.shard_stacked_batches(stacked, self.mesh)
     start = time.perf_counter()
     compiled = self.fn.lower(self.state, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """The real job against its own step, like for like, with where the job's time goes.
 
 Runs an experiment's job (``make demo``'s by default: guided Colored MNIST, 10 epochs) with
-the trainer's pieces timed from outside (waits for batches, step calls, metric fetches,
+its sections timed by the trainer's clock (waits for batches, step calls, metric fetches,
 which wait for the queued steps, and checkpoint saves), then the same compiled step alone on
 one fixed batch of the job's data (same model, optimizer with its momentum and injected
 learning rate, balancing, dtype, steps per call), then the job again. Prints samples/s of
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import dataclasses
 import importlib.util
 import pathlib
 import shutil
@@ -26,9 +24,10 @@ import time
 import jax
 import numpy as np
 
-from gml_jax.runner import build, checkpoints, dataset as datasets, pipeline, trainer
-from gml_jax.steps import (compile_multi_step, compile_train_step, data_mesh, make_multi_step,
-                           make_train_step)
+from gml_jax.runner import build, dataset as datasets, pipeline, trainer
+from gml_jax.runner.loop import TrainClock
+from gml_jax.parallel import compile_multi_step, compile_train_step, data_mesh
+from gml_jax.steps import make_multi_step, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -47,56 +46,13 @@ def load_config(spec: str, overrides: list[str]):
   return config
 
 
-@contextlib.contextmanager
-def timed_trainer(seconds: collections.Counter):
-  """The trainer with its pieces timed: waits for batches, step calls, metric fetches (which
-  wait for the queued steps), checkpoint saves."""
-  saved = trainer.step_rows, checkpoints.Checkpoints.save, pipeline.train_batches
-
-  def clock(name, fn):
-    def wrapped(*args, **kwargs):
-      start = time.perf_counter()
-      try:
-        return fn(*args, **kwargs)
-      finally:
-        seconds[name] += time.perf_counter() - start
-    return wrapped
-
-  def batches(*args, **kwargs):
-    it = saved[2](*args, **kwargs)
-    while True:
-      start = time.perf_counter()
-      try:
-        item = next(it)
-      except StopIteration:
-        return
-      seconds["waiting for batches"] += time.perf_counter() - start
-      yield item
-
-  @dataclasses.dataclass
-  class TimedRun(trainer.Run):
-    def __post_init__(self):
-      self.train_step = clock("step calls", self.train_step)
-      if self.multi_step is not None:
-        self.multi_step = clock("step calls", self.multi_step)
-
-  trainer.step_rows = clock("metric fetches", saved[0])
-  checkpoints.Checkpoints.save = clock("checkpoint saves", saved[1])
-  pipeline.train_batches = batches
-  original_run, trainer.Run = trainer.Run, TimedRun
-  try:
-    yield
-  finally:
-    trainer.step_rows, checkpoints.Checkpoints.save, pipeline.train_batches = saved
-    trainer.Run = original_run
-
-
 def job(config, workdir: pathlib.Path) -> tuple[dict, collections.Counter]:
+  """The job, with its sections timed by the trainer's own clock: waits for batches, step
+  calls, metric fetches (which wait for the queued steps), checkpoint saves."""
   shutil.rmtree(workdir, ignore_errors=True)
-  seconds = collections.Counter()
-  with timed_trainer(seconds):
-    summary = trainer.train_and_evaluate(config, workdir)
-  return summary, seconds
+  clock = TrainClock()
+  summary = trainer.train_and_evaluate(config, workdir, clock=clock)
+  return summary, clock.sections
 
 
 def step_alone(config, steps: int) -> float:
@@ -145,6 +101,8 @@ def main(argv=None) -> dict:
     rates[name] = summary["samples_per_s"]
     train = summary["train_seconds"]
     saves = seconds.pop("checkpoint saves")
+    for outside in ("compile", "evaluation"):  # reported apart (compile) or not at all
+      seconds.pop(outside, None)
     parts = ", ".join(f"{k} {v:.1f} s ({v / train:.0%})" for k, v in seconds.most_common())
     print(f"{name:12} {rates[name]:7.0f} samples/s (train {train:.1f} s: {parts}; not in it: "
           f"checkpoint saves {saves:.1f} s, compile {summary['compile_seconds']:.1f} s; test "

@@ -5,7 +5,8 @@ In training the stroke color follows the class, so a greedy model leans on m_1's
 ``test`` colors digits independently of the label, ``test_biased`` by their class.
 
 Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
-``unimodal_0``, ``unimodal_1``, ``late_fusion`` (README.md, "Experiments").
+``ogm_ge_joint``, ``unimodal_0``, ``unimodal_1``, ``late_fusion``, ``late_fusion_joint``
+(README.md, "Experiments").
 
 Launch:
 

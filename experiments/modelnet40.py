@@ -6,7 +6,8 @@ sides); 40 classes; the official test split; 20% of the training objects held ou
 validation. The renders need a manual download (data_prep/modelnet40_views/README.md).
 
 Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
-``unimodal_0``, ``unimodal_1``, ``late_fusion`` (README.md, "Experiments").
+``ogm_ge_joint``, ``unimodal_0``, ``unimodal_1``, ``late_fusion``, ``late_fusion_joint``
+(README.md, "Experiments").
 
 Launch (on a GPU or TPU machine holding the renders):
 

@@ -7,7 +7,8 @@ for validation; clips of the annotated gesture, 32 frames at 112x112 by default
 (data_prep/nvgesture/README.md).
 
 Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
-``unimodal_0``, ``unimodal_1``, ``late_fusion`` (README.md, "Experiments").
+``ogm_ge_joint``, ``unimodal_0``, ``unimodal_1``, ``late_fusion``, ``late_fusion_joint``
+(README.md, "Experiments").
 
 Launch (on a GPU or TPU machine holding the dataset):
 

@@ -3,8 +3,9 @@
 The library: the balancing optax transform (``balancing``), OGM-GE, a second balancing
 transform (``modulation``), the label language of both (``labels``), the cut for any fusion
 and MMTM fusion (``fusion``; NNX twins in ``gml_jax.nnx``), fusion networks and their
-backbones (``models``), pure data-parallel train and eval steps (``steps``) for any model
-that follows the model protocol (``protocol``), and the conditional utilization rate
+backbones (``models``), pure train and eval steps (``steps``) for any model that follows
+the model protocol (``protocol``), data parallelism for them (``parallel``: mesh,
+replication, batch sharding, compilation), and the conditional utilization rate
 (``utilization``). It needs only jax, flax, optax and numpy. The experiment runner (CLI,
 trainer, input pipeline, plots) is ``gml_jax.runner``, installed with the ``experiments``
 extra and run from a clone.
@@ -42,17 +43,19 @@ from gml_jax.models import (
     resnet18_fusion,
     small_cnn_fusion,
 )
+from gml_jax.parallel import (
+    compile_eval_step,
+    compile_train_step,
+    data_mesh,
+    replicate,
+    shard_batch,
+)
 from gml_jax.protocol import MultiModalModel
 from gml_jax.steps import (
     TrainState,
-    compile_eval_step,
-    compile_train_step,
     create_train_state,
-    data_mesh,
     make_eval_step,
     make_train_step,
-    replicate,
-    shard_batch,
     true_class_scores,
 )
 from gml_jax.utilization import Utilization, conditional_utilization, training_means
@@ -75,8 +78,9 @@ __all__ = [
     "small_cnn_fusion", "resnet18_fusion", "i3d_fusion",
     # steps and the model protocol
     "MultiModalModel", "TrainState", "create_train_state", "make_train_step",
-    "make_eval_step", "true_class_scores", "data_mesh", "replicate", "shard_batch",
-    "compile_train_step", "compile_eval_step",
+    "make_eval_step", "true_class_scores",
+    # data parallelism (parallel)
+    "data_mesh", "replicate", "shard_batch", "compile_train_step", "compile_eval_step",
     # utilization
     "conditional_utilization", "training_means", "Utilization",
 ]

@@ -75,6 +75,13 @@ class BalanceState(NamedTuple):
   update_all: jax.Array
   inner_state: Any
 
+  def train_metrics(self) -> dict:
+    """What a train step reports of this state: μ per group, the speeds s_k and d_speed
+    (NaN while undefined)."""
+    speeds = speeds_from_accumulators(*accumulated(self))
+    return {"mu_main": self.mu_main, "mu_fusion": self.mu_fusion, "speeds": speeds,
+            "d_speed": speed_gap(speeds)}
+
 
 # --------------------------------------------------------------------------------------
 # Masks

@@ -43,6 +43,10 @@ class OGMState(NamedTuple):
   coefficients: jax.Array
   inner_state: Any
 
+  def train_metrics(self) -> dict:
+    """What a train step reports of this state: the last update's ratios and coefficients."""
+    return {"ogm_ratio": self.ratios, "ogm_coefficient": self.coefficients}
+
 
 def discrepancy_ratios(scores: jax.Array) -> jax.Array:
   """ρ_k = s_k / mean_{j≠k} s_j for scores float[N] (two modalities: s_0/s_1 and s_1/s_0).

@@ -1,9 +1,7 @@
-"""Pure, compiled-once train and eval steps, data-parallel over a ``data`` mesh axis.
+"""Pure train and eval steps for any model of :mod:`gml_jax.protocol`.
 
 The state is a plain pytree (:class:`TrainState`); a step is ``(state, batch) ->
-(state, metrics)``. Under :func:`compile_train_step` the batch is sharded over every
-device on the ``data`` axis and the state is replicated; XLA all-reduces the gradients and
-BatchNorm sees the global batch, so every device takes the same balancing decision.
+(state, metrics)``, compiled once and data-parallel with :mod:`gml_jax.parallel`.
 
 A batch is ``{"inputs": (x_0, ..., x_{N-1}), "label": int32[B]}``, optionally with
 ``"mask"`` (float[B], 0 for padding examples, used by evaluation). The model is a Linen
@@ -18,19 +16,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gml_jax.balancing import (NORMAL_STEP, StepMode, accumulated, find_balance_state,
-                               keep_frozen, speed_gap, speeds_from_accumulators)
+from gml_jax.balancing import NORMAL_STEP, StepMode, find_balance_state, keep_frozen
 from gml_jax.fusion import TRAIN_MEANS
 from gml_jax.labels import Labels
-from gml_jax.models import group_labels
-from gml_jax.modulation import ogm_state
 from gml_jax.protocol import as_functional, check_model, check_outputs
 
-DATA_AXIS = "data"
 # What a train step minimises: Σ_k CE(ŷ_k, y) (every branch's own loss, the balancing
 # paper's), or CE(ŷ, y) alone (the fused output's, as OGM-GE's authors train).
 LOSSES = ("branches", "fused")
@@ -139,10 +131,28 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
 # Steps
 
 
+def transform_metrics(opt_state: Any) -> dict:
+  """The metrics of every transform state inside ``opt_state`` that reports its own (a
+  ``train_metrics()`` method: the balancing state's μ, speeds and d_speed; OGM-GE's ratios
+  and coefficients), merged."""
+  reporting = []
+
+  def collect(node) -> bool:  # visits every node; descends everywhere
+    if hasattr(node, "train_metrics"):
+      reporting.append(node)
+    return False
+
+  jax.tree.leaves(opt_state, is_leaf=collect)
+  metrics = {}
+  for state in reporting:
+    metrics |= state.train_metrics()
+  return metrics
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
-    labels: Labels = group_labels,
+    labels: Labels | None = None,
     compute_dtype: Any = None,
     loss: str = "branches",
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -156,14 +166,16 @@ def make_train_step(
   optimizer state, passes it as ``cut`` to the forward pass, updates the parameters, and
   keeps the model state (BatchNorm statistics, the cuts' running means) of the groups that
   this step freezes. ``labels`` labels every variable collection (params, batch_stats,
-  fusion_stats: the same rules apply to each): the library's :func:`gml_jax.group_labels`
-  by default, :func:`gml_jax.label_rules` for your own model.
+  fusion_stats: the same rules apply to each): :func:`gml_jax.label_rules` for your own
+  model; None: the model's own ``labels`` attribute (the library's
+  :class:`~gml_jax.FusionNetwork` carries :func:`gml_jax.group_labels`).
   Any other optimizer works too (every step is then a normal step). ``tx.update`` is given
   ``scores=`` (:func:`true_class_scores`), which :func:`gml_jax.ogm_ge` reads and other
   transforms ignore.
 
-  Metrics: loss, accuracies and the target of every step; μ, s_k and d_speed when ``tx``
-  balances; OGM-GE's ratios and coefficients when it contains :func:`gml_jax.ogm_ge`.
+  Metrics: loss, accuracies and the target of every step, and those of every transform in
+  ``tx`` that reports its own (:func:`transform_metrics`: μ, s_k and d_speed when ``tx``
+  balances; OGM-GE's ratios and coefficients when it contains :func:`gml_jax.ogm_ge`).
 
   ``compute_dtype`` (e.g. ``jnp.bfloat16`` or ``"bfloat16"``; None or float32: none):
   mixed precision. The forward and backward
@@ -173,6 +185,7 @@ def make_train_step(
   balancing decisions.
   """
 
+  labels = labels if labels is not None else getattr(model, "labels", None)
   model = as_functional(model)
   check_model(model, ("train", "cut"), "make_train_step")
   _check_loss(loss, "make_train_step")
@@ -181,6 +194,11 @@ def make_train_step(
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     balance = find_balance_state(state.opt_state)
     balancing = balance is not None
+    if balancing and labels is None:
+      raise ValueError(
+          "make_train_step: tx re-balances (it contains gml_jax.balanced_multimodal), so the "
+          "step must know which variables each branch owns to keep them frozen: pass "
+          "labels= (e.g. gml_jax.label_rules([...])) or give the model a `labels` attribute.")
     # Read before tx.update: the mode of *this* step (afterwards it is the next step's).
     mode = StepMode(balance.target, balance.update_all) if balancing else None
     target = mode.target if balancing else jnp.full((), NORMAL_STEP, jnp.int32)
@@ -222,14 +240,7 @@ def make_train_step(
         "branch_accuracy": jnp.mean(_correct(branch_logits, batch["label"]), axis=-1),
         "target": target,
     }
-    if balancing:
-      balance = find_balance_state(opt_state)
-      speeds = speeds_from_accumulators(*accumulated(balance))
-      metrics |= {"mu_main": balance.mu_main, "mu_fusion": balance.mu_fusion,
-                  "speeds": speeds, "d_speed": speed_gap(speeds)}
-    modulation = ogm_state(opt_state)
-    if modulation is not None:
-      metrics |= {"ogm_ratio": modulation.ratios, "ogm_coefficient": modulation.coefficients}
+    metrics |= transform_metrics(opt_state)
     new_state = TrainState(params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
 
@@ -264,66 +275,6 @@ def make_eval_step(model: nn.Module, loss: str = "branches") -> Callable[[TrainS
   return eval_step
 
 
-# --------------------------------------------------------------------------------------
-# Data parallelism
-
-
-def data_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all (or the given) devices with the axis ``data``.
-
-  Built with ``Mesh`` directly: ``jax.make_mesh`` defaults to explicit axis types, under
-  which Flax steps on a batch-sharded input fail to trace.
-  """
-  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places ``tree`` on every device of ``mesh``."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def _place_batches(tree: Any, mesh: Mesh, batch_axis: int) -> Any:
-  """This process's rows of ``tree`` -> global arrays split over ``data`` on ``batch_axis``."""
-  size = mesh.shape[DATA_AXIS]
-  for leaf in jax.tree.leaves(tree):
-    global_size = leaf.shape[batch_axis] * jax.process_count()
-    if global_size % size:
-      raise ValueError(
-          f"Batch size {global_size} is not divisible by the {size} devices of the "
-          f"'{DATA_AXIS}' mesh axis; choose a batch size that is a multiple of {size}."
-      )
-  sharding = _batch_sharding(mesh, batch_axis)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """This process's part of a batch -> global arrays split over the ``data`` axis.
-
-  With one process the part is the whole batch; with several, each passes its own rows
-  and the global batch is their concatenation in process order.
-  """
-  return _place_batches(batch, mesh, batch_axis=0)
-
-
-def _batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(*[None] * batch_axis, DATA_AXIS))
-
-
-def _jit_step(step: Callable, mesh: Mesh, batch_axis: int) -> Callable:
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(
-      step,
-      in_shardings=(replicated, _batch_sharding(mesh, batch_axis)),
-      out_shardings=(replicated, replicated),
-      donate_argnums=0,
-  )
-
-
-def compile_train_step(train_step: Callable, mesh: Mesh) -> Callable:
-  """``jax.jit`` of a train step: state replicated (and donated), batch sharded on ``data``."""
-  return _jit_step(train_step, mesh, batch_axis=0)
-
-
 def make_multi_step(train_step: Callable, steps: int) -> Callable:
   """``steps`` train steps in one call: ``(state, batches) -> (state, metrics)``, where
   every leaf of ``batches`` and of the metrics has a leading axis of length ``steps``.
@@ -340,27 +291,3 @@ def make_multi_step(train_step: Callable, steps: int) -> Callable:
     return jax.lax.scan(train_step, state, batches, unroll=True)
 
   return multi_step
-
-
-def stack_batches(batches: list[dict]) -> dict:
-  """Host batches -> one batch tree with a leading step axis (for :func:`make_multi_step`)."""
-  return jax.tree.map(lambda *xs: np.stack(xs), *batches)
-
-
-def compile_multi_step(multi_step: Callable, mesh: Mesh) -> Callable:
-  """``jax.jit`` of a multi-step: state replicated (and donated), batches sharded on
-  ``data`` along their second axis."""
-  return _jit_step(multi_step, mesh, batch_axis=1)
-
-
-def shard_stacked_batches(batches: dict, mesh: Mesh) -> dict:
-  """Like :func:`shard_batch` for stacked batches [steps, batch, ...] of this process."""
-  return _place_batches(batches, mesh, batch_axis=1)
-
-
-def compile_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
-  """``jax.jit`` of an eval step: state replicated, batch sharded on ``data``."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(
-      eval_step, in_shardings=(replicated, _batch_sharding(mesh, 0)), out_shardings=replicated
-  )

@@ -72,7 +72,7 @@ def test_train_batches_arrive_placed_on_the_mesh_in_calls():
   host = list(pipeline.host_train_batches(Source(), prep, 8, 1, 0))  # 5 batches of 8
   calls = list(pipeline.train_batches(Source(), prep, 8, 1, 0, 1, [2, 1, 1], mesh))
   assert [size for size, _ in calls] == [2, 1, 1]
-  expected = [gml_jax.steps.stack_batches(host[1:3]), host[3], host[4]]
+  expected = [gml_jax.parallel.stack_batches(host[1:3]), host[3], host[4]]
   for (size, placed), want in zip(calls, expected):
     for got, x in zip(jax.tree.leaves(placed), jax.tree.leaves(want)):
       assert isinstance(got, jax.Array) and len(got.sharding.device_set) == 8

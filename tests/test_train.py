@@ -156,11 +156,11 @@ def test_multi_step_call_equals_single_steps():
   batches = _batches(6, seed=3)
   single = _train(_setup(method="random", seed=1), batches)
   model, tx, mesh, state = _setup(method="random", seed=1)
-  multi = gml_jax.steps.compile_multi_step(
+  multi = gml_jax.parallel.compile_multi_step(
       gml_jax.steps.make_multi_step(gml_jax.make_train_step(model, tx), 3), mesh)
   targets = []
   for chunk in (batches[:3], batches[3:]):
-    stacked = gml_jax.steps.shard_stacked_batches(gml_jax.steps.stack_batches(chunk), mesh)
+    stacked = gml_jax.parallel.shard_stacked_batches(gml_jax.parallel.stack_batches(chunk), mesh)
     state, metrics = multi(state, stacked)
     targets += np.asarray(metrics["target"]).tolist()
   assert targets == [int(m["target"]) for _, _, m in single]

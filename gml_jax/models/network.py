@@ -99,6 +99,11 @@ class FusionNetwork(nn.Module):
   ratio: float = 4
   head: str = "branch"
 
+  @staticmethod
+  def labels(tree: Any) -> Any:
+    """The groups of its variables (:func:`group_labels`), read by the library's steps."""
+    return group_labels(tree)
+
   def setup(self):
     depths = {len(b.stages) for b in self.branches}
     fewest = 2 if self.fusion_after else 1

@@ -14,7 +14,8 @@ from gml_jax.balancing import METHODS, UPDATE_MODES, balanced_multimodal
 from gml_jax.modulation import ogm_ge
 from gml_jax.runner import pipeline
 from gml_jax.runner.failure import shorten
-from gml_jax.steps import TrainState, create_train_state, replicate
+from gml_jax.parallel import replicate
+from gml_jax.steps import TrainState, create_train_state
 
 SCHEDULES = ("constant", "plateau")
 OPTIMIZERS = ("sgd", "adam")

@@ -12,9 +12,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from gml_jax.labels import path_string
+from gml_jax.runner.logs import EpochSums
 from gml_jax.runner.schedule import PlateauTracker
 from gml_jax.steps import TrainState
-
 
 
 @dataclasses.dataclass
@@ -29,6 +29,7 @@ class Progress:
       saves excluded).
     plateau: the reduce-on-plateau schedule's tracker.
     full_accuracy_epochs: epochs at 100% training accuracy (for the early stop).
+    epoch_sums: running sums of the current epoch's step metrics (its training means).
   """
 
   step: int = 0
@@ -37,13 +38,15 @@ class Progress:
   train_seconds: float = 0.0
   plateau: PlateauTracker = dataclasses.field(default_factory=PlateauTracker)
   full_accuracy_epochs: int = 0
+  epoch_sums: EpochSums = dataclasses.field(default_factory=EpochSums)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_json(cls, meta: dict) -> "Progress":
-    return cls(**(meta | {"plateau": PlateauTracker(**meta["plateau"])}))
+    return cls(**(meta | {"plateau": PlateauTracker(**meta["plateau"]),
+                          "epoch_sums": EpochSums(**meta.get("epoch_sums", {}))}))
 
 
 class Checkpoints:

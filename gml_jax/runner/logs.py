@@ -4,48 +4,52 @@ copies) and TensorBoard events; the rows they hold."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import pathlib
 from typing import Sequence
 
 import jax
-import numpy as np
 
+from gml_jax.runner import names
 from gml_jax.runner.workdir import atomic_write, open_no_follow, refuse_link
-
 
 
 class MetricLog:
   """Append-only JSON lines, cut back to the restored step on resume, with a CSV copy.
-  Every process keeps the rows; only the one with ``write`` touches the files."""
+  Rows are not kept in memory: :meth:`rows` reads them back. Only the process with
+  ``write`` touches the file."""
 
   def __init__(self, path: pathlib.Path, resume_step: int, write: bool = True):
     self.path, self.write = path, write
-    rows = []
-    refuse_link(path)
-    if path.exists():  # rows past the restored checkpoint belong to the lost future
-      lines = path.read_text().splitlines()
-      rows = [json.loads(l) for l in lines[:-1]] + _parse_last(lines[-1:])
-      rows = [r for r in rows if r["step"] <= resume_step]
     if write:
+      refuse_link(path)
+      # Rows past the restored checkpoint belong to the lost future.
+      rows = [r for r in self.rows() if r[names.STEP] <= resume_step]
       path.parent.mkdir(exist_ok=True)
       atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-    self.rows = rows
+
+  def rows(self) -> list[dict]:
+    """Every row of the file (a last line cut short by a hard kill left out)."""
+    if not self.path.exists():
+      return []
+    lines = self.path.read_text().splitlines()
+    return [json.loads(line) for line in lines[:-1]] + _parse_last(lines[-1:])
 
   def append(self, rows: list[dict]) -> None:
-    self.rows += rows
     if self.write:
       with open_no_follow(self.path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
   def write_csv(self) -> None:
-    if not self.rows or not self.write:
+    rows = self.rows() if self.write else []
+    if not rows:
       return
-    keys = list(dict.fromkeys(k for r in self.rows for k in r))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     with open_no_follow(self.path.with_suffix(".csv"), "w") as f:
       writer = csv.DictWriter(f, keys)
       writer.writeheader()
-      writer.writerows(self.rows)
+      writer.writerows(rows)
 
 
 def _parse_last(lines: list[str]) -> list[dict]:
@@ -84,8 +88,8 @@ class RunLogs:
       return
     for row in rows:
       for key, value in row.items():
-        if key not in ("step", "epoch"):
-          self._tensorboard.add_scalar(prefix + key, value, row["step"])
+        if key not in (names.STEP, names.EPOCH):
+          self._tensorboard.add_scalar(prefix + key, value, row[names.STEP])
     self._tensorboard.flush()
 
   def close(self) -> None:
@@ -101,8 +105,8 @@ def step_rows(pending: list[tuple[dict, int]], last_step: int,
 
   ``pending`` holds (metrics, steps) per call; the metrics of a multi-step call have a
   leading step axis. A row's step is the number of steps done after it (1, 2, ...), as in
-  checkpoints; the last is ``last_step``. Per-branch values are named by the dataset
-  modality the branch reads (``modalities[b]`` for branch b); speeds where the run
+  checkpoints; the last is ``last_step``. Branch b's values are keyed by the dataset
+  modality it reads, ``modalities[b]`` (:mod:`~gml_jax.runner.names`); speeds where the run
   measures them, OGM-GE's ratios and coefficients where it modulates.
   """
   per_step = []
@@ -110,27 +114,40 @@ def step_rows(pending: list[tuple[dict, int]], last_step: int,
     per_step += [metrics] if steps == 1 else [
         jax.tree.map(lambda x, i=i: x[i], metrics) for i in range(steps)]
   first_step = last_step - len(per_step)
-  per_branch = {"branch_accuracy": "branch_{}_accuracy", "branch_loss": "branch_{}_loss",
-                "speeds": "s_{}", "mu_main": "mu_main_{}", "mu_fusion": "mu_fusion_{}",
-                "ogm_ratio": "ogm_ratio_{}", "ogm_coefficient": "ogm_coefficient_{}"}
   rows = []
   for i, m in enumerate(per_step):
-    row = {"step": first_step + i + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-           "target": int(m["target"])}
-    if "d_speed" in m:
-      row["d_speed"] = float(m["d_speed"])
-    for b, modality in enumerate(modalities):
-      row |= {name.format(modality): float(m[key][b]) for key, name in per_branch.items()
-              if key in m}
+    row = {names.STEP: first_step + i + 1}
+    row |= {key: (int if key == names.TARGET else float)(m[metric])
+            for metric, key in names.SCALARS.items() if metric in m}
+    for branch, modality in enumerate(modalities):
+      row |= {key(modality): float(m[metric][branch])
+              for metric, key in names.PER_BRANCH.items() if metric in m}
     rows.append(row)
   return rows
 
 
-def epoch_row(epoch: int, step: int, step_rows_: list[dict], val: dict) -> dict:
+@dataclasses.dataclass
+class EpochSums:
+  """Running sums of the current epoch's step rows: loss and accuracies, and the last
+  row's speeds. Saved with every checkpoint (a resumed epoch's means count the steps
+  before the stop), reset at every epoch end.
+  """
+
+  sums: dict = dataclasses.field(default_factory=dict)
+  count: int = 0
+  last_speeds: dict = dataclasses.field(default_factory=dict)
+
+  def add(self, rows: list[dict], modalities: Sequence[int]) -> None:
+    for row in rows:
+      for key in names.averaged(modalities):
+        self.sums[key] = self.sums.get(key, 0.0) + row[key]
+      self.last_speeds = {k: row[k] for k in names.last_speeds(modalities) if k in row}
+    self.count += len(rows)
+
+
+def epoch_row(epoch: int, step: int, sums: EpochSums, val: dict) -> dict:
   """Mean training metrics over the epoch's steps, validation metrics, last speeds."""
-  row = {"epoch": epoch, "step": step}
-  keys = [k for k in step_rows_[0] if k == "loss" or k.endswith("accuracy")]
-  row |= {f"train_{k}": float(np.mean([r[k] for r in step_rows_])) for k in keys}
-  row |= {f"val_{k}": v for k, v in val.items()}
-  row |= {k: v for k, v in step_rows_[-1].items() if k.startswith("s_") or k == "d_speed"}
-  return row
+  row = {names.EPOCH: epoch, names.STEP: step}
+  row |= {names.train(k): total / sums.count for k, total in sums.sums.items()}
+  row |= {names.val(k): v for k, v in val.items()}
+  return row | sums.last_speeds

@@ -6,7 +6,7 @@ fixed function of (seed, e), and step s reads batch s mod steps_per_epoch of epo
 s // steps_per_epoch.
 
 Every process reads only its shard of a split (``jax.process_index()``). Batches leave the
-pipeline as global arrays already placed on the mesh (:func:`gml_jax.steps.shard_batch`
+pipeline as global arrays already placed on the mesh (:func:`gml_jax.parallel.shard_batch`
 assembles them across processes), a few calls ahead of the step that uses them.
 """
 
@@ -20,10 +20,10 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from gml_jax.steps import DATA_AXIS, shard_batch, shard_stacked_batches, stack_batches
+from gml_jax.parallel import batch_sharding, shard_batch, shard_stacked_batches, stack_batches
 
 # Per dataset: the feature of each modality, in modality order.
 MODALITIES = {"colored_mnist": ("gray", "colored"), "modelnet40_views": ("view_0", "view_1"),
@@ -176,7 +176,7 @@ def batch_spec(example_inputs, global_batch_size: int, mesh: Mesh,
   multi-step call) like ``example_inputs`` (one example's inputs, batch axis first), to
   compile the steps ahead of the first batch."""
   lead = (steps,) if steps else ()
-  sharding = NamedSharding(mesh, PartitionSpec(*[None] * len(lead), DATA_AXIS))
+  sharding = batch_sharding(mesh, batch_axis=len(lead))
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(lead + (global_batch_size,) + shape, dtype,
                                                    sharding=sharding)
   return {"inputs": tuple(spec(x.shape[1:], x.dtype) for x in example_inputs),

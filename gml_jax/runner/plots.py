@@ -4,6 +4,7 @@ utilization rates."""
 from __future__ import annotations
 
 import pathlib
+from typing import Sequence
 
 import matplotlib
 
@@ -11,44 +12,45 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gml_jax.runner import names  # noqa: E402
 
-def speeds(step_rows: list[dict], path: pathlib.Path) -> None:
+
+def speeds(step_rows: list[dict], modalities: Sequence[int], path: pathlib.Path) -> None:
   """s_k and d_speed over training; re-balancing steps marked per modality."""
-  steps = np.array([r["step"] for r in step_rows])
-  n = len([k for k in step_rows[0] if k.startswith("s_")])
+  steps = np.array([r[names.STEP] for r in step_rows])
+  n = len(modalities)
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
                                     gridspec_kw={"height_ratios": [3, 1]})
-  for k in range(n):
-    top.plot(steps, [r[f"s_{k}"] for r in step_rows], label=f"$s_{k}$")
-  top.plot(steps, [r["d_speed"] for r in step_rows], "k--", lw=1, label="d_speed")
+  for m in modalities:
+    top.plot(steps, [r[names.speed(m)] for r in step_rows], label=f"$s_{m}$")
+  top.plot(steps, [r[names.D_SPEED] for r in step_rows], "k--", lw=1, label="d_speed")
   top.axhline(0, color="grey", lw=0.5)
   top.set_ylabel("conditional learning speed (log10)")
   top.legend(loc="best")
-  targets = np.array([r["target"] for r in step_rows])
-  for k in range(n):
-    hit = steps[targets == k]
-    bottom.vlines(hit, k - 0.4, k + 0.4, color=f"C{k}", lw=0.8)
-  bottom.set_yticks(range(n), [f"re-bal. m{k}" for k in range(n)])
+  targets = np.array([r[names.TARGET] for r in step_rows])  # branch indices
+  for branch in range(n):
+    hit = steps[targets == branch]
+    bottom.vlines(hit, branch - 0.4, branch + 0.4, color=f"C{branch}", lw=0.8)
+  bottom.set_yticks(range(n), [f"re-bal. m{m}" for m in modalities])
   bottom.set_ylim(-0.6, n - 0.4)
   bottom.set_xlabel("step")
-  share = ", ".join(f"m{k}: {np.mean(targets == k):.0%}" for k in range(n))
+  share = ", ".join(f"m{m}: {np.mean(targets == b):.0%}" for b, m in enumerate(modalities))
   top.set_title(f"Conditional learning speeds (re-balancing steps {share})")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def accuracy(epoch_rows: list[dict], path: pathlib.Path) -> None:
+def accuracy(epoch_rows: list[dict], modalities: Sequence[int], path: pathlib.Path) -> None:
   """Per-branch (and fused) train and validation accuracy per epoch."""
-  epochs = [r["epoch"] for r in epoch_rows]
-  keys = sorted({k[len("val_"):] for k in epoch_rows[0]
-                 if k.startswith("val_") and k.endswith("accuracy")})
+  epochs = [r[names.EPOCH] for r in epoch_rows]
+  series = [(names.ACCURACY, "fused ŷ"),
+            *((names.branch_accuracy(m), f"branch {m}") for m in modalities)]
   fig, ax = plt.subplots(figsize=(8, 5))
-  for i, key in enumerate(keys):
-    label = key.replace("_accuracy", "").replace("_", " ") if key != "accuracy" else "fused ŷ"
-    ax.plot(epochs, [r.get(f"train_{key}", np.nan) for r in epoch_rows], color=f"C{i}",
+  for i, (key, label) in enumerate(series):
+    ax.plot(epochs, [r.get(names.train(key), np.nan) for r in epoch_rows], color=f"C{i}",
             ls="--", label=f"{label} (train)")
-    ax.plot(epochs, [r[f"val_{key}"] for r in epoch_rows], color=f"C{i}", marker="o",
+    ax.plot(epochs, [r[names.val(key)] for r in epoch_rows], color=f"C{i}", marker="o",
             label=f"{label} (validation)")
   ax.set_xlabel("epoch")
   ax.set_ylabel("accuracy")
@@ -62,8 +64,9 @@ def accuracy(epoch_rows: list[dict], path: pathlib.Path) -> None:
 
 def utilization(summary: dict, path: pathlib.Path) -> None:
   """Bars of the conditional utilization rates u(m_j|m_k) and d_util."""
-  keys = [k for k in summary if k.startswith("u(")] + (["d_util"] if "d_util" in summary else [])
-  keys = [k for k in keys if summary[k] is not None]  # undefined: a branch scored 0
+  rates = [names.utilization(j, k) for j, k in names.utilization_pairs(summary[names.MODALITIES])]
+  keys = [k for k in [*rates, names.D_UTIL]
+          if summary.get(k) is not None]  # absent, or undefined: a branch scored 0
   values = [summary[k] for k in keys]
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.bar(keys, values, color=["C0" if v >= 0 else "C3" for v in values])
@@ -77,16 +80,15 @@ def utilization(summary: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def modulation(step_rows: list[dict], path: pathlib.Path) -> None:
+def modulation(step_rows: list[dict], modalities: Sequence[int], path: pathlib.Path) -> None:
   """OGM-GE's discrepancy ratios ρ_k and the coefficients that scaled each branch."""
-  steps = np.array([r["step"] for r in step_rows])
-  names = [k[len("ogm_ratio_"):] for k in step_rows[0] if k.startswith("ogm_ratio_")]
+  steps = np.array([r[names.STEP] for r in step_rows])
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-  for i, m in enumerate(names):
-    top.plot(steps, [r[f"ogm_ratio_{m}"] for r in step_rows], color=f"C{i}", lw=0.8,
+  for i, m in enumerate(modalities):
+    top.plot(steps, [r[names.ogm_ratio(m)] for r in step_rows], color=f"C{i}", lw=0.8,
              label=f"$\\rho_{m}$")
-    bottom.plot(steps, [r[f"ogm_coefficient_{m}"] for r in step_rows], color=f"C{i}", lw=0.8,
-                label=f"m{m}")
+    bottom.plot(steps, [r[names.ogm_coefficient(m)] for r in step_rows], color=f"C{i}",
+                lw=0.8, label=f"m{m}")
   top.axhline(1, color="grey", lw=0.5)
   top.set_yscale("log")
   top.set_ylabel("discrepancy ratio (log scale)")
@@ -106,10 +108,11 @@ def write_run_plots(plot_dir: pathlib.Path, step_rows: list[dict], epoch_rows: l
   """accuracy.png of a finished run; speeds.png where it measured speeds, modulation.png
   where OGM-GE modulated its gradients, utilization.png where it has fusion layers."""
   plot_dir.mkdir(exist_ok=True)
-  if "d_speed" in step_rows[0]:
-    speeds(step_rows, plot_dir / "speeds.png")
-  if any(k.startswith("ogm_ratio_") for k in step_rows[0]):
-    modulation(step_rows, plot_dir / "modulation.png")
-  accuracy(epoch_rows, plot_dir / "accuracy.png")
-  if any(k.startswith("u(") for k in summary):
+  modalities = summary[names.MODALITIES]
+  if names.D_SPEED in step_rows[0]:
+    speeds(step_rows, modalities, plot_dir / "speeds.png")
+  if names.ogm_ratio(modalities[0]) in step_rows[0]:
+    modulation(step_rows, modalities, plot_dir / "modulation.png")
+  accuracy(epoch_rows, modalities, plot_dir / "accuracy.png")
+  if summary[names.FUSION] == "mmtm":
     utilization(summary, plot_dir / "utilization.png")

@@ -8,7 +8,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from gml_jax.steps import TrainState, replicate
+from gml_jax.parallel import replicate
+from gml_jax.runner import names
+from gml_jax.steps import TrainState
 
 
 @dataclasses.dataclass
@@ -53,16 +55,16 @@ def end_of_epoch(config, state: TrainState, row: dict, progress, mesh):
   Returns (state, whether training is finished)."""
   if config.schedule.name == "plateau":
     lr = learning_rate(state.opt_state)
-    new_lr = plateau(config.schedule, progress.plateau, row["train_loss"], lr)
+    new_lr = plateau(config.schedule, progress.plateau, row[names.train(names.LOSS)], lr)
     if new_lr != lr:
-      print(f"\nEpoch {row['epoch']}: training loss on a plateau, learning rate {lr:g} -> "
+      print(f"\nEpoch {row[names.EPOCH]}: training loss on a plateau, learning rate {lr:g} -> "
             f"{new_lr:g}.")
       state = state.replace(opt_state=with_learning_rate(state.opt_state, new_lr, mesh))
   patience = config.early_stop_full_train_accuracy_epochs
-  if patience and row["train_accuracy"] >= 1.0:
+  if patience and row[names.train(names.ACCURACY)] >= 1.0:
     progress.full_accuracy_epochs += 1
     if progress.full_accuracy_epochs >= patience:
-      print(f"\nEarly stop after epoch {row['epoch']}: training accuracy 100% in "
+      print(f"\nEarly stop after epoch {row[names.EPOCH]}: training accuracy 100% in "
             f"{patience} epochs.")
       return state, True
   return state, False

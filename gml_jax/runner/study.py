@@ -58,7 +58,7 @@ from ml_collections import config_flags
 
 from experiments.common import VARIANTS
 from gml_jax.balancing import METHODS
-from gml_jax.runner import build, failure, study_report
+from gml_jax.runner import build, failure, names, study_report
 from gml_jax.runner.workdir import WorkdirInUseError, WorkdirLock, atomic_write, refuse_link
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -118,8 +118,8 @@ class Run:
       raise ValueError(f"{path} is missing (was the run's folder moved or deleted?)")
     refuse_link(path)
     summary = failure.read_json(path)
-    if not isinstance(summary, dict) or not isinstance(summary.get("test_accuracy"),
-                                                         (int, float)):
+    if not isinstance(summary, dict) or not isinstance(
+        summary.get(names.split("test", names.ACCURACY)), (int, float)):
       raise ValueError(f"{path} is not a run summary: expected a JSON object with a "
                        f"test_accuracy number, got {failure.shorten(json.dumps(summary), 80)}")
     return summary

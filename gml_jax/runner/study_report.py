@@ -14,16 +14,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-# Summary values aggregated over seeds (those the runs report).
-METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
-           "test_branch_2_accuracy", "test_biased_accuracy", "u(m1|m0)", "u(m0|m1)", "d_util",
-           "rebalance_share_m0", "rebalance_share_m1", "rebalance_share_m2", "samples_per_s")
-# Paired differences over seeds: (method, baseline) and the values compared.
+from gml_jax.runner import names  # noqa: E402
+
+# Paired differences over seeds: (method, baseline); the values compared are
+# names.study_paired_metrics.
 COMPARISONS = (("guided", "vanilla"), ("guided", "random"), ("ogm_ge", "vanilla"),
                ("guided", "ogm_ge"), ("vanilla", "late_fusion"),
                ("ogm_ge_joint", "late_fusion_joint"), ("guided", "ogm_ge_joint"))
-PAIRED_METRICS = ("test_accuracy", "test_branch_0_accuracy", "test_branch_1_accuracy",
-                  "test_biased_accuracy", "d_util")
+
+
+def study_modalities(summaries) -> list[int]:
+  """The dataset modalities any of the runs read, in order."""
+  return sorted({m for s in summaries for m in s.get(names.MODALITIES, ())})
 
 
 # --------------------------------------------------------------------------------------
@@ -56,6 +58,7 @@ def aggregate(runs: list[dict]) -> dict:
   """``runs``: {method, seed, point, summary} of the finished runs -> per (point, method)
   mean ± std of every metric, and the paired differences per point."""
   groups, paired = [], []
+  modalities = study_modalities(r["summary"] for r in runs)
   points = list(dict.fromkeys(r["point"] for r in runs))
   for point in points:
     at = [r for r in runs if r["point"] == point]
@@ -63,15 +66,15 @@ def aggregate(runs: list[dict]) -> dict:
     by_seed = {m: {r["seed"]: r["summary"] for r in at if r["method"] == m} for m in methods}
     for m in methods:
       summaries = list(by_seed[m].values())
-      metrics = {k: mean_std([s.get(k) for s in summaries]) for k in METRICS
-                 if any(k in s for s in summaries)}
+      metrics = {k: mean_std([s.get(k) for s in summaries])
+                 for k in names.study_metrics(modalities) if any(k in s for s in summaries)}
       groups.append({"point": point, "method": m, "seeds": sorted(by_seed[m]),
                      "metrics": metrics})
     for method, baseline in COMPARISONS:
       if method not in by_seed or baseline not in by_seed:
         continue
       seeds = sorted(by_seed[method].keys() & by_seed[baseline].keys())
-      for key in PAIRED_METRICS:
+      for key in names.study_paired_metrics(modalities):
         diffs = {s: by_seed[method][s].get(key) - by_seed[baseline][s].get(key) for s in seeds
                  if by_seed[method][s].get(key) is not None
                  and by_seed[baseline][s].get(key) is not None}
@@ -82,19 +85,27 @@ def aggregate(runs: list[dict]) -> dict:
                        "per_seed": diffs, "n": len(values), "mean": float(np.mean(values)),
                        "ci95": t_interval(values),
                        "undefined": len(seeds) - len(values)})
-  return {"groups": groups, "paired": paired}
+  return {"modalities": modalities, "groups": groups, "paired": paired}
 
 
 # --------------------------------------------------------------------------------------
 # Tables
 
-# Columns of the table: (summary key, header, format).
-COLUMNS = (("test_accuracy", "test ŷ", ".3f"), ("test_branch_0_accuracy", "test branch 0", ".3f"),
-           ("test_branch_1_accuracy", "test branch 1", ".3f"),
-           ("test_biased_accuracy", "test_biased ŷ", ".3f"), ("u(m1|m0)", "u(m₁\\|m₀)", "+.3f"),
-           ("u(m0|m1)", "u(m₀\\|m₁)", "+.3f"), ("d_util", "d_util", "+.3f"),
-           ("rebalance_share_m0", "re-bal. m₀", ".0%"), ("rebalance_share_m1", "re-bal. m₁", ".0%"),
-           ("samples_per_s", "samples/s", ".0f"))
+def _sub(m: int) -> str:
+  return str(m).translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉"))
+
+
+def columns(modalities) -> list[tuple[str, str, str]]:
+  """Columns of the table: (summary key, header, format)."""
+  rates = [(j, k) for k in modalities for j in modalities if j != k]
+  return [(names.split("test", names.ACCURACY), "test ŷ", ".3f"),
+          *((names.split("test", names.branch_accuracy(m)), f"test branch {m}", ".3f")
+            for m in modalities),
+          (names.split("test_biased", names.ACCURACY), "test_biased ŷ", ".3f"),
+          *((names.utilization(j, k), f"u(m{_sub(j)}\\|m{_sub(k)})", "+.3f") for j, k in rates),
+          (names.D_UTIL, "d_util", "+.3f"),
+          *((names.rebalance_share(m), f"re-bal. m{_sub(m)}", ".0%") for m in modalities),
+          (names.SAMPLES_PER_S, "samples/s", ".0f")]
 
 
 def _cell(stat: dict | None, fmt: str) -> str:
@@ -111,14 +122,15 @@ def _cell(stat: dict | None, fmt: str) -> str:
 def markdown(result: dict) -> str:
   """Per grid point: mean ± std (n) per method; then the paired differences."""
   lines = [f"# Study: {result['experiment']}", "", f"`{result['command']}`", ""]
+  table = columns(result["modalities"])
   for point in dict.fromkeys(g["point"] for g in result["groups"]):
     if point:
       lines += [f"## {point}", ""]
-    lines.append("| method | n | " + " | ".join(h for _, h, _ in COLUMNS) + " |")
-    lines.append("|---" * (len(COLUMNS) + 2) + "|")
+    lines.append("| method | n | " + " | ".join(h for _, h, _ in table) + " |")
+    lines.append("|---" * (len(table) + 2) + "|")
     for g in [g for g in result["groups"] if g["point"] == point]:
       n = max((s["n"] for s in g["metrics"].values()), default=0)
-      cells = [_cell(g["metrics"].get(key), fmt) for key, _, fmt in COLUMNS]
+      cells = [_cell(g["metrics"].get(key), fmt) for key, _, fmt in table]
       lines.append(f"| {g['method']} | {n} | " + " | ".join(cells) + " |")
     lines.append("")
     paired = [p for p in result["paired"] if p["point"] == point]
@@ -185,21 +197,29 @@ def plots(result: dict, runs: dict, plot_dir: pathlib.Path) -> None:
     return [r for r in runs.values() if r.method == g["method"] and r.point_label == g["point"]]
 
   summaries = lambda g: [r.summary() for r in members(g)]
-  _points_plot(result, [("test_accuracy", "fused ŷ"), ("test_branch_0_accuracy", "branch 0"),
-                        ("test_branch_1_accuracy", "branch 1")],
+  modalities = result["modalities"]
+  accuracies = [(names.split("test", names.ACCURACY), "fused ŷ"),
+                *((names.split("test", names.branch_accuracy(m)), f"branch {m}")
+                  for m in modalities)]
+  _points_plot(result, accuracies,
                plot_dir / "accuracy.png", "Test accuracy (mean ± std over seeds; dots: seeds)",
                "test accuracy", summaries)
-  _points_plot(result, [("u(m1|m0)", "u(m1|m0)"), ("u(m0|m1)", "u(m0|m1)"),
-                        ("d_util", "d_util")],
+  rates = [names.utilization(j, k) for k in modalities for j in modalities if j != k]
+  _points_plot(result, [(key, key) for key in [*rates, names.D_UTIL]],
                plot_dir / "utilization.png",
                "Conditional utilization rates (mean ± std over seeds; dots: seeds)",
                "rate (negative: removing the modality helped)", summaries)
   groups = result["groups"]
   # Speeds exist where the model has fusion layers (summaries before `fusion` all had).
-  measured = [g for g in groups if members(g)[0].summary().get("fusion", "mmtm") == "mmtm"]
+  measured = [g for g in groups
+              if members(g)[0].summary().get(names.FUSION, "mmtm") == "mmtm"]
   if measured:
     _speeds_plot(measured, members, plot_dir / "speeds.png")
   _validation_plot(groups, members, plot_dir / "validation.png")
+
+
+def _group_modalities(members) -> list[int]:
+  return members[0].summary()[names.MODALITIES]
 
 
 def _speeds_plot(groups, members, path: pathlib.Path) -> None:
@@ -210,22 +230,24 @@ def _speeds_plot(groups, members, path: pathlib.Path) -> None:
                            gridspec_kw={"height_ratios": [3, 3, 1]})
   for col, g in enumerate(groups):
     rows = [_read_jsonl(r.workdir / "metrics" / "steps.jsonl") for r in members(g)]
+    modalities = _group_modalities(members(g))
     length = min(len(r) for r in rows)
-    steps = np.array([row["step"] for row in rows[0][:length]])
+    steps = np.array([row[names.STEP] for row in rows[0][:length]])
     series = lambda key: np.array([[row[key] for row in r[:length]] for r in rows])
     top, middle, bottom = axes[:, col]
-    for ax, keys in ((top, ["d_speed"]), (middle, [k for k in rows[0][0] if k.startswith("s_")])):
+    speeds = [names.speed(m) for m in modalities]
+    for ax, keys in ((top, [names.D_SPEED]), (middle, speeds)):
       for j, key in enumerate(keys):
+        color = f"C{3 if key == names.D_SPEED else j}"
         values = series(key)
-        ax.plot(steps, values.mean(0), color=f"C{j if key != 'd_speed' else 3}", lw=1,
-                label=key)
-        ax.fill_between(steps, values.min(0), values.max(0), alpha=0.25,
-                        color=f"C{j if key != 'd_speed' else 3}")
+        ax.plot(steps, values.mean(0), color=color, lw=1, label=key)
+        ax.fill_between(steps, values.min(0), values.max(0), alpha=0.25, color=color)
       ax.axhline(0, color="grey", lw=0.5)
       ax.legend(loc="best", fontsize="small")
-    targets = series("target")
-    for k in range(targets.max(initial=-1) + 1):
-      bottom.plot(steps, (targets == k).mean(0), color=f"C{k}", lw=0.8, label=f"m{k}")
+    targets = series(names.TARGET)  # branch indices
+    for branch in range(targets.max(initial=-1) + 1):
+      bottom.plot(steps, (targets == branch).mean(0), color=f"C{branch}", lw=0.8,
+                  label=f"m{modalities[branch]}")
     if targets.max(initial=-1) >= 0:
       bottom.legend(loc="upper right", fontsize="x-small")
     top.set_title(f"{_series(g)} ({len(rows)} seeds)")
@@ -247,12 +269,12 @@ def _validation_plot(groups, members, path: pathlib.Path) -> None:
     ax = axes[0, col]
     rows = [_read_jsonl(r.workdir / "metrics" / "epochs.jsonl") for r in members(g)]
     length = min(len(r) for r in rows)
-    epochs = [row["epoch"] for row in rows[0][:length]]
-    keys = ["val_accuracy"] + sorted(k for k in rows[0][0] if k.startswith("val_branch_")
-                                     and k.endswith("_accuracy"))
-    for j, key in enumerate(keys):
+    epochs = [row[names.EPOCH] for row in rows[0][:length]]
+    series = [(names.val(names.ACCURACY), "fused ŷ"),
+              *((names.val(names.branch_accuracy(m)), f"branch {m}")
+                for m in _group_modalities(members(g)))]
+    for j, (key, label) in enumerate(series):
       values = np.array([[row[key] for row in r[:length]] for r in rows])
-      label = "fused ŷ" if key == "val_accuracy" else key[len("val_"):].replace("_accuracy", "")
       ax.plot(epochs, values.mean(0), marker="o", ms=3, color=f"C{j}", label=label)
       ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2, color=f"C{j}")
     ax.set_title(f"{_series(g)} ({len(rows)} seeds)")

@@ -33,7 +33,6 @@ import json
 import pathlib
 import signal
 import threading
-import time
 from typing import Any, Callable
 
 import jax
@@ -41,24 +40,31 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from gml_jax.runner import build, dataset as datasets, pipeline, plots
+from gml_jax.balancing import find_balance_state
+from gml_jax.runner import build, dataset as datasets, names, pipeline, plots
 from gml_jax.runner.checkpoints import Checkpoints, Progress
 from gml_jax.runner.evaluation import evaluate, final_summary
-from gml_jax.runner.logs import RunLogs, epoch_row, step_rows
-from gml_jax.runner.schedule import end_of_epoch, learning_rate
 from gml_jax.runner.failure import read_json
+from gml_jax.runner.logs import EpochSums, RunLogs, epoch_row
+from gml_jax.runner.loop import MetricFetcher, TrainClock, due_at
+from gml_jax.runner.schedule import end_of_epoch, learning_rate
 from gml_jax.runner.workdir import (WorkdirLock, atomic_write, check_workdir_config,
                                     config_digest, refuse_link, write_config)
-from gml_jax.steps import (compile_eval_step, compile_multi_step, compile_train_step,
-                           data_mesh, make_eval_step, make_multi_step, make_train_step)
+from gml_jax.parallel import (compile_eval_step, compile_multi_step, compile_train_step,
+                              data_mesh)
+from gml_jax.steps import make_eval_step, make_multi_step, make_train_step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after_steps: int | None = None) -> dict | None:
+                       stop_after_steps: int | None = None,
+                       clock: TrainClock | None = None) -> dict | None:
   """Trains and evaluates ``config`` in ``workdir``; returns the summary, or None when the
-  run stopped early (``stop_after_steps``, SIGTERM or SIGINT) after a checkpoint."""
+  run stopped early (``stop_after_steps``, SIGTERM or SIGINT) after a checkpoint.
+  ``clock`` (a :class:`~gml_jax.runner.loop.TrainClock`) times the run's sections for a
+  caller that wants to know where the time went."""
   workdir = pathlib.Path(workdir).expanduser().resolve()
   is_writer = jax.process_index() == 0
+  clock = clock if clock is not None else TrainClock()
 
   # ---- Everything that can reject the config comes before anything is written.
   build.check_config(config)
@@ -78,47 +84,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     cleanup.callback(lock.release)
     check_workdir_config(workdir, config, dataset.used())
 
-    # ---- State, steps, and the run so far.
+    # ---- State, compiled steps, and the run so far.
     mesh = data_mesh()
     example = dataset.example_inputs()
     state = build.initial_state(config, model, tx, example, mesh)
-    step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype,
-                              loss=build.loss(config))
-    k = config.steps_per_call
-    spec = lambda steps=None: pipeline.batch_spec(example, config.batch_size, mesh, steps)
-    started = time.perf_counter()  # compiled ahead, so that training time excludes it
-    train_step = compile_train_step(step_fn, mesh).lower(state, spec()).compile()
-    multi_step = None if k == 1 else compile_multi_step(make_multi_step(step_fn, k), mesh).lower(
-        state, spec(k)).compile()
-    compile_seconds = time.perf_counter() - started
-    run = Run(config, workdir, dataset, spe, mesh, train_step=train_step, multi_step=multi_step,
-              eval_step=compile_eval_step(make_eval_step(model, build.loss(config)), mesh),
-              checkpoints=Checkpoints(workdir, config_digest(config, dataset.used())))
-    cleanup.callback(run.checkpoints.close)
-    if run.checkpoints.latest.latest_step() is not None:
-      state, run.progress = run.checkpoints.restore(run.checkpoints.latest, state)
-      print(f"Resuming {workdir} from step {run.progress.step}.")
+    loss = build.loss(config)
+    with clock.section("compile"):
+      train_step, multi_step = _compiled_steps(config, model, tx, state, example, mesh)
+    checkpoints = Checkpoints(workdir, config_digest(config, dataset.used()))
+    cleanup.callback(checkpoints.close)
+    progress = Progress()
+    if checkpoints.latest.latest_step() is not None:
+      state, progress = checkpoints.restore(checkpoints.latest, state)
+      print(f"Resuming {workdir} from step {progress.step}.")
     if is_writer:  # only now: a checkpoint of another config has been refused above
       write_config(workdir, config, dataset.used())
-    # Every process reads the logs (decisions at epoch ends use them); process 0 writes.
-    run.logs = RunLogs(workdir, run.progress.step, write=is_writer)
-    cleanup.callback(run.logs.close)
+    logs = RunLogs(workdir, progress.step, write=is_writer)
+    cleanup.callback(logs.close)
+    run = Run(config, workdir, dataset, spe, mesh, train_step=train_step, multi_step=multi_step,
+              eval_step=compile_eval_step(make_eval_step(model, loss), mesh),
+              checkpoints=checkpoints, progress=progress, logs=logs, clock=clock)
 
     state = train(run, state, stop_after_steps)
     if state is None:
       return None
 
     # ---- Final evaluation with the best checkpoint (chosen on validation accuracy).
-    state, _ = run.checkpoints.restore(run.checkpoints.best, state)
+    rebalance_steps = _rebalance_steps(state, len(config.data.modalities))
+    state, _ = checkpoints.restore(checkpoints.best, state)
     summary = final_summary(config, model, run.eval_step, state, run.split_batches,
-                            dataset.source_name, run.progress, run.logs.steps.rows)
-    summary["compile_seconds"] = compile_seconds  # this session's (not in train_seconds)
+                            dataset.source_name, progress, rebalance_steps)
+    summary[names.COMPILE_SECONDS] = clock.sections["compile"]  # this session's
     summary["data"] = dataset.used()
     if is_writer:
       atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
-      plots.write_run_plots(workdir / "plots", run.logs.steps.rows, run.logs.epochs.rows,
-                            summary)
+      plots.write_run_plots(workdir / "plots", logs.steps.rows(), logs.epochs.rows(), summary)
     return summary
+
+
+def _compiled_steps(config, model, tx, state, example, mesh):
+  """The train step and, for ``steps_per_call`` > 1, the multi-step, compiled ahead of the
+  first batch (so that training time excludes compilation)."""
+  step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype,
+                            loss=build.loss(config))
+  k = config.steps_per_call
+  spec = lambda steps=None: pipeline.batch_spec(example, config.batch_size, mesh, steps)
+  train_step = compile_train_step(step_fn, mesh).lower(state, spec()).compile()
+  multi_step = None if k == 1 else compile_multi_step(make_multi_step(step_fn, k), mesh).lower(
+      state, spec(k)).compile()
+  return train_step, multi_step
+
+
+def _rebalance_steps(state, num_modalities: int) -> list[int]:
+  """Re-balancing steps taken for each modality (the balancing state counts them; zeros
+  where the optimizer does not balance)."""
+  balance = find_balance_state(state.opt_state)
+  if balance is None:
+    return [0] * num_modalities
+  return [int(n) for n in jax.device_get(balance.rebalance_steps)]
 
 
 @dataclasses.dataclass
@@ -134,8 +157,22 @@ class Run:
   multi_step: Callable | None
   eval_step: Callable
   checkpoints: Checkpoints
-  progress: Progress = dataclasses.field(default_factory=Progress)
-  logs: RunLogs | None = None
+  progress: Progress
+  logs: RunLogs
+  clock: TrainClock
+
+  def step(self, size: int) -> Callable:
+    """The compiled call that takes ``size`` steps."""
+    return self.multi_step if size > 1 else self.train_step
+
+  def epoch_batches(self, stop_after_steps: int | None):
+    """(size, batch) of the calls from the current step to the end of its epoch."""
+    c, step = self.config, self.progress.step
+    epoch, start = divmod(step, self.steps_per_epoch)
+    plan = pipeline.call_plan(step, c.steps_per_call, self.steps_per_epoch,
+                              c.checkpoint_every_steps, stop_after_steps)
+    return pipeline.train_batches(self.dataset.sources["train"], self.dataset.prep,
+                                  c.batch_size, c.seed, epoch, start, plan, self.mesh)
 
   def split_batches(self, split: str):
     """A split's batches placed on the mesh (None if the dataset has no such split)."""
@@ -144,80 +181,84 @@ class Run:
                                   self.config.eval_batch_size, self.mesh, f"evaluating {split}")
             if split in sources else None)
 
+  def save(self, manager, state) -> None:
+    """A checkpoint of ``state`` with the progress and the training time so far."""
+    self.progress.train_seconds = self.clock.seconds()
+    with self.clock.section("checkpoint saves"):
+      self.checkpoints.save(manager, state, self.progress)
+
 
 def train(run: Run, state, stop_after_steps: int | None):
   """The training loop; returns the final state, or None when it stopped early (with a
   checkpoint)."""
-  config, progress, logs, checkpoints = run.config, run.progress, run.logs, run.checkpoints
-  spe, total_steps = run.steps_per_epoch, config.num_epochs * run.steps_per_epoch
-  is_writer = jax.process_index() == 0
-  pending = []  # (metrics, steps) of the calls since metrics last reached the host
-  started = time.perf_counter()
+  config, progress, clock = run.config, run.progress, run.clock
+  total_steps = config.num_epochs * run.steps_per_epoch
+  fetcher = MetricFetcher(config.data.modalities)
   bar = tqdm(total=total_steps, initial=progress.step, unit="step", desc=config.experiment,
-             disable=not is_writer)
+             disable=jax.process_index() != 0)
+  clock.start(progress.train_seconds)
   # The bar closes however the loop ends, so that an error is the console's last line.
   with bar, StopSignal() as stop_signal:
     while progress.step < total_steps:
-      epoch, start = divmod(progress.step, spe)
-      plan = pipeline.call_plan(progress.step, config.steps_per_call, spe,
-                       config.checkpoint_every_steps, stop_after_steps)
-      for size, batch in pipeline.train_batches(run.dataset.sources["train"], run.dataset.prep,
-                                                config.batch_size, config.seed, epoch, start,
-                                                plan, run.mesh):
-        state, metrics = (run.multi_step if size > 1 else run.train_step)(state, batch)
-        pending.append((metrics, size))
+      for size, batch in clock.timed("waiting for batches", run.epoch_batches(stop_after_steps)):
+        with clock.section("step calls"):
+          state, metrics = run.step(size)(state, batch)
+        fetcher.add(metrics, size)
         progress.step += size
         bar.update(size)
-        step = progress.step
-        at_epoch_end = step % spe == 0
-        checkpoint_due = at_epoch_end or (
-            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-        stop_asked = stop_after_steps is not None and step >= stop_after_steps
-        # Metrics reach the host here, and only here: every checkpoint follows a check
-        # that the loss is finite, so a diverged state is never saved.
-        if not (checkpoint_due or stop_asked
-                or sum(n for _, n in pending) > config.log_every_steps):
+        due = due_at(progress.step, fetcher.unfetched_steps,
+                     steps_per_epoch=run.steps_per_epoch, log_every=config.log_every_steps,
+                     checkpoint_every=config.checkpoint_every_steps, stop_after=stop_after_steps)
+        if not due.fetch:
           continue
-        preempted = stop_signal.agreed()
-        # A log alone leaves the last call's metrics for the next fetch: the device runs
-        # that call while the host writes the rows, instead of waiting for the next one.
-        sync = checkpoint_due or stop_asked or preempted
-        ready, pending = (pending, []) if sync else (pending[:-1], pending[-1:])
-        if not ready:  # one call of more steps than log_every_steps: fetched next time
-          continue
-        rows = step_rows(ready, step - sum(n for _, n in pending), config.data.modalities)
-        bar.set_postfix({"loss": f"{rows[-1]['loss']:.3f}", "acc": f"{rows[-1]['accuracy']:.2f}"}
-                        | ({"d_speed": f"{rows[-1]['d_speed']:+.3f}"} if "d_speed" in rows[-1]
-                           else {}))
-        logs.add_steps(rows)
-        check_finite(rows, run.workdir, checkpoints.latest.latest_step())
-        if at_epoch_end:
-          progress.train_seconds += time.perf_counter() - started
-          val = evaluate(run.eval_step, state, run.split_batches("validation"),
-                         config.data.modalities)
-          this_epoch = [r for r in logs.steps.rows if step - spe < r["step"] <= step]
-          row = epoch_row(epoch + 1, step, this_epoch, val) | {
-              "learning_rate": learning_rate(state.opt_state)}
-          logs.add_epoch(row)
-          if val["accuracy"] > progress.best_val_accuracy:
-            progress.best_val_accuracy, progress.best_step = val["accuracy"], step
-            checkpoints.save(checkpoints.best, state, progress)
-          state, finished = end_of_epoch(config, state, row, progress, run.mesh)
+        preempted = stop_signal.agreed()  # a collective: every process fetches here
+        with clock.section("metric fetches"):
+          rows = fetcher.fetch(progress.step, sync=due.sync or preempted)
+        if rows:
+          _record(run, rows, bar)
+        if due.epoch_end:
+          state, finished = _end_epoch(run, state)
           if finished:  # early stop: a full checkpoint, then the final evaluation
-            checkpoints.save(checkpoints.latest, state, progress)
+            run.save(run.checkpoints.latest, state)
             return state
-          started = time.perf_counter()
-        if checkpoint_due or stop_asked or preempted:  # saving is not training time
-          progress.train_seconds += time.perf_counter() - started
-          checkpoints.save(checkpoints.latest, state, progress)
-          started = time.perf_counter()
-        if stop_asked or preempted:
+        if due.checkpoint or due.stop or preempted:
+          run.save(run.checkpoints.latest, state)
+        if due.stop or preempted:
           bar.close()  # before the message, so that it stands on its own line
           why = "a stop signal" if preempted else f"--stop_after_steps={stop_after_steps}"
-          print(f"Stopped by {why} at step {step}; checkpoint saved in {run.workdir}. "
-                "Run the same command again to resume.")
+          print(f"Stopped by {why} at step {progress.step}; checkpoint saved in "
+                f"{run.workdir}. Run the same command again to resume.")
           return None
   return state
+
+
+def _record(run: Run, rows: list[dict], bar) -> None:
+  """Fetched step rows: to the logs, the epoch's sums and the progress bar; a non-finite
+  loss stops the run before anything saves its state."""
+  last = rows[-1]
+  bar.set_postfix({names.LOSS: f"{last[names.LOSS]:.3f}", "acc": f"{last[names.ACCURACY]:.2f}"}
+                  | ({names.D_SPEED: f"{last[names.D_SPEED]:+.3f}"} if names.D_SPEED in last
+                     else {}))
+  run.logs.add_steps(rows)
+  run.progress.epoch_sums.add(rows, run.config.data.modalities)
+  check_finite(rows, run.workdir, run.checkpoints.latest.latest_step())
+
+
+def _end_epoch(run: Run, state):
+  """Validation, the epoch's row, the best checkpoint, the schedule and the early stop.
+  Returns (state, whether training is finished)."""
+  progress, step = run.progress, run.progress.step
+  with run.clock.section("evaluation"):
+    val = evaluate(run.eval_step, state, run.split_batches("validation"),
+                   run.config.data.modalities)
+    row = epoch_row(step // run.steps_per_epoch, step, progress.epoch_sums, val) | {
+        names.LEARNING_RATE: learning_rate(state.opt_state)}
+    progress.epoch_sums = EpochSums()
+    run.logs.add_epoch(row)
+    if val[names.ACCURACY] > progress.best_val_accuracy:
+      progress.best_val_accuracy, progress.best_step = val[names.ACCURACY], step
+      run.save(run.checkpoints.best, state)
+    return end_of_epoch(run.config, state, row, progress, run.mesh)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,13 +266,13 @@ def train(run: Run, state, stop_after_steps: int | None):
 
 
 def check_finite(rows: list[dict], workdir: pathlib.Path, last_checkpoint) -> None:
-  bad = next((r for r in rows if not np.isfinite(r["loss"])), None)
+  bad = next((r for r in rows if not np.isfinite(r[names.LOSS])), None)
   if bad is not None:
     kept = (f"the last good checkpoint (step {last_checkpoint}) is kept in "
             f"{workdir / 'checkpoints' / 'latest'}" if last_checkpoint is not None
             else "no checkpoint had been written yet")
     raise FloatingPointError(
-        f"The training loss is {bad['loss']} at step {bad['step']}: stopped without saving "
+        f"The training loss is {bad[names.LOSS]} at step {bad[names.STEP]}: stopped without saving "
         f"this state; {kept}. Lower optimizer.learning_rate, or check the data.")
 
 
