@@ -1,5 +1,7 @@
 # gml_jax: `make demo` runs the main job, `make test` runs the tests. Both install first.
-# `make train EXP=colored_mnist METHOD=guided` runs any experiment of experiments/.
+# `make train EXP=colored_mnist METHOD=guided` runs any experiment of experiments/; the method
+# and variant names are those of gml_jax/runner/names.py (METHOD and METHODS default to none:
+# the config's default variant, and the study's default methods).
 #
 # The virtual environment uses python3.12 when one runs here (it takes current JAX
 # releases), else python3 (3.11 takes JAX 0.10.x); override with `make PYTHON=...`.
@@ -13,12 +15,13 @@ TPU ?=
 ZONE ?=
 REMOTE_DIR ?= gml_jax
 EXP ?= colored_mnist
-METHOD ?= guided
-WORKDIR ?= runs/$(EXP)_$(METHOD)
+METHOD ?=
+WORKDIR ?= runs/$(EXP)$(if $(METHOD),_$(METHOD))
 ARGS ?=
 SEEDS ?= 5
-METHODS ?= vanilla,random,guided
+METHODS ?=
 STUDY_DIR ?= runs/study_$(EXP)
+CONFIG = experiments/$(EXP).py$(if $(METHOD),:$(METHOD))
 
 # XLA:CPU runs convolutions faster outside its YNN fusions (benchmarks/RESULTS.md): on by
 # default for train, demo and bench; `make train CPU_XLA_FLAGS=` turns it off. CPU-only flag.
@@ -45,17 +48,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: install  ## run the test suite (CPU, 8 simulated devices, no network)
 	$(PY) -m pytest
 
-train: install  ## train experiments/$(EXP).py:$(METHOD) in $(WORKDIR); overrides: ARGS="--config.num_epochs=20"
-	$(RUN_ENV) $(PY) -m gml_jax.runner.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) $(ARGS)
+train: install  ## train experiments/$(EXP).py[:$(METHOD)] in $(WORKDIR); overrides: ARGS="--config.num_epochs=20"
+	$(RUN_ENV) $(PY) -m gml_jax.runner.main --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
 
-demo: install  ## the main job: guided Colored MNIST on the embedded MNIST subset, in runs/demo
-	$(MAKE) --no-print-directory train EXP=colored_mnist METHOD=guided WORKDIR=runs/demo
+demo: install  ## the main job: Colored MNIST's default variant (guided) on the embedded MNIST subset, in runs/demo
+	$(MAKE) --no-print-directory train EXP=colored_mnist METHOD= WORKDIR=runs/demo
 
 data: install  ## build (or check) experiments/$(EXP).py's dataset without training: where it is, its split sizes
 	$(PY) -m gml_jax.runner.prepare --config experiments/$(EXP).py $(ARGS)
 
 study: install  ## every method x SEEDS seeds of experiments/$(EXP).py in $(STUDY_DIR): mean ± std, paired differences, plots
-	$(RUN_ENV) $(PY) -m gml_jax.runner.study --config experiments/$(EXP).py --methods $(METHODS) --seeds 0-$$(($(SEEDS) - 1)) --workdir $(STUDY_DIR) $(ARGS)
+	$(RUN_ENV) $(PY) -m gml_jax.runner.study --config experiments/$(EXP).py $(if $(METHODS),--methods $(METHODS)) --seeds 0-$$(($(SEEDS) - 1)) --workdir $(STUDY_DIR) $(ARGS)
 
 bench: install  ## JAX vs the PyTorch reference, interleaved: table + benchmarks/results.json; ARGS="--help"
 	@$(TORCH_PYTHON) -c 'import torch' >/dev/null 2>&1 || { \
@@ -73,7 +76,7 @@ train-tpu:  ## every worker of Cloud TPU VM $(TPU) in $(ZONE) runs `make train` 
 	gcloud compute tpus tpu-vm ssh $(TPU) --zone=$(ZONE) --worker=all --command="cd $(REMOTE_DIR) && make train EXP=$(EXP) METHOD=$(METHOD) WORKDIR=$(WORKDIR) ARGS='--distributed $(ARGS)'"
 
 train-slurm: install  ## inside a Slurm allocation: one process per node, all its GPUs, --distributed
-	srun --ntasks-per-node=1 env $(RUN_ENV) $(PY) -m gml_jax.runner.main --config experiments/$(EXP).py:$(METHOD) --workdir $(WORKDIR) --distributed $(ARGS)
+	srun --ntasks-per-node=1 env $(RUN_ENV) $(PY) -m gml_jax.runner.main --config $(CONFIG) --workdir $(WORKDIR) --distributed $(ARGS)
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .venv-torch *.egg-info .pytest_cache  # runs/ is kept

@@ -34,16 +34,21 @@ paired intervals):
   late_fusion  0.604 ± 0.056  0.953 ± 0.004         0.993 ± 0.002  -                -
 """
 
-from experiments.common import VARIANTS, base_config  # noqa: F401 (VARIANTS: for users)
+from ml_collections import config_dict
+
+from experiments.common import DEFAULT_VARIANT, VARIANTS, base_config
+
+__all__ = ["VARIANTS", "get_config"]  # VARIANTS: the variants of get_config, for users
 
 
-def get_config(variant: str = "guided"):
+def get_config(variant: str = DEFAULT_VARIANT):
   c = base_config("colored_mnist", variant)
   c.data.name = "colored_mnist"
   c.data.builder_config = "var_0.02"  # color jitter variance σ²: var_0.02 or var_0.05
   # data.manual_dir: MNIST IDX files; empty: tfds 'mnist' if prepared, else embedded.
   # No flips (digits are not mirror-symmetric), pixels / 255, stored size 28.
   c.model.name = "small_cnn"
+  c.model.small_cnn = config_dict.ConfigDict({"width": 32})  # channels of the first stage (then 2x)
   # The rest as in experiments/common.py: SGD lr 0.01 momentum 0.9, α 0.01, Q 5, one
   # warm-up epoch, update "branch", constant learning rate, batch 64, 10 epochs.
   return c

@@ -6,16 +6,15 @@ own file shows those values.
 
 from ml_collections import config_dict
 
-from gml_jax.balancing import METHODS
+# The variants (the part after ':' of --config), defined once for the runner and the
+# configs in gml_jax/runner/names.py: one per balancing method of the paper, OGM-GE on the
+# paper's model (per-branch heads and losses) and as its authors run it (`ogm_ge_joint`,
+# docs/ogm_ge.md), and the baselines: each modality alone, late fusion (no MMTM), and the
+# OGM-GE authors' late fusion without modulation (`late_fusion_joint`: one head over both
+# branches' features, one cross-entropy on the fused output).
+from gml_jax.runner.names import BASELINES, DEFAULT_VARIANT, JOINT_HEAD_VARIANTS, VARIANTS
 
-# The config variants (the part after ':' of --config): one per balancing method of the
-# paper, OGM-GE on the paper's model (per-branch heads and losses) and as its authors run it
-# (`ogm_ge_joint`, docs/ogm_ge.md), and the baselines: each modality alone, late fusion (no
-# MMTM), and the OGM-GE authors' late fusion without modulation (`late_fusion_joint`: one
-# head over both branches' features, one cross-entropy on the fused output).
-BASELINES = ("unimodal_0", "unimodal_1", "late_fusion", "late_fusion_joint")
-VARIANTS = (*METHODS, "ogm_ge", "ogm_ge_joint", *BASELINES)
-JOINT = ("ogm_ge_joint", "late_fusion_joint")
+__all__ = ["DEFAULT_VARIANT", "VARIANTS", "base_config"]
 
 
 def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_dict.ConfigDict:
@@ -38,7 +37,8 @@ def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_d
 
   c.model = config_dict.ConfigDict()
   c.model.name = ""  # small_cnn, resnet18 or i3d
-  c.model.width = 32  # small_cnn only: channels of the first stage (then 2x)
+  # A backbone's options sit under its name (model.<name>.<option>, e.g. model.small_cnn.width),
+  # set by the experiment that uses it; an option not set there keeps the backbone's default.
   c.model.ratio = 4.0  # MMTM squeeze ratio
   # "mmtm" (intermediate fusion, the paper's model) or "none": no fusion layers, ŷ is the
   # mean of the branches' logits (late fusion; with one modality, a uni-modal model).
@@ -103,7 +103,7 @@ def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_d
     c.data.modalities = (int(variant[len("unimodal_"):]),)
   if variant in BASELINES:
     c.model.fusion = "none"
-  if variant in JOINT:  # late fusion through one head
+  if variant in JOINT_HEAD_VARIANTS:  # late fusion through one head
     c.model.fusion, c.model.head = "none", "joint"
   if variant == "ogm_ge_joint":  # the authors' scope and window: their first half of epochs
     c.balance.ogm_scope = "encoder_kernels"

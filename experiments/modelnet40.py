@@ -24,10 +24,12 @@ Results here: none yet (the renders cannot be downloaded on our machines; the pi
 tested on dummy data laid out like the real tree).
 """
 
-from experiments.common import VARIANTS, base_config  # noqa: F401 (VARIANTS: for users)
+from experiments.common import DEFAULT_VARIANT, VARIANTS, base_config
+
+__all__ = ["VARIANTS", "get_config"]  # VARIANTS: the variants of get_config, for users
 
 
-def get_config(variant: str = "guided"):
+def get_config(variant: str = DEFAULT_VARIANT):
   c = base_config("modelnet40", variant, num_epochs=300)
   c.data.name = "modelnet40_views"
   # views_0_6_224px: views 0 and 6 decoded and resized once, at build time (default; ~7x

@@ -22,10 +22,12 @@ a recipe for this experiment), batch 8, 60 epochs, training from scratch. Result
 none yet (no dataset on our machines; the pipeline is tested on generated videos).
 """
 
-from experiments.common import VARIANTS, base_config  # noqa: F401 (VARIANTS: for users)
+from experiments.common import DEFAULT_VARIANT, VARIANTS, base_config
+
+__all__ = ["VARIANTS", "get_config"]  # VARIANTS: the variants of get_config, for users
 
 
-def get_config(variant: str = "guided"):
+def get_config(variant: str = DEFAULT_VARIANT):
   c = base_config("nvgesture", variant, num_epochs=60)
   c.data.name = "nvgesture"
   c.data.builder_config = "frames32_112px"  # or frames64_224px; frames8_32px: smoke tests

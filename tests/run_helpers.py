@@ -32,13 +32,13 @@ def tiny_config(method, data_dir):
   """5 steps per epoch (189 train digits, batch 32), 2 epochs, a 4-channel CNN."""
   c = colored_mnist.get_config(method)
   c.data.data_dir, c.data.manual_dir = str(data_dir), str(DUMMY)
-  c.model.width, c.batch_size, c.eval_batch_size = 4, 32, 64
+  c.model.small_cnn.width, c.batch_size, c.eval_batch_size = 4, 32, 64
   c.num_epochs, c.log_every_steps = 2, 2
   return c
 
 
 def tiny_flags(data_dir, **overrides):
-  fields = {"data.data_dir": data_dir, "data.manual_dir": DUMMY, "model.width": 4,
+  fields = {"data.data_dir": data_dir, "data.manual_dir": DUMMY, "model.small_cnn.width": 4,
             "batch_size": 32, "eval_batch_size": 64, "num_epochs": 2, "log_every_steps": 2}
   fields |= {k.replace("__", "."): v for k, v in overrides.items()}
   return [f"--config.{k}={v}" for k, v in fields.items()]

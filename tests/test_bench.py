@@ -64,7 +64,7 @@ def test_job_against_its_step_reports_rates_and_where_the_time_goes(data_dir, tm
 
   rates = job_vs_step.main([
       "--set", f"data.data_dir={data_dir}", "--set", f"data.manual_dir={DUMMY}",
-      "--set", "model.width=4", "--set", "batch_size=32", "--set", "num_epochs=2",
+      "--set", "model.small_cnn.width=4", "--set", "batch_size=32", "--set", "num_epochs=2",
       "--steps", "10", "--workdir", str(tmp_path)])
   out = capsys.readouterr().out
   assert set(rates) == {"job", "step alone", "job again"} and min(rates.values()) > 0

@@ -127,7 +127,7 @@ def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
   small = tiny_config("guided", data_dir)
   trainer.train_and_evaluate(small, tmp_path / "small", stop_after_steps=2)
   wide = tiny_config("guided", data_dir)
-  wide.model.width = 8
+  wide.model.small_cnn.width = 8
   shutil.copytree(tmp_path / "small" / "checkpoints", tmp_path / "wide" / "checkpoints")
   with pytest.raises(ValueError, match="does not fit this model and optimizer"):
     trainer.train_and_evaluate(wide, tmp_path / "wide")
@@ -308,7 +308,8 @@ def test_foreign_checkpoint_error_is_the_last_line(data_dir, tmp_path):
                          cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
   assert small.returncode == 0, small.stderr[-3000:]
   shutil.copytree(tmp_path / "small" / "checkpoints", tmp_path / "wide" / "checkpoints")
-  wide = subprocess.run(cli_command("guided", tmp_path / "wide", data_dir, model__width=8),
+  wide = subprocess.run(cli_command("guided", tmp_path / "wide", data_dir,
+                                    model__small_cnn__width=8),
                         cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
   assert wide.returncode == 1
   lines = wide.stderr.strip().splitlines()

@@ -24,7 +24,11 @@ def test_train_tpu_runs_make_train_distributed_on_every_worker():
 
 
 def test_train_slurm_runs_one_distributed_process_per_node():
-  line = _dry_run("train-slurm", "WORKDIR=/shared/w")
+  line = _dry_run("train-slurm", "METHOD=guided", "WORKDIR=/shared/w")
   assert line.startswith("srun --ntasks-per-node=1 env XLA_FLAGS=")
   assert (".venv/bin/python -m gml_jax.runner.main --config experiments/colored_mnist.py:guided "
+          "--workdir /shared/w --distributed") in line
+  # The Makefile names no variant of its own: without METHOD, the config's default variant.
+  line = _dry_run("train-slurm", "WORKDIR=/shared/w")
+  assert (".venv/bin/python -m gml_jax.runner.main --config experiments/colored_mnist.py "
           "--workdir /shared/w --distributed") in line

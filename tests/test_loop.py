@@ -125,7 +125,7 @@ def test_a_run_writes_what_the_loop_it_replaced_wrote(method, tmp_path):
   checkpoints (every 4 steps) and logs every 3 steps exercise the fetch lag and the epoch
   sums; every key written is one of gml_jax/runner/names.py."""
   workdir = tmp_path / "run"
-  flags = {"data.data_dir": tmp_path / "tfds", "data.manual_dir": DUMMY, "model.width": 4,
+  flags = {"data.data_dir": tmp_path / "tfds", "data.manual_dir": DUMMY, "model.small_cnn.width": 4,
            "batch_size": 32, "eval_batch_size": 64, "num_epochs": 2, "log_every_steps": 3,
            "checkpoint_every_steps": 4}
   env = os.environ | {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=-individual_"

@@ -21,7 +21,7 @@ def test_cli_trains_and_writes_artifacts(method, data_dir, tmp_path):
   assert "test_biased accuracy" in result.stdout and "u(m1|m0)" in result.stdout
 
   config = json.loads((workdir / "config.json").read_text())
-  assert config["balance"]["method"] == method and config["model"]["width"] == 4
+  assert config["balance"]["method"] == method and config["model"]["small_cnn"]["width"] == 4
   steps = [json.loads(l) for l in (workdir / "metrics" / "steps.jsonl").read_text().splitlines()]
   epochs = [json.loads(l) for l in (workdir / "metrics" / "epochs.jsonl").read_text().splitlines()]
   assert [r["step"] for r in steps] == list(range(1, 11)) and [r["epoch"] for r in epochs] == [1, 2]

@@ -18,8 +18,9 @@ from gml_jax.models.network import (HEADS, Branch, FusionNetwork, JointHead, enc
 from gml_jax.models.weights import load_branch_weights
 
 __all__ = ["BACKBONES", "HEADS", "Branch", "FusionNetwork", "JointHead", "backbone",
-           "backbone_options", "build", "encoder_labels", "fusion_network", "group_labels",
-           "i3d_fusion", "load_branch_weights", "resnet18_fusion", "small_cnn_fusion"]
+           "backbone_defaults", "backbone_options", "build", "encoder_labels", "fusion_network",
+           "group_labels", "i3d_fusion", "load_branch_weights", "resnet18_fusion",
+           "small_cnn_fusion"]
 
 # Every module of gml_jax/models/backbones/ (names starting with "_" are shared helpers).
 BACKBONES = tuple(sorted(m.name for m in pkgutil.iter_modules(backbones.__path__)
@@ -37,6 +38,11 @@ def backbone(name: str) -> ModuleType:
 def backbone_options(name: str) -> tuple[str, ...]:
   """The options a backbone's ``stages()`` takes (e.g. ``width`` for ``small_cnn``)."""
   return tuple(inspect.signature(backbone(name).stages).parameters)
+
+
+def backbone_defaults(name: str) -> dict:
+  """The default of each option of a backbone's ``stages()``."""
+  return {k: p.default for k, p in inspect.signature(backbone(name).stages).parameters.items()}
 
 
 def build(name: str, num_classes: int, num_modalities: int = 2, *, ratio: float = 4.0,

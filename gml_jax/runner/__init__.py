@@ -4,12 +4,11 @@ and the plots.
 
 Unlike the library, it needs the ``experiments`` extra (``pip install -e '.[experiments]'``
 or ``make install``) and runs from a clone of the repository: ``experiments/`` and
-``data_prep/`` live at its root, beside ``gml_jax/``, and are not part of the wheel.
+``data_prep/`` live at its root, beside ``gml_jax/``; the wheel holds neither, nor the
+runner itself. Its vocabulary (methods, variants, metric keys) is :mod:`.names`.
 """
 
 import importlib.util
-import pathlib
-import sys
 
 # The imports of the runner (and of the builders) beyond the library's.
 EXTRA_MODULES = ("absl", "ml_collections", "orbax.checkpoint", "tensorflow_datasets",
@@ -33,11 +32,7 @@ if _MISSING:
       f"gml_jax.runner needs the 'experiments' extra (missing: {', '.join(_MISSING)}); "
       "install it from a clone with: pip install -e '.[experiments]'  (or: make install)")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-if not ((REPO_ROOT / "experiments").is_dir() and (REPO_ROOT / "data_prep").is_dir()):
-  raise ImportError(
-      f"gml_jax.runner runs from a clone of the repository: it reads experiments/ and "
-      f"data_prep/ beside gml_jax/, and {REPO_ROOT} has none. Clone it and "
-      "pip install -e '.[experiments]' there.")
-if str(REPO_ROOT) not in sys.path:  # the configs and builders import from the root
-  sys.path.insert(0, str(REPO_ROOT))
+# The configs and builders of the clone, registered by path (no sys.path edit).
+from gml_jax.runner import clone  # noqa: E402
+
+clone.register()

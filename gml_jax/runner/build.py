@@ -12,16 +12,15 @@ import optax
 from gml_jax import models
 from gml_jax.balancing import METHODS, UPDATE_MODES, balanced_multimodal
 from gml_jax.modulation import ogm_ge
-from gml_jax.runner import pipeline
-from gml_jax.runner.failure import shorten
 from gml_jax.parallel import replicate
+from gml_jax.runner import clone, names, pipeline
+from gml_jax.runner.failure import shorten
 from gml_jax.steps import TrainState, create_train_state
 
 SCHEDULES = ("constant", "plateau")
 OPTIMIZERS = ("sgd", "adam")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 FUSIONS = ("mmtm", "none")
-BALANCE_METHODS = (*METHODS, "ogm_ge")
 # What OGM-GE modulates: every parameter of a branch, or its encoder's kernels of rank >= 2
 # (not biases, normalisation or heads: the authors' scope).
 OGM_SCOPES = ("branch", "encoder_kernels")
@@ -56,12 +55,11 @@ FIELD_CHECKS = (
     ("checkpoint_every_steps", _integer(0)),
     ("steps_per_call", _integer(1)),
     ("early_stop_full_train_accuracy_epochs", _integer(0)),
-    ("data.name", _one_of(pipeline.MODALITIES)),
+    ("data.name", _one_of(clone.datasets())),
     ("data.image_size", _integer(0)),
     ("data.normalize", _one_of(pipeline.NORMALIZATIONS)),
     ("data.hflip", (lambda v: isinstance(v, bool), "true or false")),
     ("model.name", _one_of(models.BACKBONES)),
-    ("model.width", _integer(1)),
     ("model.ratio", _number(lambda v: v > 0, "> 0")),
     ("model.dtype", _one_of(COMPUTE_DTYPES)),
     ("model.fusion", _one_of(FUSIONS)),
@@ -70,7 +68,7 @@ FIELD_CHECKS = (
     ("optimizer.learning_rate", _number(lambda v: v > 0, "> 0")),
     ("optimizer.momentum", _number(lambda v: 0 <= v < 1, "in [0, 1)")),
     ("optimizer.weight_decay", _number(lambda v: v >= 0, ">= 0")),
-    ("balance.method", _one_of(BALANCE_METHODS)),
+    ("balance.method", _one_of(names.BALANCE_METHODS)),
     ("balance.alpha", _number(lambda v: v >= 0, ">= 0")),
     ("balance.window", _integer(1)),
     ("balance.warmup_epochs", _integer(0)),
@@ -106,6 +104,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not test(value):
       what = "is unknown" if expected.startswith("one of") else "is invalid"
       raise ValueError(f"config.{field}={shorten(repr(value))} {what}: expected {expected}.")
+  _check_backbone_options(config)
   _check_model_inputs(config)
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % jax.device_count():
@@ -117,9 +116,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                               "does not exist.")
 
 
+def _check_backbone_options(config) -> None:
+  """``model.<backbone>``: options the backbone's ``stages()`` takes; an integer where its
+  default is one (>= 1)."""
+  name = config.model.name
+  given = config.model.get(name, {})
+  known = models.backbone_options(name)
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    raise ValueError(f"config.model.{name}.{unknown[0]} is unknown: backbone {name!r} takes "
+                     f"{list(known) or 'no options'}.")
+  for option, default in models.backbone_defaults(name).items():
+    value = given.get(option, default)
+    if isinstance(default, int) and not _integer(1)[0](value):
+      raise ValueError(f"config.model.{name}.{option}={shorten(repr(value))} is invalid: "
+                       "expected an integer >= 1.")
+
+
 def _check_model_inputs(config) -> None:
   """``data.modalities`` against the dataset, and what the fusion and the method need."""
-  available = len(pipeline.MODALITIES[config.data.name])
+  available = len(clone.dataset_modalities(config.data.name))
   chosen = config.data.modalities
   if (not isinstance(chosen, (tuple, list)) or not chosen or len(set(chosen)) != len(chosen)
       or not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < available
@@ -144,10 +160,10 @@ def _check_model_inputs(config) -> None:
 
 def model(config: ml_collections.ConfigDict, num_classes: int):
   """The network of ``config.model``: one branch of backbone ``model.name`` per modality
-  of ``data.modalities``, given the ``model`` fields its ``stages()`` takes (e.g.
-  ``width`` for ``small_cnn``), with MMTM between them or no fusion (``model.fusion``)."""
+  of ``data.modalities``, given the options under ``model.<name>`` (e.g.
+  ``model.small_cnn.width``), with MMTM between them or no fusion (``model.fusion``)."""
   name = config.model.name
-  options = {k: config.model[k] for k in models.backbone_options(name)}
+  options = dict(config.model.get(name, {}))
   return models.build(name, num_classes, len(config.data.modalities), ratio=config.model.ratio,
                       fusion=config.model.fusion == "mmtm", head=config.model.head, **options)
 

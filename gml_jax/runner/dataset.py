@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import pathlib
 from typing import Any
@@ -22,7 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from gml_jax.runner.pipeline import MODALITIES, Preprocess
+from gml_jax.runner import clone
+from gml_jax.runner.pipeline import Preprocess
 from gml_jax.runner.workdir import atomic_write
 
 RECORD = "gml_jax_source.json"
@@ -120,15 +120,6 @@ def check(version_dir: pathlib.Path, record: dict | None, want: dict) -> dict:
       f"{record['sha256'][:12]} when built). {how}")
 
 
-def _builder_module(name: str):
-  try:
-    return importlib.import_module(f"data_prep.{name}")
-  except ModuleNotFoundError as e:
-    raise ValueError(
-        f"Unknown dataset {name!r}: expected a builder package data_prep/{name}/ "
-        f"(known: {sorted(MODALITIES)}).") from e
-
-
 def load_builder(data_config):
   """The prepared tfds builder of ``data_config`` (building it if needed), and the record of
   what it was built from.
@@ -138,7 +129,7 @@ def load_builder(data_config):
   other data than the config names, or an incomplete one, is refused. With several
   processes, process 0 checks and builds while the others wait.
   """
-  module = _builder_module(data_config.name)
+  module = clone.dataset_package(data_config.name)
   data_dir = str(pathlib.Path(data_config.data_dir).expanduser())
   manual_dir = data_config.get("manual_dir") or None
   if manual_dir is not None:

@@ -1,6 +1,7 @@
-"""Every key the runner writes, made here: step rows (``metrics/steps.jsonl``), epoch rows
-(``metrics/epochs.jsonl``), a run's summary (``summary.json``) and a study's tables. Writers
-and readers both call these functions; nothing parses a key back.
+"""The runner's vocabulary, defined once: the methods and config variants, and every key the
+runner writes (step rows of ``metrics/steps.jsonl``, epoch rows of ``metrics/epochs.jsonl``,
+a run's ``summary.json``, a study's tables). Writers and readers both call these functions;
+nothing parses a key back.
 
 Per-branch values are keyed by the *dataset modality* the branch reads (``modality``: a
 uni-modal run on modality 1 and a two-modality run mean the same "1"); a branch's position
@@ -11,6 +12,18 @@ from __future__ import annotations
 
 import itertools
 from typing import Sequence
+
+from gml_jax.balancing import METHODS
+
+# ---- Methods (config.balance.method) and config variants (the part after ':' of --config).
+BALANCE_METHODS = (*METHODS, "ogm_ge")  # the paper's three, and OGM-GE (docs/ogm_ge.md)
+# Baselines: each modality alone, late fusion (no MMTM), and OGM-GE's authors' late fusion
+# without modulation (one joint head, one cross-entropy on the fused output).
+BASELINES = ("unimodal_0", "unimodal_1", "late_fusion", "late_fusion_joint")
+JOINT_HEAD_VARIANTS = ("ogm_ge_joint", "late_fusion_joint")  # OGM-GE's authors' model
+VARIANTS = (*BALANCE_METHODS, "ogm_ge_joint", *BASELINES)
+DEFAULT_VARIANT = "guided"  # of `--config experiments/<name>.py` alone, and of make train
+STUDY_METHODS = METHODS  # a study's --methods when none are given: the paper's three
 
 # ---- A step row: one per training step.
 STEP = "step"

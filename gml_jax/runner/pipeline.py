@@ -24,10 +24,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from gml_jax.parallel import batch_sharding, shard_batch, shard_stacked_batches, stack_batches
+from gml_jax.runner import clone
 
-# Per dataset: the feature of each modality, in modality order.
-MODALITIES = {"colored_mnist": ("gray", "colored"), "modelnet40_views": ("view_0", "view_1"),
-              "nvgesture": ("rgb", "depth")}
 NORMALIZATIONS = ("none", "imagenet")  # data.normalize
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -52,12 +50,11 @@ class Preprocess:
   @classmethod
   def from_config(cls, data_config) -> "Preprocess":
     """The preprocessing of ``config.data``; its modalities are those of
-    ``data.modalities`` (all of the dataset's when the field is absent)."""
-    if data_config.name not in MODALITIES:
-      raise ValueError(f"Unknown dataset {data_config.name!r}; known: {sorted(MODALITIES)}.")
-    names = MODALITIES[data_config.name]
-    chosen = data_config.get("modalities") or range(len(names))
-    return cls(tuple(names[i] for i in chosen), data_config.image_size,
+    ``data.modalities`` (all of the dataset's when the field is absent), whose features
+    the dataset's package declares (``data_prep/<name>/``: ``MODALITIES``)."""
+    features = clone.dataset_modalities(data_config.name)
+    chosen = data_config.get("modalities") or range(len(features))
+    return cls(tuple(features[i] for i in chosen), data_config.image_size,
                data_config.normalize, data_config.hflip)
 
   def resize(self, example: dict) -> dict:

@@ -56,8 +56,6 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.common import VARIANTS
-from gml_jax.balancing import METHODS
 from gml_jax.runner import build, failure, names, study_report
 from gml_jax.runner.workdir import WorkdirInUseError, WorkdirLock, atomic_write, refuse_link
 
@@ -66,8 +64,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "experiments/colored_mnist.py; --config.<field>=<value> overrides go to every run.",
     lock_config=True)
 _METHODS = flags.DEFINE_list(
-    "methods", list(METHODS), f"Methods (config variants) to run, some of {list(VARIANTS)}: "
-    "the paper's methods, OGM-GE, each modality alone, late fusion.")
+    "methods", list(names.STUDY_METHODS), "Methods (config variants) to run, some of "
+    f"{list(names.VARIANTS)}: the paper's methods, OGM-GE (on this project's model, and as "
+    "its authors run it), each modality alone, late fusion (mean of logits, or one joint "
+    "head).")
 _SEEDS = flags.DEFINE_string("seeds", "0-4", "Seeds: a range 0-4, a list 0,3,7, or both: 0-2,5.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The study's directory (runs below it).")
 _GRID = flags.DEFINE_multi_string(
@@ -417,9 +417,9 @@ def study(argv) -> int:
   overrides = [f"--config.{k}={v if isinstance(v, str) else repr(v)}"
                for k, v in override_values.items()]
   methods = _METHODS.value
-  unknown = [m for m in methods if m not in VARIANTS]
+  unknown = [m for m in methods if m not in names.VARIANTS]
   if unknown or not methods:
-    raise app.UsageError(f"Unknown methods {unknown}; expected some of {VARIANTS}.")
+    raise app.UsageError(f"Unknown methods {unknown}; expected some of {names.VARIANTS}.")
   if len(set(methods)) != len(methods):
     raise app.UsageError(f"--methods={','.join(methods)}: a method is listed twice.")
   if _PARALLEL.value < 1:

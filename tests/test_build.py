@@ -1,0 +1,51 @@
+"""What a config describes (gml_jax/runner/build.py): backbone options under the backbone's
+name, datasets and variants from the clone's one vocabulary."""
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import colored_mnist, modelnet40, nvgesture
+from gml_jax.runner import build, clone, names
+
+
+def test_backbone_options_sit_under_the_backbone_and_reach_it():
+  config = colored_mnist.get_config()
+  assert "width" not in config.model and config.model.small_cnn.width == 32
+  config.model.small_cnn.width = 8
+  inputs = tuple(np.zeros((1, 28, 28, c), np.float32) for c in (1, 3))
+  params = build.model(config, 10).init(jax.random.key(0), inputs, train=False)["params"]
+  assert params["branches_0"]["stages_0"]["ConvBNReLU_0"]["Conv_0"]["kernel"].shape[-1] == 8
+  for other in (modelnet40.get_config(), nvgesture.get_config()):  # no options of their own
+    assert other.model.name not in other.model and "small_cnn" not in other.model
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("width", 0, r"config.model.small_cnn.width=0 is invalid: expected an integer >= 1"),
+    ("depth", 3, r"config.model.small_cnn.depth is unknown: backbone 'small_cnn' takes "
+                 r"\['width'\]"),
+])
+def test_bad_backbone_options_are_named(option, value, message):
+  config = colored_mnist.get_config()
+  config.model.small_cnn[option] = value
+  with pytest.raises(ValueError, match=message):
+    build.check_config(config)
+
+
+def test_datasets_are_the_folders_of_data_prep_and_declare_their_modalities():
+  assert clone.datasets() == ("colored_mnist", "modelnet40_views", "nvgesture")
+  assert clone.dataset_modalities("colored_mnist") == ("gray", "colored")
+  assert clone.dataset_modalities("nvgesture") == ("rgb", "depth")
+  with pytest.raises(ValueError, match=r"Unknown dataset 'mnist': expected a builder package "
+                                       r"data_prep/mnist/"):
+    clone.dataset_package("mnist")
+
+
+def test_every_variant_builds_a_consistent_config():
+  for variant in names.VARIANTS:
+    config = colored_mnist.get_config(variant)
+    build.check_config(config)
+    assert config.balance.method in names.BALANCE_METHODS
+  assert colored_mnist.get_config().balance.method == names.DEFAULT_VARIANT
+  with pytest.raises(ValueError, match="Unknown variant 'greedy'"):
+    colored_mnist.get_config("greedy")
