@@ -30,7 +30,7 @@ RUN_ENV = XLA_FLAGS="$(CPU_XLA_FLAGS) $(XLA_FLAGS)"
 TORCH_PYTHON ?= .venv-torch/bin/python
 TORCH_BASE_PYTHON ?= python3.11
 
-.PHONY: help install test train demo study data bench bench-device train-tpu train-slurm clean
+.PHONY: help install lint test train demo study data bench bench-device train-tpu train-slurm clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -44,6 +44,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[experiments,dev]'
 	$(if $(JAX_EXTRA),$(PY) -m pip install --quiet -U 'jax[$(JAX_EXTRA)]')
 	@touch $@
+
+lint: install  ## ruff over the whole tree (its configuration: pyproject.toml)
+	$(VENV)/bin/ruff check .
 
 test: install  ## run the test suite (CPU, 8 simulated devices, no network)
 	$(PY) -m pytest

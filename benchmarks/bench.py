@@ -39,9 +39,9 @@ import numpy as np
 import optax
 
 import gml_jax
+from benchmarks.workloads import ALPHA, DEFAULT_WORKLOADS, LEARNING_RATE, WINDOW, WORKLOADS
 from gml_jax import parallel, steps
 from gml_jax.balancing import METHODS
-from benchmarks.workloads import ALPHA, DEFAULT_WORKLOADS, LEARNING_RATE, WINDOW, WORKLOADS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -269,7 +269,7 @@ def format_tables(rows, ratio_rows) -> str:
   lines += ["", f"{'workload':12} {'method':8} {'dtype':9} {'impl':8} {'torch/jax':>9} "
                 f"{'÷vanilla':>9} {'÷plain':>7} {'÷float32':>9}"]
   for r in ratio_rows:
-    val = lambda k: f"{r[k]:.3f}" if k in r else "-"
+    val = lambda k, r=r: f"{r[k]:.3f}" if k in r else "-"
     lines.append(f"{r['workload']:12} {r['method']:8} {r['dtype']:9} {r['impl']:8} "
                  f"{val('torch_over_jax'):>9} {val('over_vanilla'):>9} {val('over_plain'):>7} "
                  f"{val('over_float32'):>9}")
@@ -289,7 +289,8 @@ def parse_args(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--device-report", action="store_true",
                       help="the accelerator report: JAX vs PyTorch (same interpreter, "
-                           f"--torch-python defaults to it) in float32 and bfloat16: {DEVICE_REPORT}")
+                           "--torch-python defaults to it) in float32 and bfloat16: "
+                           f"{DEVICE_REPORT}")
   parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                       help=f"comma-separated, of {list(WORKLOADS)}")
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
@@ -303,11 +304,13 @@ def parse_args(argv=None):
                       help="also time K steps per compiled call, for each K (comma-separated;"
                            " empty: none), CNN workloads")
   parser.add_argument("--resnet-steps-per-call", default="4",
-                      help="the same for the ResNet-18 workload (its unrolled calls compile slowly)")
+                      help="the same for the ResNet-18 workload (its unrolled calls compile "
+                           "slowly)")
   parser.add_argument("--torch-python", default=None,
                       help="interpreter with torch==2.13.0 for the PyTorch reference")
   parser.add_argument("--no-torch", action="store_true", help="JAX only")
-  parser.add_argument("--pipelines", default="colored_mnist,modelnet40_png,modelnet40_224px,nvgesture",
+  parser.add_argument("--pipelines",
+                      default="colored_mnist,modelnet40_png,modelnet40_224px,nvgesture",
                       help="input-pipeline workloads, comma-separated (empty: none); need the "
                            "experiments extra")
   parser.add_argument("--pipeline-threads", default="1,2",
@@ -348,7 +351,7 @@ def main(argv=None) -> dict:
   ratio_rows = ratios(rows)
   pipeline_rows = []
   if args.pipelines:  # grain and the runner: the experiments extra (not on device images)
-    from benchmarks import pipelines  # pylint: disable=g-import-not-at-top
+    from benchmarks import pipelines
 
     for name in args.pipelines:
       print(f"benchmarking the {name} input pipeline ...", flush=True)

@@ -24,9 +24,10 @@ import time
 import jax
 import numpy as np
 
-from gml_jax.runner import build, dataset as datasets, pipeline, trainer
-from gml_jax.runner.loop import TrainClock
 from gml_jax.parallel import compile_multi_step, compile_train_step, data_mesh
+from gml_jax.runner import build, pipeline, trainer
+from gml_jax.runner import dataset as datasets
+from gml_jax.runner.loop import TrainClock
 from gml_jax.steps import make_multi_step, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

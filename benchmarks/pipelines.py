@@ -32,7 +32,7 @@ class SyntheticSource:
   def _store(self, key, array):
     if key not in self.png:
       return array
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from PIL import Image
 
     out = io.BytesIO()
     Image.fromarray(array).save(out, format="PNG")
@@ -46,7 +46,7 @@ class SyntheticSource:
     for key in self.shapes:
       stored = self.pool[key][index % 8]
       if key in self.png:
-        from PIL import Image  # pylint: disable=g-import-not-at-top
+        from PIL import Image
 
         stored = np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))
       example[key] = stored

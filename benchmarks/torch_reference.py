@@ -27,8 +27,8 @@ import sys
 import time
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks.workloads import ALPHA, LEARNING_RATE, WINDOW, WORKLOADS  # noqa: E402

@@ -8,9 +8,9 @@ mean). Labels come from rules over module names. Run: ``python examples/film_lin
 
 import flax.linen as nn
 import jax.numpy as jnp
+from spurious_task import CLASSES, main
 
 import gml_jax
-from spurious_task import CLASSES, main
 
 WIDTH = 32
 

@@ -9,9 +9,9 @@ back). Run: ``python examples/gated_nnx.py``.
 
 import jax.numpy as jnp
 from flax import nnx
+from spurious_task import CLASSES, main
 
 import gml_jax
-from spurious_task import CLASSES, main
 
 WIDTH = 32
 

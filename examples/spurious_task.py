@@ -90,7 +90,8 @@ def report(make_model, labels, seeds, epochs: int = 12) -> dict:
   print(f"{'method':8} {'test ŷ':>14} {'branch 0 (m₀)':>14} {'branch 1 (cue)':>14} "
         f"{'d_util':>14} {'re-bal. m₀/m₁':>14}")
   for method, runs in results.items():
-    cell = lambda key: f"{np.mean([r[key] for r in runs]):.3f} ± {np.std([r[key] for r in runs]):.3f}"
+    cell = lambda key, runs=runs: (f"{np.mean([r[key] for r in runs]):.3f} ± "
+                                   f"{np.std([r[key] for r in runs]):.3f}")
     share = np.mean([r["rebalancing"] for r in runs], axis=0)
     print(f"{method:8} {cell('test'):>14} {cell('branch_0'):>14} {cell('branch_1'):>14} "
           f"{cell('d_util'):>14} {f'{share[0]:.0%} / {share[1]:.0%}':>14}")

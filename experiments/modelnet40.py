@@ -12,8 +12,8 @@ Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``
 Launch (on a GPU or TPU machine holding the renders):
 
   make train EXP=modelnet40 METHOD=guided ARGS="--config.data.manual_dir=/data/modelnet40"
-  python -m gml_jax.runner.main --config experiments/modelnet40.py:guided --workdir runs/mn40_guided \
-      --config.data.manual_dir=/data/modelnet40
+  python -m gml_jax.runner.main --config experiments/modelnet40.py:guided \
+      --workdir runs/mn40_guided --config.data.manual_dir=/data/modelnet40
 
 Recipe of the authors' code: SGD lr 0.1, no momentum, no weight decay, batch 8; learning
 rate x0.3 when the training loss plateaus (patience 10 epochs, relative threshold 1e-3,

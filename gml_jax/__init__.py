@@ -11,7 +11,7 @@ trainer, input pipeline, plots) is ``gml_jax.runner``, installed with the ``expe
 extra and run from a clone.
 """
 
-from gml_jax import nnx
+from gml_jax import nnx as nnx  # the NNX twins, as gml_jax.nnx
 from gml_jax.balancing import (
     METHODS,
     UPDATE_MODES,
@@ -32,8 +32,6 @@ from gml_jax.balancing import (
 )
 from gml_jax.fusion import MMTM, CrossModalCut
 from gml_jax.labels import label_rules, parse_label, path_string
-from gml_jax.modulation import (OGMState, discrepancy_ratios, modulation_coefficients, ogm_ge,
-                                ogm_state)
 from gml_jax.models import (
     Branch,
     FusionNetwork,
@@ -42,6 +40,13 @@ from gml_jax.models import (
     i3d_fusion,
     resnet18_fusion,
     small_cnn_fusion,
+)
+from gml_jax.modulation import (
+    OGMState,
+    discrepancy_ratios,
+    modulation_coefficients,
+    ogm_ge,
+    ogm_state,
 )
 from gml_jax.parallel import (
     compile_eval_step,

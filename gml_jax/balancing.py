@@ -612,7 +612,7 @@ def check_masking(tx: optax.GradientTransformation, params: Any, labels: Labels,
   problems = []
   for target in range(balance.accum_main.shape[0]):
     forced = jax.tree.map(
-        lambda s: s._replace(target=jnp.int32(target), window_left=jnp.int32(1))
+        lambda s, target=target: s._replace(target=jnp.int32(target), window_left=jnp.int32(1))
         if isinstance(s, BalanceState) else s,
         state, is_leaf=lambda s: isinstance(s, BalanceState))
     updates, _ = tx.update(grads, forced, params, **extra_args)

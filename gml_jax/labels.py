@@ -126,7 +126,7 @@ def label_rules(rules: Sequence[tuple[str, str]] | Mapping[str, str],
     compiled.append((pattern, regex, label))
 
   def label_of(path: str) -> str:
-    for pattern, regex, label in compiled:
+    for _pattern, regex, label in compiled:
       match = regex.fullmatch(path)
       if match:
         filled = match.expand(label)

@@ -51,10 +51,10 @@ PROTOCOL = ("model(inputs, *, train, cut=-1, drop=None) -> (logits [B, C], branc
 
 def as_functional(model: Any) -> Any:
   """``model`` with ``init`` and ``apply``: a Linen module as it is, an NNX model wrapped."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from flax import nnx
 
   if isinstance(model, nnx.Module):
-    from gml_jax.nnx import wrap  # pylint: disable=g-import-not-at-top
+    from gml_jax.nnx import wrap
     return wrap(model)
   if not (hasattr(model, "init") and hasattr(model, "apply")):
     raise TypeError(f"Expected a Linen module or an NNX model following the protocol "
@@ -66,7 +66,7 @@ def check_model(model: Any, needs: Sequence[str], user: str) -> None:
   """Raises a TypeError naming what is missing when ``model``'s call does not take the
   keyword arguments ``needs`` (``user``: the function that needs them)."""
   module_type = getattr(model, "module_type", type(model))
-  call = getattr(module_type, "__call__", None)
+  call = getattr(module_type, "__call__", None)  # noqa: B004 (its signature, not a test)
   if call is None:
     return
   try:
@@ -94,9 +94,9 @@ def check_outputs(outputs: Any, batch_size: int, user: str) -> tuple[jax.Array, 
   """``outputs`` as (logits [B, C], branch_logits [N, B, C]), or a ValueError saying what
   was expected."""
   if not (isinstance(outputs, (tuple, list)) and len(outputs) == 2):
+    length = f" of length {len(outputs)}" if isinstance(outputs, (tuple, list)) else ""
     raise ValueError(f"{user}: the model must return (logits [B, C], branch_logits [N, B, C]);"
-                     f" got {type(outputs).__name__}"
-                     f"{f' of length {len(outputs)}' if isinstance(outputs, (tuple, list)) else ''}.")
+                     f" got {type(outputs).__name__}{length}.")
   logits, branch_logits = outputs
   shape, branch_shape = getattr(logits, "shape", None), getattr(branch_logits, "shape", None)
   if (shape is None or branch_shape is None or len(shape) != 2 or len(branch_shape) != 3

@@ -18,8 +18,9 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """The Colored MNIST dummy dataset, built once per session."""
-  from gml_jax.runner import dataset  # pylint: disable=g-import-not-at-top
-  from run_helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from run_helpers import tiny_config
+
+  from gml_jax.runner import dataset
 
   path = tmp_path_factory.mktemp("tfds")
   dataset.load_builder(tiny_config("guided", path).data)

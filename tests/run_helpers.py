@@ -20,7 +20,7 @@ CONFIG = ROOT / "experiments" / "colored_mnist.py"
 
 def build_dataset(builder_class, config, data_dir, manual_dir):
   """Builds a data_prep builder (array_record, no TensorFlow) into ``data_dir``."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   builder = builder_class(config=config, data_dir=str(data_dir), file_format="array_record")
   builder.download_and_prepare(
@@ -64,9 +64,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def read_jsonl(path) -> list[dict]:
+  """The rows of a JSON-lines file ([] when there is none)."""
+  path = pathlib.Path(path)
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def step_rows(workdir):
-  path = pathlib.Path(workdir) / "metrics" / "steps.jsonl"
-  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+  return read_jsonl(pathlib.Path(workdir) / "metrics" / "steps.jsonl")
+
+
+def epoch_rows(workdir):
+  return read_jsonl(pathlib.Path(workdir) / "metrics" / "epochs.jsonl")
 
 
 def restore_latest(workdir):

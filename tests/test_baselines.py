@@ -2,18 +2,17 @@
 fusion (no MMTM), OGM-GE on the paper's model and as its authors run it; and the config
 checks that keep them consistent."""
 
-import json
 import math
 
 import numpy as np
 import pytest
+from run_helpers import assert_states_close, read_jsonl, restore_latest, tiny_config
 
 from gml_jax.runner import build, pipeline, trainer
-from run_helpers import assert_states_close, restore_latest, tiny_config
 
 
 def _rows(workdir, name="steps"):
-  return [json.loads(l) for l in (workdir / "metrics" / f"{name}.jsonl").read_text().splitlines()]
+  return read_jsonl(workdir / "metrics" / f"{name}.jsonl")
 
 
 @pytest.mark.parametrize("modality,feature,channels", [(0, "gray", 1), (1, "colored", 3)])

@@ -6,9 +6,10 @@ import subprocess
 import sys
 import textwrap
 
-from benchmarks import bench
 from run_helpers import ROOT
 from test_packaging import BLOCK_HEAVY
+
+from benchmarks import bench
 
 
 def test_bench_reports_times_compilations_and_ratios(tmp_path):
@@ -20,14 +21,15 @@ def test_bench_reports_times_compilations_and_ratios(tmp_path):
   rows = {(r["method"], r["impl"]): r for r in result["rows"]}
   assert set(rows) == {(m, i) for m in ("vanilla", "guided") for i in ("jax", "jax_x2", "plain")}
   assert {r["dtype"] for r in result["rows"]} == {"float32"}
-  for (method, impl), row in rows.items():
+  for (_method, impl), row in rows.items():
     assert row["step_ms"] > 0 and row["samples_per_s"] > 0
     if impl != "plain":
       assert row["compilations"] == 1  # normal and re-balancing steps share one compilation
       assert row["compile_s"] > 0 and row["xla_memory_mb"] > 0
   assert rows[("guided", "jax")]["modes_seen"] != [-1]  # re-balancing steps were timed
   ratios = {(r["method"], r["impl"]): r for r in result["ratios"]}
-  assert ratios[("guided", "jax")]["over_vanilla"] > 0 and ratios[("guided", "jax")]["over_plain"] > 0
+  guided = ratios[("guided", "jax")]
+  assert guided["over_vanilla"] > 0 and guided["over_plain"] > 0
   assert json.loads(out.read_text())["versions"]["jax"]
   pipelines = {(r["pipeline"], r["threads"]): r for r in result["pipelines"]}
   assert set(pipelines) == {(p, n) for p in ("colored_mnist", "modelnet40_png") for n in (1, 2)}
@@ -59,8 +61,9 @@ def test_device_report_runs_with_only_the_library_stack(tmp_path):
 
 
 def test_job_against_its_step_reports_rates_and_where_the_time_goes(data_dir, tmp_path, capsys):
-  from benchmarks import job_vs_step  # pylint: disable=g-import-not-at-top
-  from run_helpers import DUMMY  # pylint: disable=g-import-not-at-top
+  from run_helpers import DUMMY
+
+  from benchmarks import job_vs_step
 
   rates = job_vs_step.main([
       "--set", f"data.data_dir={data_dir}", "--set", f"data.manual_dir={DUMMY}",

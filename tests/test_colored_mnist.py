@@ -6,11 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
-
-from data_prep.colored_mnist import Builder, colored_mnist_dataset_builder, mnist_sources
 from run_helpers import build_dataset
 
-DUMMY = pathlib.Path(__file__).resolve().parent.parent / "data_prep" / "colored_mnist" / "dummy_data"
+from data_prep.colored_mnist import Builder, colored_mnist_dataset_builder, mnist_sources
+
+DUMMY = pathlib.Path(__file__).resolve().parents[1] / "data_prep" / "colored_mnist" / "dummy_data"
 COLORS = colored_mnist_dataset_builder.CLASS_COLORS
 
 

@@ -148,7 +148,8 @@ def test_linen_and_nnx_take_the_same_steps_from_the_same_weights():
                (linen_end.params, linen_end.model_state), (nnx_end.params, nnx_end.model_state))
   # The trained NNX model comes back as an NNX module.
   trained = gml_jax.nnx.wrap(nnx_model).module(nnx_end.variables)
-  np.testing.assert_allclose(trained.head_1.kernel.get_value(), linen_end.params["head_1"]["kernel"],
+  np.testing.assert_allclose(trained.head_1.kernel.get_value(),
+                             linen_end.params["head_1"]["kernel"],
                              rtol=1e-5, atol=1e-6)
 
 
@@ -208,7 +209,7 @@ def test_label_rules_give_the_same_labels_for_linen_nnx_and_plain_pytrees():
   linen_params = LinenFiLM().init(jax.random.key(0), _batch(0)["inputs"], train=False)["params"]
   nnx_params = nnx.state(NNXFiLM(nnx.Rngs(0)), nnx.Param)
   plain = {"enc_0": [np.ones(2), np.ones(1)], "head_1": {"w": np.ones(3)}}
-  by_path = lambda tree: {gml_jax.path_string(p): l for p, l in
+  by_path = lambda tree: {gml_jax.path_string(p): label for p, label in
                           jax.tree_util.tree_flatten_with_path(LABELS(tree))[0]}
   linen, nnx_labels = by_path(linen_params), by_path(nnx_params)
   assert linen == nnx_labels

@@ -6,10 +6,17 @@ import subprocess
 import jax
 import numpy as np
 import pytest
+from run_helpers import (
+  ROOT,
+  assert_states_close,
+  cli_command,
+  cli_env,
+  free_port,
+  restore_latest,
+  step_rows,
+)
 
 from gml_jax.runner import pipeline
-from run_helpers import (ROOT, assert_states_close, cli_command, cli_env, free_port,
-                         restore_latest, step_rows)
 
 
 def test_two_processes_match_one_process(data_dir, tmp_path):
@@ -23,7 +30,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
       for i in range(2)
   ]
   outputs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
+  for p, (_out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   assert "test accuracy" in outputs[0][0] and "test accuracy" not in outputs[1][0]
   single = subprocess.run(cli_command("guided", tmp_path / "single", data_dir), cwd=ROOT,

@@ -8,7 +8,6 @@ equal the uninterrupted run's."""
 import gzip
 import hashlib
 import json
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -17,11 +16,21 @@ import time
 
 import numpy as np
 import pytest
+from run_helpers import (
+  DUMMY,
+  ROOT,
+  assert_states_close,
+  cli_command,
+  cli_env,
+  epoch_rows,
+  free_port,
+  restore_latest,
+  step_rows,
+  tiny_config,
+)
 
 from data_prep.colored_mnist import mnist_sources
 from gml_jax.runner import dataset, logs, trainer
-from run_helpers import (DUMMY, ROOT, assert_states_close, cli_command, cli_env, free_port,
-                         restore_latest, step_rows, tiny_config)
 
 # 4 epochs of 5 steps, metrics fetched every step so that a signal is seen at once.
 RUN = dict(num_epochs=4, log_every_steps=1)
@@ -276,7 +285,7 @@ def test_second_run_on_a_workdir_in_use_stops_at_once(data_dir, tmp_path):
   out, err = first.communicate(timeout=300)
   assert first.returncode == 0, err[-3000:]
   assert [r["step"] for r in step_rows(tmp_path)] == list(range(1, 21))  # each step once
-  epochs = [json.loads(l) for l in (tmp_path / "metrics/epochs.jsonl").read_text().splitlines()]
+  epochs = epoch_rows(tmp_path)
   assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
 
   before = _snapshot(tmp_path)
@@ -293,7 +302,7 @@ def test_lock_of_a_killed_run_is_taken_over(data_dir, reference, tmp_path):
   killed.wait()
   assert f'"pid": {killed.pid}' in (tmp_path / "lock.json").read_text()  # left behind
   out = _finish(tmp_path, data_dir)
-  assert f"Taking over the lock of a run that ended without releasing it (host " in out
+  assert "Taking over the lock of a run that ended without releasing it (host " in out
   assert f"pid {killed.pid}" in out
   _same_trajectory(tmp_path, reference)
 

@@ -24,7 +24,8 @@ def _numpy_mmtm(params, xs, squeezed=None):
   s = squeezed or [x.mean(axis=(1, 2)) for x in xs]
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   z = np.maximum(np.concatenate(s, -1) @ p["squeeze"]["kernel"] + p["squeeze"]["bias"], 0)
-  excitations = [sigmoid(z @ p[f"excite_{k}"]["kernel"] + p[f"excite_{k}"]["bias"]) for k in range(2)]
+  excitations = [sigmoid(z @ p[f"excite_{k}"]["kernel"] + p[f"excite_{k}"]["bias"])
+                 for k in range(2)]
   return [x * e[:, None, None, :] for x, e in zip(xs, excitations)], excitations
 
 

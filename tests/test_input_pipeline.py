@@ -6,8 +6,7 @@ import numpy as np
 
 import gml_jax
 from gml_jax.runner import pipeline
-from gml_jax.runner.pipeline import Preprocess
-from gml_jax.runner.pipeline import call_plan
+from gml_jax.runner.pipeline import Preprocess, call_plan
 
 
 class Source:

@@ -11,7 +11,7 @@ def _dry_run(target, *args):
   env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # under make test
   out = subprocess.run(["make", "-n", "--no-print-directory", target, *args], cwd=ROOT,
                        env=env, capture_output=True, text=True, check=True).stdout
-  (line,) = [l for l in out.splitlines() if l.startswith(("gcloud", "srun"))]
+  (line,) = [line for line in out.splitlines() if line.startswith(("gcloud", "srun"))]
   return line
 
 

@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from run_helpers import CONFIG, DUMMY, ROOT
 
 from gml_jax.runner import loop, names
 from gml_jax.runner.checkpoints import Progress
 from gml_jax.runner.logs import EpochSums, epoch_row
-from run_helpers import CONFIG, DUMMY, ROOT
 
 # (step, unfetched steps, steps per epoch, log every, checkpoint every, stop after)
 #   -> (fetch, epoch end, checkpoint, stop), written out by hand.

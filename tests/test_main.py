@@ -5,12 +5,22 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+from run_helpers import (
+  CONFIG,
+  DUMMY,
+  ROOT,
+  assert_states_close,
+  cli_env,
+  epoch_rows,
+  restore_latest,
+  run_cli,
+  step_rows,
+  tiny_config,
+  tiny_flags,
+)
 
 from gml_jax.runner import trainer
-from run_helpers import (CONFIG, DUMMY, ROOT, assert_states_close, cli_env, restore_latest,
-                         run_cli, tiny_config, tiny_flags)
 
 
 @pytest.mark.parametrize("method", ["vanilla", "random", "guided"])
@@ -22,8 +32,8 @@ def test_cli_trains_and_writes_artifacts(method, data_dir, tmp_path):
 
   config = json.loads((workdir / "config.json").read_text())
   assert config["balance"]["method"] == method and config["model"]["small_cnn"]["width"] == 4
-  steps = [json.loads(l) for l in (workdir / "metrics" / "steps.jsonl").read_text().splitlines()]
-  epochs = [json.loads(l) for l in (workdir / "metrics" / "epochs.jsonl").read_text().splitlines()]
+  steps = step_rows(workdir)
+  epochs = epoch_rows(workdir)
   assert [r["step"] for r in steps] == list(range(1, 11)) and [r["epoch"] for r in epochs] == [1, 2]
   assert (workdir / "metrics" / "steps.csv").read_text().startswith("step,")
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -56,12 +66,13 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
     assert trainer.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=stop) is None
   resumed = trainer.train_and_evaluate(config, tmp_path / "resumed")
 
-  (s1, state1), (s2, state2) = restore_latest(tmp_path / "whole"), restore_latest(tmp_path / "resumed")
+  (s1, state1) = restore_latest(tmp_path / "whole")
+  (s2, state2) = restore_latest(tmp_path / "resumed")
   assert s1 == s2 == 10
   assert_states_close(state1, state2, rtol=1e-6, atol=1e-7)
   for key in ("test_accuracy", "u(m1|m0)", "u(m0|m1)", "rebalance_share_m0", "best_step"):
     assert whole[key] == pytest.approx(resumed[key], abs=1e-6), key
-  rows = lambda d: [json.loads(l) for l in (d / "metrics" / "steps.jsonl").read_text().splitlines()]
+  rows = lambda d: step_rows(d)
   a, b = rows(tmp_path / "whole"), rows(tmp_path / "resumed")
   assert [r["step"] for r in b] == list(range(1, 11))
   for ra, rb in zip(a, b):
@@ -113,8 +124,8 @@ def test_steps_per_call_gives_the_same_run(data_dir, tmp_path):
   three.steps_per_call = 3  # 5 steps per epoch: one 3-step call, then 2 single steps
   a = trainer.train_and_evaluate(one, tmp_path / "one")
   b = trainer.train_and_evaluate(three, tmp_path / "three")
-  rows_a = [json.loads(l) for l in (tmp_path / "one/metrics/steps.jsonl").read_text().splitlines()]
-  rows_b = [json.loads(l) for l in (tmp_path / "three/metrics/steps.jsonl").read_text().splitlines()]
+  rows_a = step_rows(tmp_path / "one")
+  rows_b = step_rows(tmp_path / "three")
   assert [r["step"] for r in rows_b] == list(range(1, 11))
   assert [r["target"] for r in rows_a] == [r["target"] for r in rows_b]
   assert_states_close(restore_latest(tmp_path / "one")[1], restore_latest(tmp_path / "three")[1])
@@ -127,7 +138,7 @@ def test_bfloat16_run_takes_the_same_decisions_as_float32(data_dir, tmp_path):
     config = tiny_config("guided", data_dir)
     config.model.dtype, config.num_epochs, config.log_every_steps = dtype, 3, 1
     trainer.train_and_evaluate(config, tmp_path / dtype)
-    runs[dtype] = [json.loads(l) for l in
+    runs[dtype] = [json.loads(line) for line in
                    (tmp_path / dtype / "metrics/steps.jsonl").read_text().splitlines()]
   f32, bf16 = runs["float32"], runs["bfloat16"]
   # A clear speed gap: every decision after warm-up is far from the threshold α = 0.01.

@@ -7,11 +7,11 @@ import tarfile
 
 import numpy as np
 import pytest
+from run_helpers import ROOT, build_dataset, epoch_rows, run_cli
 
 from data_prep.modelnet40_views import Builder, check_manual_dir
 from data_prep.modelnet40_views import modelnet40_views_dataset_builder as mn
 from gml_jax.runner.pipeline import Preprocess
-from run_helpers import ROOT, build_dataset, run_cli
 
 DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
 
@@ -37,7 +37,7 @@ def test_splits_labels_and_class_names(built):
   sources = built.as_data_source()
   objects = {s: [e["object"] for e in _all(sources[s])] for s in splits}
   assert not set(objects["train"]) & set(objects["validation"])
-  for split, examples in ((s, _all(sources[s])) for s in splits):
+  for _split, examples in ((s, _all(sources[s])) for s in splits):
     for e in examples:
       obj = e["object"].decode() if isinstance(e["object"], bytes) else e["object"]
       assert names[e["label"]] == obj.rsplit("_", 1)[0]  # airplane_0003 -> airplane
@@ -104,7 +104,7 @@ def test_cli_trains_modelnet40_with_the_authors_recipe(tmp_path):
   assert 0 <= summary["test_accuracy"] <= 1
   # 6 test objects: a branch may score 0, which leaves the rates undefined (None).
   assert summary["d_util"] is None or np.isfinite(summary["d_util"])
-  epochs = [json.loads(l) for l in (workdir / "metrics/epochs.jsonl").read_text().splitlines()]
+  epochs = epoch_rows(workdir)
   # 12 training objects, batch 4: 3 steps per epoch. The first epoch sets the best loss;
   # each later one is a plateau (threshold 0.99, patience 0): x0.3 for the next epoch.
   assert [e["step"] for e in epochs] == [3, 6, 9]

@@ -5,9 +5,9 @@ import ast
 import re
 
 import pytest
+from run_helpers import ROOT
 
 from gml_jax.runner import names
-from run_helpers import ROOT
 
 # A whole key as a string literal, or a key being assembled in an f-string, where a key is
 # used: a subscript, a dict key, the key of .get/.pop/.setdefault, an `in` test.

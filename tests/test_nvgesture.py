@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from run_helpers import ROOT, build_dataset, run_cli
 
 from data_prep.nvgesture import Builder, check_manual_dir
 from data_prep.nvgesture import nvgesture_dataset_builder as nvg
 from gml_jax import models
-from run_helpers import ROOT, build_dataset, run_cli
 
 DUMMY = ROOT / "data_prep" / "nvgesture" / "dummy_data"
 
@@ -84,7 +84,8 @@ def test_i3d_pair_matches_the_architecture():
     total += count
   assert channels == 1024
   assert _count(params["branches_0"]) == total + 1024 * 25 + 25
-  assert _count(params["branches_1"]) == total - 7 ** 3 * 2 * 64 + 1024 * 25 + 25  # depth: 1 channel
+  # Depth has 1 channel: its first kernel has 7^3 * 2 * 64 weights fewer.
+  assert _count(params["branches_1"]) == total - 7 ** 3 * 2 * 64 + 1024 * 25 + 25
   # MMTM after Mixed_4f (832 channels), Mixed_5b (832), Mixed_5c (1024).
   for i, c in enumerate((832, 832, 1024)):
     assert params[f"fusion_{i}"]["squeeze"]["kernel"].shape == (2 * c, c)
@@ -111,7 +112,8 @@ def test_converted_weights_load_into_a_branch(tmp_path):
   np.testing.assert_array_equal(loaded["batch_stats"]["branches_0"]["stages_0"]["Unit3D_0"]["BatchNorm_0"]["mean"],
                                 flat["batch_stats/stages_0/Unit3D_0/BatchNorm_0/mean"])
   # The head and the other branch keep their own values.
-  np.testing.assert_array_equal(rgb["head"]["kernel"], variables["params"]["branches_0"]["head"]["kernel"])
+  np.testing.assert_array_equal(rgb["head"]["kernel"],
+                                variables["params"]["branches_0"]["head"]["kernel"])
   jax.tree.map(np.testing.assert_array_equal, loaded["params"]["branches_1"],
                variables["params"]["branches_1"])
 

@@ -52,12 +52,12 @@ def test_wheel_holds_the_library_alone_and_requires_only_the_core(tmp_path):
   assert {"gml_jax/py.typed", "gml_jax/models/backbones/small_cnn.py",
           "gml_jax/parallel.py"} <= set(names)
   assert not [n for n in names if n.startswith("gml_jax/runner/")]  # from a clone only
-  requires = [l.split(":", 1)[1].strip() for l in meta.splitlines()
-              if l.startswith("Requires-Dist:")]
+  requires = [line.split(":", 1)[1].strip() for line in meta.splitlines()
+              if line.startswith("Requires-Dist:")]
   core = {re.split(r"[<>=!; \[]", r)[0].lower() for r in requires if "extra ==" not in r}
   assert core == CORE_REQUIREMENTS
-  extras = {l.split(":", 1)[1].strip() for l in meta.splitlines()
-            if l.startswith("Provides-Extra:")}
+  extras = {line.split(":", 1)[1].strip() for line in meta.splitlines()
+            if line.startswith("Provides-Extra:")}
   assert {"experiments", "dev"} <= extras
   for field in ("License: Apache-2.0", "Requires-Python: >=3.11", "Project-URL: Paper",
                 "Classifier: Typing :: Typed"):
@@ -67,7 +67,7 @@ def test_wheel_holds_the_library_alone_and_requires_only_the_core(tmp_path):
 def _public_api_names() -> list[str]:
   """Every name of the README's "Public API" table (first column), as dotted paths."""
   section = ROOT.joinpath("README.md").read_text().split("## Public API", 1)[1]
-  rows = [l for l in section.split("\n## ", 1)[0].splitlines() if l.startswith("| `")]
+  rows = [line for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("| `")]
   first_cells = [r.split(" | ")[0] for r in rows]
   return [re.match(r"[\w.]+", span).group(0)
           for cell in first_cells for span in re.findall(r"`([^`]+)`", cell)]
@@ -89,7 +89,7 @@ def test_import_loads_no_runner_dependency_and_every_public_name_resolves():
 
 
 def test_all_matches_the_readme_table():
-  import gml_jax  # pylint: disable=g-import-not-at-top
+  import gml_jax
 
   top_level = {n for n in _public_api_names() if "." not in n}
   assert top_level == set(gml_jax.__all__)

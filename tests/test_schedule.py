@@ -1,14 +1,13 @@
 """Trainer features any config can use: the plateau schedule and the early stop."""
 
-import json
 
 import ml_collections
 import numpy as np
 import pytest
+from run_helpers import epoch_rows, tiny_config
 
 from gml_jax.runner import schedule, trainer
 from gml_jax.runner.checkpoints import Progress
-from run_helpers import tiny_config
 
 SCHEDULE = ml_collections.ConfigDict(
     {"name": "plateau", "factor": 0.3, "patience": 2, "threshold": 0.1, "min_lr": 0.01})
@@ -29,7 +28,7 @@ def test_plateau_schedule_changes_the_learning_rate_in_training(data_dir, tmp_pa
   config.num_epochs = 3
   config.schedule.update(name="plateau", patience=0, threshold=0.99, factor=0.5, min_lr=1e-4)
   trainer.train_and_evaluate(config, tmp_path)
-  epochs = [json.loads(l) for l in (tmp_path / "metrics/epochs.jsonl").read_text().splitlines()]
+  epochs = epoch_rows(tmp_path)
   # threshold 0.99: no epoch improves on the first; patience 0: halve after each. The log
   # gives the rate each epoch trained with.
   assert [e["learning_rate"] for e in epochs] == pytest.approx([0.01, 0.01, 0.005])
@@ -40,6 +39,8 @@ def test_early_stop_after_epochs_at_full_training_accuracy(data_dir, tmp_path):
   config.early_stop_full_train_accuracy_epochs = 2
   progress = Progress()
   state = object()  # untouched with a constant schedule
-  assert schedule.end_of_epoch(config, state, {"epoch": 1, "train_accuracy": 1.0}, progress, None) == (state, False)
-  assert schedule.end_of_epoch(config, state, {"epoch": 2, "train_accuracy": 0.9}, progress, None) == (state, False)
-  assert schedule.end_of_epoch(config, state, {"epoch": 3, "train_accuracy": 1.0}, progress, None) == (state, True)
+  end = lambda epoch, accuracy: schedule.end_of_epoch(
+      config, state, {"epoch": epoch, "train_accuracy": accuracy}, progress, None)
+  assert end(1, 1.0) == (state, False)
+  assert end(2, 0.9) == (state, False)
+  assert end(3, 1.0) == (state, True)

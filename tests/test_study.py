@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from run_helpers import CONFIG, ROOT, cli_command, cli_env, free_port, tiny_flags
 
 from gml_jax.runner import study, study_report
-from run_helpers import CONFIG, ROOT, cli_command, cli_env, free_port, tiny_flags
 
 # Student's t quantile t_{0.975} with 2 degrees of freedom, from a printed table.
 T_975_DF2 = 4.302652729911275

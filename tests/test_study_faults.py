@@ -13,10 +13,10 @@ import time
 
 import pytest
 from ml_collections import config_dict
+from run_helpers import CONFIG, ROOT, cli_env, step_rows, tiny_flags
 
 from experiments import colored_mnist
 from gml_jax.runner import study
-from run_helpers import CONFIG, ROOT, cli_env, tiny_flags
 
 
 def _args(workdir, data_dir, *extra, methods="vanilla", seeds="0", **overrides):
@@ -108,7 +108,7 @@ def test_a_signal_stops_the_runs_at_a_checkpoint_and_the_study_resumes(sig, data
   assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
   assert "Resuming" in (run_dir / "run.log").read_text()
   assert again.stdout.count("finished") == 2 and "FAILED" not in again.stdout
-  steps = [json.loads(l)["step"] for l in (run_dir / "metrics/steps.jsonl").read_text().splitlines()]
+  steps = [row["step"] for row in step_rows(run_dir)]
   assert steps == list(range(1, 21))  # every step once
   assert json.loads((tmp_path / "study.json").read_text())["groups"][0]["seeds"] == [0, 1]
 

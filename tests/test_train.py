@@ -112,10 +112,11 @@ def test_eight_devices_match_one_device():
   batches = _batches(8)
   one = _train(_setup(devices=jax.devices()[:1]), batches)
   eight = _train(_setup(), batches)
-  for (_, s1, m1), (_, s8, m8) in zip(one, eight):
+  for (_, _, m1), (_, _, m8) in zip(one, eight):
     assert int(m1["target"]) == int(m8["target"])
     np.testing.assert_allclose(m1["speeds"], m8["speeds"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  (_, s1, _), (_, s8, _) = one[-1], eight[-1]  # the final states
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s1, s8)
   assert any(int(m["target"]) >= 0 for _, _, m in one)
 
@@ -174,8 +175,8 @@ def test_bfloat16_step_computes_in_bfloat16_and_keeps_state_in_float32():
   step = gml_jax.make_train_step(model, tx, compute_dtype=jnp.bfloat16)
   batch = gml_jax.shard_batch(_batches(1)[0], mesh)
   jaxpr = str(jax.make_jaxpr(step)(state, batch))
-  convs = [l for l in jaxpr.splitlines() if "conv_general_dilated" in l]
-  assert convs and all("bf16" in l for l in convs)  # forward and backward convolutions
+  convs = [line for line in jaxpr.splitlines() if "conv_general_dilated" in line]
+  assert convs and all("bf16" in line for line in convs)  # forward and backward convolutions
   new_state, metrics = jax.jit(step)(state, batch)
   for tree in (new_state.params, new_state.model_state, new_state.opt_state):
     dtypes = {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}

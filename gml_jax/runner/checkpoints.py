@@ -83,7 +83,7 @@ class Checkpoints:
     try:
       metadata = ocp.StandardCheckpointer().metadata(path / "state").item_metadata
       entries = json.loads(layout.read_text()).get("tree_metadata", {}).values()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001 (whatever orbax raises, the files are damaged)
       _settle()
       raise ValueError(damaged % f"its layout cannot be read: {_first_line(e)}") from e
     listed = sum(not e.get("value_metadata", {}).get("skip_deserialize", False) for e in entries)
@@ -99,7 +99,7 @@ class Checkpoints:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001 (whatever orbax raises, the files are damaged)
       _settle()
       raise ValueError(damaged % f"it cannot be read back: {_first_line(e)}") from e
     meta = dict(restored.meta)

@@ -142,10 +142,10 @@ def load_builder(data_config):
   if jax.process_index() == 0:
     try:
       _prepare(make(), manual_dir)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001 (every process must learn that the build failed)
       error = e
   if jax.process_count() > 1:  # every process learns whether process 0 could prepare it
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils
 
     if multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and error is None:
       error = RuntimeError("Process 0 could not prepare the dataset; its output says why.")
@@ -156,7 +156,7 @@ def load_builder(data_config):
 
 
 def _prepare(builder, manual_dir) -> None:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   version_dir = pathlib.Path(builder.data_dir)
   want = wanted(manual_dir)

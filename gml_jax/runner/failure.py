@@ -39,7 +39,7 @@ def _flag_error(error: BaseException, argv: list[str]) -> str:
   """What a failed flag parse says, on one line, naming the flag."""
   text = str(error)
   if "Traceback (most recent call last)" in text:  # a config file's get_config() raised
-    last = [l for l in text.splitlines() if l.strip()][-1].strip()
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
     return last.split(": ", 1)[1] if ": " in last and last.split(":")[0].isidentifier() else last
   bad_bool = re.match(r"flag (--\S+?)=(.*?): \('Non-boolean argument", text)
   if bad_bool:
@@ -104,6 +104,6 @@ def parse_flags(argv: list[str]) -> list[str]:
   instead of a traceback and absl's usage hint."""
   try:
     return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001 (the CLIs' one failure path: one Error line)
     print_error(_flag_error(e, argv))
     sys.exit(2)

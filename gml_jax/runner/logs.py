@@ -55,7 +55,7 @@ class MetricLog:
 def _parse_last(lines: list[str]) -> list[dict]:
   """The last row, unless a hard kill cut it short mid-write."""
   try:
-    return [json.loads(l) for l in lines]
+    return [json.loads(line) for line in lines]
   except json.JSONDecodeError:
     return []
 
@@ -69,7 +69,7 @@ class RunLogs:
     self.epochs = MetricLog(workdir / "metrics" / "epochs.jsonl", resume_step, write)
     self._tensorboard = None
     if write:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      from tensorboardX import SummaryWriter
 
       self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 

@@ -1,6 +1,7 @@
 r"""Trains and evaluates one experiment config.
 
-  python -m gml_jax.runner.main --config experiments/colored_mnist.py:guided --workdir runs/cm_guided
+  python -m gml_jax.runner.main --config experiments/colored_mnist.py:guided \
+      --workdir runs/cm_guided
   python -m gml_jax.runner.main --config experiments/colored_mnist.py:vanilla --workdir runs/cm_v \
       --config.num_epochs=20 --config.balance.update_mode=all
 
@@ -62,7 +63,7 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, workdir, _STOP_AFTER_STEPS.value)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001 (the CLI's one failure path: one Error line)
     # The background threads of a failed checkpoint read (orbax, tensorstore) go on
     # printing tracebacks for a while: from here on theirs go nowhere, so that the one line
     # that says what happened stays last, and the run leaves at once.
@@ -70,7 +71,7 @@ def main(argv):
     status = fail(e, pathlib.Path(workdir), console)
     sys.stdout.flush()
     console.flush()
-    os._exit(status)  # pylint: disable=protected-access
+    os._exit(status)  # no interpreter cleanup: library threads would print past the line
   if summary is None or jax.process_index() != 0:
     return
   print("\n" + format_summary(summary))

@@ -64,7 +64,7 @@ class Preprocess:
     for m in self.modalities:
       image = np.asarray(example[m])
       if image.shape[:2] != (self.image_size, self.image_size):
-        from PIL import Image  # pylint: disable=g-import-not-at-top
+        from PIL import Image
 
         resized = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).resize(
             (self.image_size, self.image_size), Image.BILINEAR)

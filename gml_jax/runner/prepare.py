@@ -29,7 +29,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     data = dataset.open_dataset(_CONFIG.value.data)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001 (the CLI's one failure path: one Error line)
     raise SystemExit(failure.fail(e, None, show_traceback=False)) from None
   used = data.used()
   print(f"{data.builder.name}/{data.builder.builder_config.name}: {data.builder.data_dir}")

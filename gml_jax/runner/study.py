@@ -329,7 +329,7 @@ def execute(runs: list[Run], command, parallel: int, stop: StopRequest,
       print(f"[{i + 1}/{total}] started {run.name}", flush=True)
     if stop.count > asked:  # forward the signal: SIGTERM first, SIGKILL the second time
       asked = stop.count
-      for _, run, proc, _ in running:
+      for _, _run, proc, _ in running:
         proc.send_signal(signal.SIGTERM if asked == 1 else signal.SIGKILL)
       for _, run in todo:
         run.status = "not started"
@@ -479,7 +479,7 @@ def main(argv):
   except app.UsageError as e:
     failure.print_error(failure.one_line(e))
     sys.exit(2)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001 (the CLI's one failure path: one Error line)
     log_dir = pathlib.Path(_WORKDIR.value).expanduser() if _WORKDIR.value else None
     sys.exit(failure.fail(e, log_dir, "study_error.log", EXPLAINED))
 

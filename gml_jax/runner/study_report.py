@@ -159,7 +159,7 @@ def _series(group: dict) -> str:
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _points_plot(result: dict, keys: list[tuple[str, str]], path: pathlib.Path, title: str,
@@ -233,7 +233,8 @@ def _speeds_plot(groups, members, path: pathlib.Path) -> None:
     modalities = _group_modalities(members(g))
     length = min(len(r) for r in rows)
     steps = np.array([row[names.STEP] for row in rows[0][:length]])
-    series = lambda key: np.array([[row[key] for row in r[:length]] for r in rows])
+    series = lambda key, rows=rows, length=length: np.array(
+        [[row[key] for row in r[:length]] for r in rows])
     top, middle, bottom = axes[:, col]
     speeds = [names.speed(m) for m in modalities]
     for ax, keys in ((top, [names.D_SPEED]), (middle, speeds)):

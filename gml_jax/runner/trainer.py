@@ -41,17 +41,23 @@ import numpy as np
 from tqdm import tqdm
 
 from gml_jax.balancing import find_balance_state
-from gml_jax.runner import build, dataset as datasets, names, pipeline, plots
+from gml_jax.parallel import compile_eval_step, compile_multi_step, compile_train_step, data_mesh
+from gml_jax.runner import build, names, pipeline, plots
+from gml_jax.runner import dataset as datasets
 from gml_jax.runner.checkpoints import Checkpoints, Progress
 from gml_jax.runner.evaluation import evaluate, final_summary
 from gml_jax.runner.failure import read_json
 from gml_jax.runner.logs import EpochSums, RunLogs, epoch_row
 from gml_jax.runner.loop import MetricFetcher, TrainClock, due_at
 from gml_jax.runner.schedule import end_of_epoch, learning_rate
-from gml_jax.runner.workdir import (WorkdirLock, atomic_write, check_workdir_config,
-                                    config_digest, refuse_link, write_config)
-from gml_jax.parallel import (compile_eval_step, compile_multi_step, compile_train_step,
-                              data_mesh)
+from gml_jax.runner.workdir import (
+  WorkdirLock,
+  atomic_write,
+  check_workdir_config,
+  config_digest,
+  refuse_link,
+  write_config,
+)
 from gml_jax.steps import make_eval_step, make_multi_step, make_train_step
 
 
@@ -303,6 +309,6 @@ class StopSignal:
     """Whether any process was asked to stop (every process calls this at the same steps)."""
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))

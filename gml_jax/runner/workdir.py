@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
 import socket
-
-import hashlib
 
 import jax
 import ml_collections
@@ -148,7 +147,7 @@ class WorkdirLock:
     if jax.process_index() == 0:
       error = self._acquire_here()
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      from jax.experimental import multihost_utils
 
       refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
       if refused and error is None:
