@@ -1,11 +1,23 @@
-"""Test setup: 8 simulated CPU devices (set before JAX starts), float32 matmuls."""
+"""Test setup: 8 simulated CPU devices (set before JAX starts), float32 matmuls, and one
+persistent XLA compilation cache per test worker, which every run the tests start inherits:
+the same small models compile once per suite instead of once per process."""
 
 import os
+import pathlib
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A fresh cache per `pytest` (set once, inherited by the xdist workers), a folder per worker:
+# no two workers write one entry at once.
+_CACHE = pathlib.Path(os.environ.setdefault(
+    "GML_JAX_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="gml_jax_tests_xla_cache_")))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(
+    _CACHE / os.environ.get("PYTEST_XDIST_WORKER", "main"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax  # noqa: E402  (after the flags)
 

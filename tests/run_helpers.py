@@ -6,6 +6,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -92,3 +93,21 @@ def restore_latest(workdir):
 
 def assert_states_close(a, b, rtol=1e-5, atol=1e-6):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+# What only the runner may load (the experiments extra), never `import gml_jax`.
+HEAVY = ("tensorflow_datasets", "grain", "orbax", "matplotlib", "cv2", "tensorboardX",
+         "mlxtend", "ml_collections", "tensorflow")
+
+# A meta-path finder that makes the heavy modules look uninstalled.
+BLOCK_HEAVY = textwrap.dedent(f"""
+    import sys
+
+    class BlockHeavy:
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+          raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+        return None
+
+    sys.meta_path.insert(0, BlockHeavy())
+    """)

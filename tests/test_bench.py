@@ -6,8 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from run_helpers import ROOT
-from test_packaging import BLOCK_HEAVY
+from run_helpers import BLOCK_HEAVY, ROOT
 
 from benchmarks import bench
 

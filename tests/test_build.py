@@ -4,9 +4,10 @@ name, datasets and variants from the clone's one vocabulary."""
 import jax
 import numpy as np
 import pytest
+from run_helpers import tiny_config
 
 from experiments import colored_mnist, modelnet40, nvgesture
-from gml_jax.runner import build, clone, names
+from gml_jax.runner import build, clone, names, trainer
 
 
 def test_backbone_options_sit_under_the_backbone_and_reach_it():
@@ -49,3 +50,32 @@ def test_every_variant_builds_a_consistent_config():
   assert colored_mnist.get_config().balance.method == names.DEFAULT_VARIANT
   with pytest.raises(ValueError, match="Unknown variant 'greedy'"):
     colored_mnist.get_config("greedy")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 12, "batch_size=12 is not divisible by the 8 devices"),
+    ("eval_batch_size", 20, "eval_batch_size=20 is not divisible by the 8 devices"),
+    ("batch_size", 0, r"config.batch_size=0 is invalid: expected an integer >= 1"),
+    ("batch_size", -1, r"config.batch_size=-1 is invalid: expected an integer >= 1"),
+    ("eval_batch_size", 0, r"config.eval_batch_size=0 is invalid: expected an integer >= 1"),
+    ("num_epochs", 0, r"config.num_epochs=0 is invalid: expected an integer >= 1"),
+    ("optimizer.learning_rate", float("nan"),
+     r"config.optimizer.learning_rate=nan is invalid: expected a finite number > 0"),
+    ("optimizer.momentum", 1.0, r"config.optimizer.momentum=1.0 is invalid: expected a finite "
+     r"number in \[0, 1\)"),
+    ("balance.alpha", -0.5, r"config.balance.alpha=-0.5 is invalid: expected a finite number >= 0"),
+    ("balance.window", 0, r"config.balance.window=0 is invalid: expected an integer >= 1"),
+    ("balance.method", "greedy", r"config.balance.method='greedy' is unknown: expected one of "
+     r"\('vanilla', 'random', 'guided', 'ogm_ge'\)"),
+    ("balance.update_mode", "everything", "config.balance.update_mode='everything' is unknown"),
+    ("optimizer.name", "lion", "config.optimizer.name='lion' is unknown"),
+    ("schedule.name", "cosine", "config.schedule.name='cosine' is unknown"),
+    ("model.name", "vgg", "config.model.name='vgg' is unknown"),
+])
+def test_bad_config_values_are_refused_before_writing(field, value, message, data_dir, tmp_path):
+  config = tiny_config("guided", data_dir)
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(config, tmp_path)
+  assert not list(tmp_path.iterdir())

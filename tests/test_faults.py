@@ -1,12 +1,11 @@
-"""The fault matrix: real training processes stopped by SIGTERM or killed by SIGKILL (also
-mid-save, also one process of two), diverging losses, corrupt or other data than the
-config names, incomplete datasets, two runs on one workdir, a finished workdir run again,
-foreign checkpoints, impossible configs. Each case checks the exit code or exception, the
-message, that nothing that should stay is changed, and (for resumes) that the results
-equal the uninterrupted run's."""
+"""The fault matrix of real training processes: stopped by SIGTERM or killed by SIGKILL
+(also mid-save, also one process of two), two runs on one workdir, a killed run's lock, a
+workdir removed or damaged, symbolic links, and every failure's one last line. Each case
+checks the exit code, the message, that nothing that should stay is changed, and (for
+resumes) that the results equal the uninterrupted run's. The in-process checks of the same
+modules live in test_build.py, test_checkpoints.py, test_dataset.py, test_logs.py and
+test_trainer.py."""
 
-import gzip
-import hashlib
 import json
 import shutil
 import signal
@@ -17,7 +16,6 @@ import time
 import numpy as np
 import pytest
 from run_helpers import (
-  DUMMY,
   ROOT,
   assert_states_close,
   cli_command,
@@ -26,11 +24,7 @@ from run_helpers import (
   free_port,
   restore_latest,
   step_rows,
-  tiny_config,
 )
-
-from data_prep.colored_mnist import mnist_sources
-from gml_jax.runner import dataset, logs, trainer
 
 # 4 epochs of 5 steps, metrics fetched every step so that a signal is seen at once.
 RUN = dict(num_epochs=4, log_every_steps=1)
@@ -104,163 +98,6 @@ def test_sigkill_mid_save_loses_at_most_the_unsaved_steps(data_dir, reference, t
     assert done - 2 <= saved <= done  # lost: at most the step being saved and the next
   _finish(tmp_path, data_dir, checkpoint_every_steps=1)
   _same_trajectory(tmp_path, reference)
-
-
-def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
-  config = tiny_config("guided", data_dir)
-  config.optimizer.learning_rate, config.optimizer.momentum = 1e6, 0.0
-  config.log_every_steps, config.checkpoint_every_steps = 1, 1
-  with pytest.raises(FloatingPointError, match=r"The training loss is (nan|inf) at step \d+"):
-    trainer.train_and_evaluate(config, tmp_path)
-  if (tmp_path / "checkpoints" / "latest").exists() and any(
-      (tmp_path / "checkpoints" / "latest").iterdir()):
-    _, state = restore_latest(tmp_path)
-    for leaf in __import__("jax").tree.leaves(state):
-      assert np.all(np.isfinite(leaf))
-
-
-def test_corrupt_dataset_files_are_named(data_dir, tmp_path):
-  copy = tmp_path / "tfds"
-  shutil.copytree(data_dir, copy)
-  (train_file,) = copy.glob("colored_mnist/*/*/*-train.array_record*")
-  data = train_file.read_bytes()
-  train_file.write_bytes(data[: len(data) // 2])
-  config = tiny_config("guided", copy)
-  with pytest.raises(dataset.DatasetCorruptError,
-                     match=r"(?s)split 'train'.*corrupt or truncated; delete"):
-    trainer.train_and_evaluate(config, tmp_path / "run")
-  assert not (tmp_path / "run" / "config.json").exists()
-
-
-def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
-  small = tiny_config("guided", data_dir)
-  trainer.train_and_evaluate(small, tmp_path / "small", stop_after_steps=2)
-  wide = tiny_config("guided", data_dir)
-  wide.model.small_cnn.width = 8
-  shutil.copytree(tmp_path / "small" / "checkpoints", tmp_path / "wide" / "checkpoints")
-  with pytest.raises(ValueError, match="does not fit this model and optimizer"):
-    trainer.train_and_evaluate(wide, tmp_path / "wide")
-  assert restore_latest(tmp_path / "wide")[0] == 2  # the foreign checkpoint is untouched
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("batch_size", 12, "batch_size=12 is not divisible by the 8 devices"),
-    ("eval_batch_size", 20, "eval_batch_size=20 is not divisible by the 8 devices"),
-    ("batch_size", 0, r"config.batch_size=0 is invalid: expected an integer >= 1"),
-    ("batch_size", -1, r"config.batch_size=-1 is invalid: expected an integer >= 1"),
-    ("eval_batch_size", 0, r"config.eval_batch_size=0 is invalid: expected an integer >= 1"),
-    ("num_epochs", 0, r"config.num_epochs=0 is invalid: expected an integer >= 1"),
-    ("optimizer.learning_rate", float("nan"),
-     r"config.optimizer.learning_rate=nan is invalid: expected a finite number > 0"),
-    ("optimizer.momentum", 1.0, r"config.optimizer.momentum=1.0 is invalid: expected a finite "
-     r"number in \[0, 1\)"),
-    ("balance.alpha", -0.5, r"config.balance.alpha=-0.5 is invalid: expected a finite number >= 0"),
-    ("balance.window", 0, r"config.balance.window=0 is invalid: expected an integer >= 1"),
-    ("balance.method", "greedy", r"config.balance.method='greedy' is unknown: expected one of "
-     r"\('vanilla', 'random', 'guided', 'ogm_ge'\)"),
-    ("balance.update_mode", "everything", "config.balance.update_mode='everything' is unknown"),
-    ("optimizer.name", "lion", "config.optimizer.name='lion' is unknown"),
-    ("schedule.name", "cosine", "config.schedule.name='cosine' is unknown"),
-    ("model.name", "vgg", "config.model.name='vgg' is unknown"),
-])
-def test_bad_config_values_are_refused_before_writing(field, value, message, data_dir, tmp_path):
-  config = tiny_config("guided", data_dir)
-  section, _, name = field.rpartition(".")
-  (config[section] if section else config)[name] = value
-  with pytest.raises(ValueError, match=message):
-    trainer.train_and_evaluate(config, tmp_path)
-  assert not list(tmp_path.iterdir())
-
-
-def test_metric_log_drops_a_row_cut_by_a_kill_and_rows_past_the_checkpoint(tmp_path):
-  path = tmp_path / "steps.jsonl"
-  path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-  log = logs.MetricLog(path, resume_step=2)
-  assert log.rows() == [{"step": 1}, {"step": 2}]
-  log.append([{"step": 3, "loss": 0.5}])
-  assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3, "loss": 0.5}\n'
-
-
-# --------------------------------------------------------------------------------------
-# Data: the run trains on what its config names, or stops saying what differs
-
-
-def _write_idx(directory, train_count, test_count, label_fix=None):
-  """A smaller MNIST-format set from the dummy digits (other data than the dummy set)."""
-  directory.mkdir(parents=True)
-  for key, name in mnist_sources.IDX_FILES.items():
-    data = mnist_sources.read_idx(DUMMY / f"{name}.gz")
-    data = data[: train_count if key.startswith("train") else test_count].copy()
-    if label_fix and key == "train_labels":
-      data[label_fix[0]] = label_fix[1]
-    header = bytes([0, 0, 8, data.ndim]) + b"".join(d.to_bytes(4, "big") for d in data.shape)
-    with gzip.open(directory / f"{name}.gz", "wb") as f:
-      f.write(header + data.tobytes())
-  return directory
-
-
-def _config(data_dir, manual_dir):
-  config = tiny_config("guided", data_dir)
-  config.data.manual_dir = str(manual_dir) if manual_dir else ""
-  return config
-
-
-def test_other_manual_files_than_the_built_ones_are_refused(data_dir, tmp_path):
-  other = _write_idx(tmp_path / "other", 150, 80)
-  with pytest.raises(dataset.DatasetMismatchError,
-                     match=r"(?s)manual files in .*dummy_data \(4 files.*other data: the manual "
-                           r"files in .*other \(4 files.*another --config.data.data_dir"):
-    trainer.train_and_evaluate(_config(data_dir, other), tmp_path / "run")
-  # The reverse: no manual files named, a build from manual files prepared.
-  with pytest.raises(dataset.DatasetMismatchError,
-                     match="built from the manual files in .* but the config names the "
-                           "builder's default source"):
-    trainer.train_and_evaluate(_config(data_dir, None), tmp_path / "run")
-  assert not (tmp_path / "run").exists()
-  # The same files elsewhere (copied: new times) are the same data.
-  copy = shutil.copytree(DUMMY, tmp_path / "copy")
-  for f in copy.iterdir():
-    f.touch()
-  _, record = dataset.load_builder(_config(data_dir, copy).data)
-  assert record["manual_dir"] == str(DUMMY.resolve())
-
-
-def test_changed_manual_files_are_read_and_refused(tmp_path):
-  manual = _write_idx(tmp_path / "mnist", 120, 40)
-  config = _config(tmp_path / "tfds", manual)
-  dataset.load_builder(config.data)
-  (manual / "t10k-labels-idx1-ubyte.gz").write_bytes(b"corrupt")  # same name, other bytes
-  with pytest.raises(dataset.DatasetMismatchError, match=r"different contents \(sha256"):
-    dataset.load_builder(config.data)
-
-
-def test_run_records_the_data_it_used(data_dir, tmp_path):
-  summary = trainer.train_and_evaluate(_config(data_dir, DUMMY), tmp_path)
-  used = json.loads((tmp_path / "config.json").read_text())["data_used"]
-  assert summary["data"] == used
-  assert used["source"] == "idx" and used["manual_dir"] == str(DUMMY.resolve())
-  assert used["examples"] == {"train": 189, "validation": 21, "test": 99, "test_biased": 99}
-  digest = hashlib.sha256()
-  for f in sorted(DUMMY.iterdir()):
-    digest.update(f"{f.name}\0{f.stat().st_size}\n".encode() + f.read_bytes())
-  assert used["sha256"] == digest.hexdigest()
-
-
-def test_incomplete_prepared_folder_is_reported(data_dir, tmp_path):
-  copy = shutil.copytree(data_dir, tmp_path / "tfds")
-  (info,) = copy.glob("colored_mnist/*/*/dataset_info.json")
-  info.unlink()
-  with pytest.raises(dataset.DatasetIncompleteError,
-                     match=r"holds no complete build \(no dataset_info.json.*Delete it"):
-    trainer.train_and_evaluate(_config(copy, DUMMY), tmp_path / "run")
-  assert not (tmp_path / "run").exists()
-
-
-def test_label_outside_the_digits_is_named(tmp_path):
-  manual = _write_idx(tmp_path / "mnist", 120, 40, label_fix=(7, 12))
-  with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: label 12 at index 7 "
-                                       r"\(1 labels in all\) is not a digit; expected labels 0-9"):
-    dataset.load_builder(_config(tmp_path / "tfds", manual).data)
 
 
 # --------------------------------------------------------------------------------------
@@ -375,20 +212,6 @@ def test_one_process_of_two_killed_then_the_job_resumes(data_dir, reference, tmp
     assert p.returncode == 0, err[-3000:]
   # Two processes against the one-process reference: as close as tests/test_distributed.py.
   _same_trajectory(tmp_path, reference, rtol=1e-4, atol=1e-5)
-
-
-def test_small_splits_read_into_memory_equal_the_files(data_dir):
-  builder, _ = dataset.load_builder(_config(data_dir, DUMMY).data)
-  cached, direct = dataset.open_splits(builder), dataset.open_splits(builder, cache_bytes=0)
-  assert isinstance(cached["train"], dataset.InMemorySource)
-  assert isinstance(direct["train"], dataset.CheckedSource)
-  for split in direct:
-    assert len(cached[split]) == len(direct[split])
-    for i in range(len(direct[split])):
-      a, b = cached[split][i], direct[split][i]
-      assert a.keys() == b.keys()
-      for key in a:
-        np.testing.assert_array_equal(a[key], b[key])
 
 
 # --------------------------------------------------------------------------------------

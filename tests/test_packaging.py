@@ -9,25 +9,9 @@ import sys
 import textwrap
 import zipfile
 
-from run_helpers import ROOT
+from run_helpers import BLOCK_HEAVY, HEAVY, ROOT
 
-# What only the runner may load (the experiments extra), never `import gml_jax`.
-HEAVY = ("tensorflow_datasets", "grain", "orbax", "matplotlib", "cv2", "tensorboardX",
-         "mlxtend", "ml_collections", "tensorflow")
 CORE_REQUIREMENTS = {"jax", "flax", "optax", "numpy"}
-
-# A meta-path finder that makes the heavy modules look uninstalled.
-BLOCK_HEAVY = textwrap.dedent(f"""
-    import sys
-
-    class BlockHeavy:
-      def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {HEAVY!r}:
-          raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
-        return None
-
-    sys.meta_path.insert(0, BlockHeavy())
-    """)
 
 
 def _python(code: str, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -1,10 +1,13 @@
-"""The Colored MNIST job end to end on dummy data: CLI, artifacts, resume, bad input."""
+"""The trainer and its CLI (gml_jax/runner/trainer.py, main.py): the Colored MNIST job end to
+end on dummy data: artifacts, resume, bad input, a diverging loss."""
 
 import json
 import math
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from run_helpers import (
   CONFIG,
@@ -167,3 +170,16 @@ def test_make_data_builds_then_checks_without_training(tmp_path):
   other = prepare("--config.data.manual_dir=")  # a build from manual files is not the default
   assert other.returncode != 0
   assert other.stderr.strip().splitlines()[-1].startswith("Error: The dataset in ")
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+  config = tiny_config("guided", data_dir)
+  config.optimizer.learning_rate, config.optimizer.momentum = 1e6, 0.0
+  config.log_every_steps, config.checkpoint_every_steps = 1, 1
+  with pytest.raises(FloatingPointError, match=r"The training loss is (nan|inf) at step \d+"):
+    trainer.train_and_evaluate(config, tmp_path)
+  if (tmp_path / "checkpoints" / "latest").exists() and any(
+      (tmp_path / "checkpoints" / "latest").iterdir()):
+    _, state = restore_latest(tmp_path)
+    for leaf in jax.tree.leaves(state):
+      assert np.all(np.isfinite(leaf))
