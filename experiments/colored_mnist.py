@@ -32,6 +32,13 @@ paired intervals):
   unimodal_0   0.962 ± 0.007  0.962 ± 0.007         0.962 ± 0.007  -                -
   unimodal_1   0.186 ± 0.003  -                     0.984 ± 0.004  -                -
   late_fusion  0.604 ± 0.056  0.953 ± 0.004         0.993 ± 0.002  -                -
+
+OGM-GE as its authors run it (README.md, "OGM-GE under both protocols"; commit ebe2e8b):
+
+  variant            α    test ŷ         test branch 0 (gray)  test_biased ŷ
+  late_fusion_joint  -    0.211 ± 0.015  0.359 ± 0.114         0.987 ± 0.004
+  ogm_ge_joint       0.1  0.217 ± 0.021  0.379 ± 0.103         0.985 ± 0.005
+  ogm_ge_joint       0.8  0.299 ± 0.023  0.474 ± 0.090         0.987 ± 0.003
 """
 
 from ml_collections import config_dict

@@ -155,7 +155,8 @@ def markdown(result: dict) -> str:
 
 
 def _series(group: dict) -> str:
-  return f"{group['method']} {group['point']}".strip()
+  """A group's label: the method, and its grid point on a line of its own."""
+  return f"{group['method']}\n{group['point']}".strip()
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
