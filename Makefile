@@ -49,7 +49,7 @@ lint: install  ## ruff over the whole tree (its configuration: pyproject.toml)
 	$(VENV)/bin/ruff check .
 
 test: install  ## run the test suite (CPU, 8 simulated devices, no network), on every core
-	$(PY) -m pytest -n auto --durations=10
+	$(PY) -m pytest -n auto --dist loadgroup --durations=10
 
 train: install  ## train experiments/$(EXP).py[:$(METHOD)] in $(WORKDIR); overrides: ARGS="--config.num_epochs=20"
 	$(RUN_ENV) $(PY) -m gml_jax.runner.main --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)

@@ -170,7 +170,7 @@ class TorchWorker:
 
   def __init__(self, python: str):
     self.proc = subprocess.Popen(
-        [python, str(ROOT / "benchmarks" / "torch_reference.py")], stdin=subprocess.PIPE,
+        [python, "-m", "benchmarks.torch_reference"], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
   def ask(self, **msg) -> dict:
@@ -179,7 +179,7 @@ class TorchWorker:
     line = self.proc.stdout.readline()
     if not line:
       raise RuntimeError("The PyTorch worker exited; run it by hand to see why: "
-                         f"{self.proc.args[0]} benchmarks/torch_reference.py")
+                         f"{self.proc.args[0]} -m benchmarks.torch_reference (from {ROOT})")
     return json.loads(line)
 
   def close(self):

