@@ -5,6 +5,7 @@ process."""
 
 import os
 import pathlib
+import shutil
 import tempfile
 
 # XLA:CPU compiles without LLVM's expensive optimisations in tests: the tests' models are
@@ -22,7 +23,9 @@ _CACHE = pathlib.Path(os.environ.setdefault(
     "GML_JAX_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="gml_jax_tests_xla_cache_")))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = str(
     _CACHE / os.environ.get("PYTEST_XDIST_WORKER", "main"))
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# Programs that took a second or more to compile: the steps and evaluations, not the small
+# eager operations (caching those too doubles what is written for little gain).
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax  # noqa: E402  (after the flags)
@@ -43,3 +46,10 @@ def data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tfds")
   dataset.load_builder(tiny_config("guided", path).data)
   return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """The cache goes with the session that made it (the xdist controller, or a plain run)."""
+  del session, exitstatus
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    shutil.rmtree(_CACHE, ignore_errors=True)
