@@ -44,7 +44,7 @@ def backbone(name: str) -> ModuleType:
 
 def backbone_options(name: str) -> tuple[str, ...]:
   """The options a backbone's ``stages()`` takes (e.g. ``width`` for ``small_cnn``)."""
-  return tuple(inspect.signature(backbone(name).stages).parameters)
+  return tuple(backbone_defaults(name))
 
 
 def backbone_defaults(name: str) -> dict:

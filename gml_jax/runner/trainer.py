@@ -96,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = build.initial_state(config, model, tx, example, mesh)
     loss = build.loss(config)
     with clock.section("compile"):
-      train_step, multi_step = _compiled_steps(config, model, tx, state, example, mesh)
+      train_step, multi_step = _compiled_steps(config, model, tx, loss, state, example, mesh)
     checkpoints = Checkpoints(workdir, config_digest(config, dataset.used()))
     cleanup.callback(checkpoints.close)
     progress = Progress()
@@ -128,11 +128,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return summary
 
 
-def _compiled_steps(config, model, tx, state, example, mesh):
+def _compiled_steps(config, model, tx, loss, state, example, mesh):
   """The train step and, for ``steps_per_call`` > 1, the multi-step, compiled ahead of the
   first batch (so that training time excludes compilation)."""
-  step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype,
-                            loss=build.loss(config))
+  step_fn = make_train_step(model, tx, compute_dtype=config.model.dtype, loss=loss)
   k = config.steps_per_call
   spec = lambda steps=None: pipeline.batch_spec(example, config.batch_size, mesh, steps)
   train_step = compile_train_step(step_fn, mesh).lower(state, spec()).compile()
