@@ -24,6 +24,8 @@ Results here: none yet (the renders cannot be downloaded on our machines; the pi
 tested on dummy data laid out like the real tree).
 """
 
+from ml_collections import config_dict
+
 from experiments.common import DEFAULT_VARIANT, VARIANTS, base_config
 
 __all__ = ["VARIANTS", "get_config"]  # VARIANTS: the variants of get_config, for users
@@ -40,6 +42,8 @@ def get_config(variant: str = DEFAULT_VARIANT):
   c.data.normalize = "imagenet"
   c.data.hflip = True
   c.model.name = "resnet18"
+  # channels of the first stage; 64 is ResNet-18 (smaller: a narrower net for smoke tests)
+  c.model.resnet18 = config_dict.ConfigDict({"width": 64})
   c.optimizer.learning_rate = 0.1
   c.optimizer.momentum = 0.0
   c.schedule.name = "plateau"  # x0.3, patience 10, threshold 1e-3, floor 1e-6 (common.py)

@@ -22,6 +22,8 @@ a recipe for this experiment), batch 8, 60 epochs, training from scratch. Result
 none yet (no dataset on our machines; the pipeline is tested on generated videos).
 """
 
+from ml_collections import config_dict
+
 from experiments.common import DEFAULT_VARIANT, VARIANTS, base_config
 
 __all__ = ["VARIANTS", "get_config"]  # VARIANTS: the variants of get_config, for users
@@ -34,6 +36,8 @@ def get_config(variant: str = DEFAULT_VARIANT):
   # data.manual_dir: list files and Video_data/ (required). Clips are sized by the builder
   # config; no flips (gestures have a direction).
   c.model.name = "i3d"
+  # channels of the first stage; 64 is I3D (smaller: a narrower net for smoke tests)
+  c.model.i3d = config_dict.ConfigDict({"width": 64})
   # model.pretrained: converted weights per branch (.npz), "" to train from scratch.
   c.optimizer.weight_decay = 1e-4  # SGD lr 0.01 momentum 0.9 (common.py)
   c.schedule.name = "plateau"

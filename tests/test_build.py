@@ -17,8 +17,37 @@ def test_backbone_options_sit_under_the_backbone_and_reach_it():
   inputs = tuple(np.zeros((1, 28, 28, c), np.float32) for c in (1, 3))
   params = build.model(config, 10).init(jax.random.key(0), inputs, train=False)["params"]
   assert params["branches_0"]["stages_0"]["ConvBNReLU_0"]["Conv_0"]["kernel"].shape[-1] == 8
-  for other in (modelnet40.get_config(), nvgesture.get_config()):  # no options of their own
-    assert other.model.name not in other.model and "small_cnn" not in other.model
+  for other in (modelnet40.get_config(), nvgesture.get_config()):  # full width by default
+    assert other.model[other.model.name].to_dict() == {"width": 64}
+    assert "small_cnn" not in other.model
+
+
+@pytest.mark.parametrize("name,width,shape", [("resnet18", 64, (32, 32, 3)),
+                                              ("resnet18", 8, (32, 32, 3)),
+                                              ("i3d", 64, (8, 32, 32, 3)),
+                                              ("i3d", 8, (8, 32, 32, 3))])
+def test_a_narrower_backbone_scales_every_layer(name, width, shape):
+  """``width`` = 64 is the published network; a narrower one divides every channel count."""
+  full = _channels(name, 64, shape)
+  narrow = _channels(name, width, shape)
+  assert narrow.keys() == full.keys()  # the same layers
+  assert all(narrow[k] == max(1, round(full[k] * width / 64)) for k in full)
+  if width == 64 and name == "resnet18":
+    assert sorted(set(full.values())) == [64, 128, 256, 512]
+  if width == 64 and name == "i3d":  # Mixed_5c: 384 + 384 + 128 + 128 channels
+    assert full["stages_5/InceptionBlock_0/Unit3D_0/Conv_0"] == 384
+
+
+def _channels(name, width, shape):
+  """{conv path: output channels} of one branch of backbone ``name`` at ``width``."""
+  import gml_jax
+
+  model = gml_jax.models.build(name, 5, width=width)
+  inputs = tuple(np.zeros((1, *shape), np.float32) for _ in range(2))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, train=False))
+  flat = jax.tree_util.tree_flatten_with_path(params["params"]["branches_0"])[0]
+  return {"/".join(k.key for k in path[:-1]): leaf.shape[-1] for path, leaf in flat
+          if path[-1].key == "kernel" and path[-2].key.startswith("Conv")}
 
 
 @pytest.mark.parametrize("option,value,message", [

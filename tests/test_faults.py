@@ -186,17 +186,18 @@ def test_corrupt_dataset_error_is_the_last_line(data_dir, tmp_path):
 # One process of a two-process job killed
 
 
-def _two_processes(workdir, data_dir, port):
+def _two_processes(workdir, data_dir, port, *extra):
   return [subprocess.Popen(
       cli_command("random", workdir, data_dir, "--distributed",
                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                  f"--process_id={i}", **(RUN | {"checkpoint_every_steps": 2})),
+                  f"--process_id={i}", *extra, **(RUN | {"checkpoint_every_steps": 2})),
       cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
 
 
 def test_one_process_of_two_killed_then_the_job_resumes(data_dir, reference, tmp_path):
-  procs = _two_processes(tmp_path, data_dir, free_port())
+  # The survivor notices its lost peer after 5 s without a heartbeat (instead of 100 s).
+  procs = _two_processes(tmp_path, data_dir, free_port(), "--heartbeat_timeout_seconds=5")
   _wait_for_steps(tmp_path, 6, procs[0])
   procs[1].kill()
   try:  # the survivor fails (or hangs) on its lost peer: it is ended after a while

@@ -141,7 +141,8 @@ def test_cli_trains_nvgesture(tmp_path):
   result = run_cli(
       "--config=experiments/nvgesture.py:guided", f"--workdir={workdir}",
       f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.manual_dir={DUMMY}",
-      "--config.data.builder_config=frames8_32px", "--config.batch_size=4",
+      "--config.data.builder_config=frames8_32px", "--config.model.i3d.width=8",
+      "--config.batch_size=4",
       "--config.eval_batch_size=4", "--config.num_epochs=2", "--config.log_every_steps=1")
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())

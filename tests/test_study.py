@@ -127,12 +127,14 @@ def test_unknown_grid_field_and_method_are_refused_before_any_run(tmp_path):
 # them all in tests/test_baselines.py).
 @pytest.mark.parametrize("experiment,methods,flags", [
     pytest.param("modelnet40", "vanilla,guided,ogm_ge,late_fusion",
-                 ["--config.data.image_size=32", "--config.batch_size=4",
+                 ["--config.data.image_size=32", "--config.model.resnet18.width=8",
+                  "--config.batch_size=4",
                   "--config.eval_batch_size=4", "--config.num_epochs=2",
                   "--config.steps_per_call=1"],  # 3 steps an epoch: no K = 4
                  marks=pytest.mark.xdist_group("resnet18")),
     pytest.param("nvgesture", "vanilla,guided,unimodal_1",
-                 ["--config.data.builder_config=frames8_32px", "--config.batch_size=4",
+                 ["--config.data.builder_config=frames8_32px", "--config.model.i3d.width=8",
+                  "--config.batch_size=4",
                   "--config.eval_batch_size=4", "--config.num_epochs=2"],
                  marks=pytest.mark.xdist_group("i3d")),
 ])

@@ -43,6 +43,10 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for --distributed.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes, for --distributed.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for --distributed.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100, "For --distributed: how long the job waits for a "
+    "process that stopped answering (killed, its host lost) before every process fails, "
+    "so that the job can be restarted from its last checkpoint (JAX's default: 100).")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config (with overrides) and exit.")
 flags.mark_flags_as_required(["config"])
@@ -60,7 +64,8 @@ def main(argv):
     raise app.UsageError("--workdir is required (where the run is written or resumed).")
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT.value)
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, workdir, _STOP_AFTER_STEPS.value)
   except Exception as e:  # noqa: BLE001 (the CLI's one failure path: one Error line)

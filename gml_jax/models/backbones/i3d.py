@@ -59,14 +59,17 @@ class I3DStage(nn.Module):
 
 
 class I3DStem(nn.Module):
-  """conv 7x7x7-64 /2, pool 1x3x3 /1x2x2, conv 1x1x1-64, conv 3x3x3-192, pool 1x3x3."""
+  """conv 7x7x7-64 /2, pool 1x3x3 /1x2x2, conv 1x1x1-64, conv 3x3x3-192, pool 1x3x3 (the
+  channel counts for ``width`` 64)."""
+
+  width: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Unit3D(64, (7, 7, 7), (2, 2, 2))(x, train)
+    x = Unit3D(self.width, (7, 7, 7), (2, 2, 2))(x, train)
     x = nn.max_pool(x, (1, 3, 3), strides=(1, 2, 2), padding="SAME")
-    x = Unit3D(64)(x, train)
-    x = Unit3D(192, (3, 3, 3))(x, train)
+    x = Unit3D(self.width)(x, train)
+    x = Unit3D(3 * self.width, (3, 3, 3))(x, train)
     return nn.max_pool(x, (1, 3, 3), strides=(1, 2, 2), padding="SAME")
 
 
@@ -79,12 +82,19 @@ I3D_BLOCKS = {  # Inception modules of I3D, by name
 }
 
 
-def stages() -> list[nn.Module]:
+def stages(width: int = 64) -> list[nn.Module]:
   """I3D (Inception-v1 inflated to 3-D) as six stages; the last three end in Mixed_4f,
-  Mixed_5b and Mixed_5c, where the gesture model fuses."""
-  b = I3D_BLOCKS
+  Mixed_5b and Mixed_5c, where the gesture model fuses.
+
+  ``width``: the stem's first channel count; 64 is I3D, and every other channel count
+  scales with it (a narrower network of the same shape, e.g. for tests).
+  """
+  if width < 1:
+    raise ValueError(f"i3d: width must be a positive channel count, got {width}.")
+  b = {name: tuple(max(1, round(c * width / 64)) for c in block)
+       for name, block in I3D_BLOCKS.items()}
   return [
-      I3DStem(),
+      I3DStem(width),
       I3DStage((b["3b"], b["3c"])),
       I3DStage((b["4b"], b["4c"], b["4d"], b["4e"]), pool=((3, 3, 3), (2, 2, 2))),
       I3DStage((b["4f"],)),

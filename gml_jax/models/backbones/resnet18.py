@@ -12,11 +12,13 @@ FUSION_AFTER = (2, 3, 4)
 
 
 class ResNetStem(nn.Module):
-  """conv7x7-64 stride 2, BN, ReLU, 3x3 max pooling stride 2."""
+  """conv7x7-64 stride 2, BN, ReLU, 3x3 max pooling stride 2 (64: ``width``)."""
+
+  width: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = ConvBNReLU(64, 7, 2)(x, train)
+    x = ConvBNReLU(self.width, 7, 2)(x, train)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -51,12 +53,18 @@ class ResNetLayer(nn.Module):
     return x
 
 
-def stages() -> list[nn.Module]:
-  """ResNet-18 (He et al. 2016) as five stages: stem, layer1 ... layer4."""
+def stages(width: int = 64) -> list[nn.Module]:
+  """ResNet-18 (He et al. 2016) as five stages: stem, layer1 ... layer4.
+
+  ``width``: the channels of the stem and layer1 (64 is ResNet-18); layer2 ... layer4 have
+  2, 4 and 8 times as many (a narrower network of the same shape, e.g. for tests).
+  """
+  if width < 1:
+    raise ValueError(f"resnet18: width must be a positive channel count, got {width}.")
   return [
-      ResNetStem(),
-      ResNetLayer(64),
-      ResNetLayer(128, strides=2),
-      ResNetLayer(256, strides=2),
-      ResNetLayer(512, strides=2),
+      ResNetStem(width),
+      ResNetLayer(width),
+      ResNetLayer(2 * width, strides=2),
+      ResNetLayer(4 * width, strides=2),
+      ResNetLayer(8 * width, strides=2),
   ]
