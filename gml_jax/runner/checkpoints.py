@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
 from gml_jax.labels import path_string
+from gml_jax.runner import storage
 from gml_jax.runner.logs import EpochSums
 from gml_jax.runner.schedule import PlateauTracker
 from gml_jax.steps import TrainState
@@ -54,7 +54,7 @@ class Checkpoints:
   whole train state with the run's :class:`Progress` and the digest of the config that made
   them (:func:`gml_jax.runner.workdir.config_digest`), checked on restore."""
 
-  def __init__(self, workdir: pathlib.Path, config_digest: str):
+  def __init__(self, workdir: storage.Path, config_digest: str):
     self.config_digest = config_digest
     # Orbax writes into a temporary directory and renames it when complete: a run killed
     # mid-save leaves the previous checkpoint intact.
@@ -74,15 +74,15 @@ class Checkpoints:
   def restore(self, manager: ocp.CheckpointManager,
               target: TrainState) -> tuple[TrainState, Progress]:
     step = manager.latest_step()
-    path = pathlib.Path(manager.directory) / str(step)
+    path = storage.path(str(manager.directory)) / str(step)
     damaged = (f"Checkpoint {path} is damaged (%s): delete {path} to resume from an older "
                "checkpoint if there is one, or use a new --workdir.")
     layout = path / "state" / "_METADATA"  # what orbax writes last: without it, a partial read
-    if not layout.is_file() or layout.stat().st_size == 0:
+    if not layout.is_file() or not (layout_text := layout.read_text()):
       raise ValueError(damaged % f"{layout} is missing or empty")
     try:
       metadata = ocp.StandardCheckpointer().metadata(path / "state").item_metadata
-      entries = json.loads(layout.read_text()).get("tree_metadata", {}).values()
+      entries = json.loads(layout_text).get("tree_metadata", {}).values()
     except Exception as e:  # noqa: BLE001 (whatever orbax raises, the files are damaged)
       _settle()
       raise ValueError(damaged % f"its layout cannot be read: {_first_line(e)}") from e

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import pathlib
 import re
 import sys
 import traceback
 from typing import Any
 
 from absl import flags
+
+from gml_jax.runner import storage
 
 ECHO_LIMIT = 200
 """Longest value a message echoes (longer ones are cut, saying how long they were)."""
@@ -60,9 +61,9 @@ def print_error(reason: str, stream=None) -> None:
   print(f"\nError: {reason}", file=stream or sys.stderr, flush=True)
 
 
-def read_json(path: pathlib.Path) -> Any:
+def read_json(path: storage.Path) -> Any:
   """The JSON in ``path``; a ValueError naming the file when it is not valid JSON."""
-  text = pathlib.Path(path).read_text()
+  text = storage.path(path).read_text()
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
@@ -70,7 +71,7 @@ def read_json(path: pathlib.Path) -> Any:
                      " it was cut or edited.") from None
 
 
-def fail(error: BaseException, log_dir: pathlib.Path | None, log_name: str = "error.log",
+def fail(error: BaseException, log_dir: storage.Path | str | None, log_name: str = "error.log",
          explained: tuple[type, ...] = (), show_traceback: bool = True,
          stream=None) -> int:
   """Ends a failed command: the traceback into ``log_dir/log_name`` (when the folder exists
@@ -81,16 +82,21 @@ def fail(error: BaseException, log_dir: pathlib.Path | None, log_name: str = "er
   stream = stream or sys.stderr
   detail = "".join(traceback.format_exception(error))
   where = ""
-  if log_dir is not None and pathlib.Path(log_dir).is_dir():
-    log = pathlib.Path(log_dir) / log_name
-    try:
-      if log.is_symlink():
-        raise OSError(f"{log} is a symbolic link")
-      with log.open("a") as f:
-        f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')}\n{detail}\n")
+  entry = f"{datetime.datetime.now().isoformat(timespec='seconds')}\n{detail}\n"
+  log = None
+  try:
+    if log_dir is not None and storage.path(log_dir).is_dir():
+      log = storage.path(log_dir) / log_name
+      if storage.is_remote(log):  # no appends to an object: the log is rewritten whole
+        log.write_text((log.read_text() if log.exists() else "") + entry)
+      else:
+        if log.is_symlink():
+          raise OSError(f"{log} is a symbolic link")
+        with log.open("a") as f:
+          f.write(entry)
       where = f" (details: {log})"
-    except OSError as e:
-      where = f" (the details could not be written to {log}: {one_line(e)})"
+  except Exception as e:  # noqa: BLE001 (the log is a courtesy: the reason still prints)
+    where = f" (the details could not be written to {log or log_dir}: {one_line(e)})"
   if show_traceback and not isinstance(error, explained):
     sys.stdout.flush()
     stream.write(detail)

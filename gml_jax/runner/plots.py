@@ -3,7 +3,6 @@ utilization rates."""
 
 from __future__ import annotations
 
-import pathlib
 from typing import Sequence
 
 import matplotlib
@@ -12,10 +11,17 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gml_jax.runner import names  # noqa: E402
+from gml_jax.runner import names, storage  # noqa: E402
 
 
-def speeds(step_rows: list[dict], modalities: Sequence[int], path: pathlib.Path) -> None:
+def save(fig, path: storage.Path, dpi: int = 120) -> None:
+  """``fig`` as a PNG at ``path`` (a local file or an object: written through a stream)."""
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
+  plt.close(fig)
+
+
+def speeds(step_rows: list[dict], modalities: Sequence[int], path: storage.Path) -> None:
   """s_k and d_speed over training; re-balancing steps marked per modality."""
   steps = np.array([r[names.STEP] for r in step_rows])
   n = len(modalities)
@@ -37,11 +43,10 @@ def speeds(step_rows: list[dict], modalities: Sequence[int], path: pathlib.Path)
   share = ", ".join(f"m{m}: {np.mean(targets == b):.0%}" for b, m in enumerate(modalities))
   top.set_title(f"Conditional learning speeds (re-balancing steps {share})")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)
 
 
-def accuracy(epoch_rows: list[dict], modalities: Sequence[int], path: pathlib.Path) -> None:
+def accuracy(epoch_rows: list[dict], modalities: Sequence[int], path: storage.Path) -> None:
   """Per-branch (and fused) train and validation accuracy per epoch."""
   epochs = [r[names.EPOCH] for r in epoch_rows]
   series = [(names.ACCURACY, "fused ŷ"),
@@ -58,11 +63,10 @@ def accuracy(epoch_rows: list[dict], modalities: Sequence[int], path: pathlib.Pa
   ax.legend(loc="lower right", fontsize="small")
   ax.set_title("Accuracy per branch")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)
 
 
-def utilization(summary: dict, path: pathlib.Path) -> None:
+def utilization(summary: dict, path: storage.Path) -> None:
   """Bars of the conditional utilization rates u(m_j|m_k) and d_util."""
   rates = [names.utilization(j, k) for j, k in names.utilization_pairs(summary[names.MODALITIES])]
   keys = [k for k in [*rates, names.D_UTIL]
@@ -76,11 +80,10 @@ def utilization(summary: dict, path: pathlib.Path) -> None:
   ax.set_ylabel("rate (negative: removing the modality helped)")
   ax.set_title(f"Conditional utilization ({summary.get('method', '')}, test split)")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)
 
 
-def modulation(step_rows: list[dict], modalities: Sequence[int], path: pathlib.Path) -> None:
+def modulation(step_rows: list[dict], modalities: Sequence[int], path: storage.Path) -> None:
   """OGM-GE's discrepancy ratios ρ_k and the coefficients that scaled each branch."""
   steps = np.array([r[names.STEP] for r in step_rows])
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
@@ -99,11 +102,10 @@ def modulation(step_rows: list[dict], modalities: Sequence[int], path: pathlib.P
   bottom.legend(loc="best")
   top.set_title("OGM-GE: discrepancy ratios and the coefficients of each branch's gradients")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)
 
 
-def write_run_plots(plot_dir: pathlib.Path, step_rows: list[dict], epoch_rows: list[dict],
+def write_run_plots(plot_dir: storage.Path, step_rows: list[dict], epoch_rows: list[dict],
                     summary: dict) -> None:
   """accuracy.png of a finished run; speeds.png where it measured speeds, modulation.png
   where OGM-GE modulated its gradients, utilization.png where it has fusion layers."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 
 import matplotlib
 
@@ -14,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from gml_jax.runner import names  # noqa: E402
+from gml_jax.runner import names, storage  # noqa: E402
+from gml_jax.runner.plots import save  # noqa: E402
 
 # Paired differences over seeds: (method, baseline); the values compared are
 # names.study_paired_metrics.
@@ -159,11 +159,11 @@ def _series(group: dict) -> str:
   return f"{group['method']}\n{group['point']}".strip()
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
+def _read_jsonl(path: storage.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _points_plot(result: dict, keys: list[tuple[str, str]], path: pathlib.Path, title: str,
+def _points_plot(result: dict, keys: list[tuple[str, str]], path: storage.Path, title: str,
                  ylabel: str, runs_by_group) -> None:
   """Per series: the mean with ±std error bars and every seed as a dot, for each key."""
   groups = result["groups"]
@@ -185,11 +185,10 @@ def _points_plot(result: dict, keys: list[tuple[str, str]], path: pathlib.Path, 
   ax.axhline(0, color="grey", lw=0.5)
   ax.legend(loc="best", fontsize="small")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)
 
 
-def plots(result: dict, runs: dict, plot_dir: pathlib.Path) -> None:
+def plots(result: dict, runs: dict, plot_dir: storage.Path) -> None:
   """accuracy.png, utilization.png, speeds.png and validation.png of a study; ``runs``
   maps a run's workdir to its record (method, seed, point label)."""
   plot_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +222,7 @@ def _group_modalities(members) -> list[int]:
   return members[0].summary()[names.MODALITIES]
 
 
-def _speeds_plot(groups, members, path: pathlib.Path) -> None:
+def _speeds_plot(groups, members, path: storage.Path) -> None:
   """d_speed, s_0 and s_1 over steps per series: mean over seeds and a min-max band; below,
   the share of seeds re-balancing each modality at each step."""
   fig, axes = plt.subplots(3, len(groups), figsize=(4.5 * len(groups), 8), squeeze=False,
@@ -259,11 +258,10 @@ def _speeds_plot(groups, members, path: pathlib.Path) -> None:
   axes[2, 0].set_ylabel("share of seeds\nre-balancing")
   fig.suptitle("Conditional learning speeds over training (mean; band: min-max over seeds)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path, dpi=110)
 
 
-def _validation_plot(groups, members, path: pathlib.Path) -> None:
+def _validation_plot(groups, members, path: storage.Path) -> None:
   """Validation accuracy of each branch over epochs per series (mean over seeds, band)."""
   fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False,
                            sharey=True)
@@ -286,5 +284,4 @@ def _validation_plot(groups, members, path: pathlib.Path) -> None:
   axes[0, 0].set_ylabel("validation accuracy")
   fig.suptitle("Validation accuracy per branch (mean; band: min-max over seeds)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path, dpi=110)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import pathlib
 import signal
 import threading
 from typing import Any, Callable
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 from gml_jax.balancing import find_balance_state
 from gml_jax.parallel import compile_eval_step, compile_multi_step, compile_train_step, data_mesh
-from gml_jax.runner import build, names, pipeline, plots
+from gml_jax.runner import build, names, pipeline, plots, storage
 from gml_jax.runner import dataset as datasets
 from gml_jax.runner.checkpoints import Checkpoints, Progress
 from gml_jax.runner.evaluation import evaluate, final_summary
@@ -68,7 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run stopped early (``stop_after_steps``, SIGTERM or SIGINT) after a checkpoint.
   ``clock`` (a :class:`~gml_jax.runner.loop.TrainClock`) times the run's sections for a
   caller that wants to know where the time went."""
-  workdir = pathlib.Path(workdir).expanduser().resolve()
+  workdir = storage.path(workdir)
   is_writer = jax.process_index() == 0
   clock = clock if clock is not None else TrainClock()
 
@@ -109,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     cleanup.callback(logs.close)
     run = Run(config, workdir, dataset, spe, mesh, train_step=train_step, multi_step=multi_step,
               eval_step=compile_eval_step(make_eval_step(model, loss), mesh),
-              checkpoints=checkpoints, progress=progress, logs=logs, clock=clock)
+              checkpoints=checkpoints, progress=progress, logs=logs, clock=clock, lock=lock)
 
     state = train(run, state, stop_after_steps)
     if state is None:
@@ -154,7 +153,7 @@ class Run:
   """What the training loop works with."""
 
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
+  workdir: storage.Path
   dataset: datasets.Dataset
   steps_per_epoch: int
   mesh: Any
@@ -165,6 +164,7 @@ class Run:
   progress: Progress
   logs: RunLogs
   clock: TrainClock
+  lock: WorkdirLock
 
   def step(self, size: int) -> Callable:
     """The compiled call that takes ``size`` steps."""
@@ -187,9 +187,12 @@ class Run:
             if split in sources else None)
 
   def save(self, manager, state) -> None:
-    """A checkpoint of ``state`` with the progress and the training time so far."""
+    """A checkpoint of ``state`` with the progress and the training time so far; the logs
+    reach the workdir first (on a bucket they wait in memory until then)."""
+    self.lock.check()
     self.progress.train_seconds = self.clock.seconds()
     with self.clock.section("checkpoint saves"):
+      self.logs.flush()
       self.checkpoints.save(manager, state, self.progress)
 
 
@@ -270,7 +273,7 @@ def _end_epoch(run: Run, state):
 # Calls, checks and signals
 
 
-def check_finite(rows: list[dict], workdir: pathlib.Path, last_checkpoint) -> None:
+def check_finite(rows: list[dict], workdir: storage.Path, last_checkpoint) -> None:
   bad = next((r for r in rows if not np.isfinite(r[names.LOSS])), None)
   if bad is not None:
     kept = (f"the last good checkpoint (step {last_checkpoint}) is kept in "

@@ -10,15 +10,17 @@ import json
 import os
 import pathlib
 import socket
+import threading
 
 import jax
 import ml_collections
 import numpy as np
 
+from gml_jax.runner import storage
 from gml_jax.runner.failure import read_json, shorten
 
 
-def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+def check_workdir_config(workdir: storage.Path, config: ml_collections.ConfigDict,
                          data_used: dict | None = None) -> None:
   """Refuses a workdir whose config.json holds a run of another config, or of the same
   config on other data (:func:`write_config` writes it; the checkpoints carry a digest of
@@ -63,7 +65,7 @@ def config_digest(config: ml_collections.ConfigDict, data_used: dict | None) -> 
   return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+def write_config(workdir: storage.Path, config: ml_collections.ConfigDict,
                  data_used: dict | None) -> None:
   """Writes config.json (when there is none: the guard has compared an existing one)."""
   if not (workdir / "config.json").exists():
@@ -95,10 +97,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
-def refuse_link(path: pathlib.Path) -> None:
+def refuse_link(path: storage.Path) -> None:
   """A ValueError if ``path`` is a symbolic link: the runner never reads or writes a
-  workdir's files through links (that could reach and overwrite files outside it)."""
-  if path.is_symlink():
+  workdir's files through links (that could reach and overwrite files outside it). A bucket
+  has no links."""
+  if not storage.is_remote(path) and path.is_symlink():
     raise ValueError(f"{path} is a symbolic link (to {shorten(os.readlink(path))}); the runner "
                      "does not write through links. Remove it (or use a new --workdir).")
 
@@ -110,9 +113,12 @@ def open_no_follow(path: pathlib.Path, mode: str = "a"):
   return os.fdopen(os.open(path, flags, 0o644), mode, encoding="utf-8", newline="")
 
 
-def atomic_write(path: pathlib.Path, text: str) -> None:
-  """Writes ``path`` whole or not at all (a temporary file renamed over it), through no
-  symbolic link."""
+def atomic_write(path: storage.Path, text: str) -> None:
+  """Writes ``path`` whole or not at all: a temporary file renamed over it, through no
+  symbolic link; on a bucket, one object upload (readers see the old object or the new)."""
+  if storage.is_remote(path):
+    path.write_text(text)
+    return
   refuse_link(path)
   tmp = path.with_name(path.name + ".tmp")
   if tmp.is_symlink():  # a leftover link in our temporary's place: remove it, not its target
@@ -130,17 +136,28 @@ class WorkdirInUseError(RuntimeError):
   """Another run holds the workdir."""
 
 
-class WorkdirLock:
-  """``lock.json`` in the workdir, locked (flock) by the run that uses it; it names the
-  holder (host, pid, start time). The operating system releases the lock when its process
-  ends, however it ends, so the lock of a killed run is simply taken over. A multi-process
-  job holds one lock, taken by process 0 for all. A study locks its directory the same way
-  (``name="study.lock.json"``, ``holder="study"``)."""
+# A lock on a bucket that its holder has not renewed for this long is taken over (its
+# holder was killed, or lost its host). Renewed every third of it.
+LEASE_SECONDS = float(os.environ.get("GML_JAX_LOCK_LEASE_SECONDS", "300"))
 
-  def __init__(self, workdir: pathlib.Path, name: str = "lock.json", holder: str = "run"):
+
+class WorkdirLock:
+  """``lock.json`` in the workdir, held by the run that uses it; it names the holder (host,
+  pid, start time). A multi-process job holds one lock, taken by process 0 for all. A study
+  locks its directory the same way (``name="study.lock.json"``, ``holder="study"``).
+
+  On a local disk the lock is ``flock``: the operating system releases it when its process
+  ends, however it ends, so the lock of a killed run is simply taken over. On a bucket it is
+  a leased object (:class:`ObjectLease`): created only if absent, renewed by its holder, and
+  taken over once it has not been renewed for ``LEASE_SECONDS`` (300 s; the environment
+  variable ``GML_JAX_LOCK_LEASE_SECONDS`` sets it).
+  """
+
+  def __init__(self, workdir: storage.Path, name: str = "lock.json", holder: str = "run"):
     self.path = workdir / name
     self.holder = holder
     self._file = None
+    self._lease = None
 
   def acquire(self) -> None:
     error = None
@@ -156,7 +173,30 @@ class WorkdirLock:
     if error is not None:
       raise error
 
+  def check(self) -> None:
+    """Raises WorkdirInUseError if this run's lease was taken over (it could not renew it
+    for ``LEASE_SECONDS``): the workdir is another run's now, and nothing more is written."""
+    if self._lease is not None and self._lease.lost:
+      raise WorkdirInUseError(f"Workdir {self.path.parent} was taken over by another "
+                              f"{self.holder} ({self._lease.lost}) after this one could not "
+                              f"renew its lock for {LEASE_SECONDS:g} s; stopped without saving.")
+
   def _acquire_here(self) -> WorkdirInUseError | None:
+    record = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    if storage.is_remote(self.path):
+      lease = ObjectLease(self.path, LEASE_SECONDS)
+      taken, previous = lease.acquire(record)
+      if not taken:
+        return WorkdirInUseError(
+            f"Workdir {self.path.parent} is in use by another {self.holder} "
+            f"({_holder_text(previous)}); wait for it to end, or use another --workdir (a "
+            f"lock not renewed for {LEASE_SECONDS:g} s is taken over).")
+      if previous:
+        print(f"Taking over the lock of a {self.holder} that stopped renewing it "
+              f"({_holder_text(previous)}).")
+      self._lease = lease
+      return None
     refuse_link(self.path)
     f = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+",
                   encoding="utf-8")
@@ -176,13 +216,15 @@ class WorkdirLock:
             f"({_holder_text(previous)}).")
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                        "started": datetime.datetime.now().isoformat(timespec="seconds")}))
+    f.write(json.dumps(record))
     f.flush()
     self._file = f
     return None
 
   def release(self) -> None:
+    if self._lease is not None:
+      self._lease.release()
+      self._lease = None
     if self._file is not None:
       self._file.truncate(0)  # an empty lock file: released cleanly
       fcntl.flock(self._file, fcntl.LOCK_UN)
@@ -196,3 +238,75 @@ def _holder_text(text: str) -> str:
     return shorten(f"host {h['host']}, pid {h['pid']}, started {h['started']}")
   except (ValueError, KeyError, TypeError):
     return "holder unknown"
+
+
+class ObjectLease:
+  """A lock as an object on a bucket: created only if absent (generation precondition 0),
+  renewed by its holder every third of ``lease_seconds`` (a write that succeeds only if the
+  object is still the holder's generation), and taken over, by a write conditioned on the
+  stale generation, once the object is older than ``lease_seconds`` by the bucket's clock.
+  Exactly one of two runs that try at once wins either race."""
+
+  def __init__(self, path: storage.Path, lease_seconds: float):
+    from google.cloud import storage as gcs
+
+    bucket, _, name = str(path).removeprefix("gs://").partition("/")
+    self._blob = gcs.Client().bucket(bucket).blob(name)
+    self.lease_seconds = lease_seconds
+    self.lost = ""  # who took the lease over, once someone has
+    self._record = ""
+    self._stop = threading.Event()
+    self._renewer = None
+
+  def acquire(self, record: dict) -> tuple[bool, str]:
+    """(True, the previous holder's record if it was taken over, else "") or (False, the
+    current holder's record)."""
+    from google.api_core import exceptions
+
+    self._record = json.dumps(record)
+    previous = ""
+    try:
+      self._blob.upload_from_string(self._record, if_generation_match=0)
+    except exceptions.PreconditionFailed:
+      try:
+        self._blob.reload()
+        previous = self._blob.download_as_text(if_generation_match=self._blob.generation)
+      except (exceptions.NotFound, exceptions.PreconditionFailed):
+        return False, ""  # released or replaced while we looked: someone is active
+      age = datetime.datetime.now(datetime.timezone.utc) - self._blob.updated
+      if age.total_seconds() < self.lease_seconds:
+        return False, previous
+      try:
+        self._blob.upload_from_string(self._record, if_generation_match=self._blob.generation)
+      except exceptions.PreconditionFailed:
+        return False, previous  # another run took it over first
+    self._renewer = threading.Thread(target=self._renew, daemon=True, name="lock-lease")
+    self._renewer.start()
+    return True, previous
+
+  def _renew(self) -> None:
+    from google.api_core import exceptions
+
+    while not self._stop.wait(self.lease_seconds / 3):
+      try:
+        self._blob.upload_from_string(self._record, if_generation_match=self._blob.generation)
+      except exceptions.PreconditionFailed:
+        try:
+          self.lost = _holder_text(self._blob.download_as_text())
+        except exceptions.GoogleAPIError:
+          self.lost = "holder unknown"
+        return
+      except Exception:  # noqa: BLE001 (a network error: the next renewal tries again)
+        continue
+
+  def release(self) -> None:
+    from google.api_core import exceptions
+
+    self._stop.set()
+    if self._renewer is not None:
+      self._renewer.join()
+    if not self.lost:
+      try:
+        self._blob.delete(if_generation_match=self._blob.generation)
+      except exceptions.GoogleAPIError:
+        pass  # taken over meanwhile, or already gone: not ours to delete
