@@ -101,7 +101,8 @@ def test_cli_trains_modelnet40_with_the_authors_recipe(tmp_path):
       "--config=experiments/modelnet40.py:guided", f"--workdir={workdir}",
       f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.manual_dir={DUMMY}",
       "--config.data.image_size=32", "--config.model.resnet18.width=8",
-      "--config.batch_size=4", "--config.eval_batch_size=4", "--config.num_epochs=3", "--config.log_every_steps=1",
+      "--config.batch_size=4", "--config.eval_batch_size=4", "--config.num_epochs=3",
+      "--config.log_every_steps=1",
       "--config.schedule.patience=0", "--config.schedule.threshold=0.99")
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
