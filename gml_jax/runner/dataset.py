@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gml_jax.runner import clone
+from gml_jax.runner import clone, storage
 from gml_jax.runner.pipeline import Preprocess
 from gml_jax.runner.workdir import atomic_write
 
@@ -79,7 +79,7 @@ def record_for(want: dict) -> dict:
   return dict(want)
 
 
-def read_record(version_dir: pathlib.Path) -> dict | None:
+def read_record(version_dir: storage.Path) -> dict | None:
   path = version_dir / RECORD
   return json.loads(path.read_text()) if path.exists() else None
 
@@ -97,7 +97,7 @@ def _describe(record: dict) -> str:
           f"{record['bytes']:,} bytes)")
 
 
-def check(version_dir: pathlib.Path, record: dict | None, want: dict) -> dict:
+def check(version_dir: storage.Path, record: dict | None, want: dict) -> dict:
   """The record of the prepared build in ``version_dir`` if it was built from ``want``;
   else DatasetMismatchError saying what differs and what to do."""
   how = (f"To use the config's data, give another --config.data.data_dir (it is built "
@@ -130,7 +130,8 @@ def load_builder(data_config):
   processes, process 0 checks and builds while the others wait.
   """
   module = clone.dataset_package(data_config.name)
-  data_dir = str(pathlib.Path(data_config.data_dir).expanduser())
+  remote = storage.path(data_config.data_dir) if storage.is_remote(data_config.data_dir) else None
+  data_dir = str(mirror_dir(remote) if remote else pathlib.Path(data_config.data_dir).expanduser())
   manual_dir = data_config.get("manual_dir") or None
   if manual_dir is not None:
     check = getattr(module, "check_manual_dir", None)
@@ -141,7 +142,10 @@ def load_builder(data_config):
   error = None
   if jax.process_index() == 0:
     try:
-      _prepare(make(), manual_dir)
+      if remote:
+        _prepare_on_bucket(make(), manual_dir, remote, pathlib.Path(data_dir))
+      else:
+        _prepare(make(), manual_dir)
     except Exception as e:  # noqa: BLE001 (every process must learn that the build failed)
       error = e
   if jax.process_count() > 1:  # every process learns whether process 0 could prepare it
@@ -152,7 +156,74 @@ def load_builder(data_config):
   if error is not None:
     raise error
   builder = make()
+  if remote and jax.process_index() != 0:  # every host reads its own copy
+    version_dir = pathlib.Path(builder.data_dir)
+    _mirror(remote / version_dir.relative_to(data_dir), version_dir)
   return builder, read_record(pathlib.Path(builder.data_dir))
+
+
+# --------------------------------------------------------------------------------------
+# A data dir on a bucket
+
+
+def mirror_dir(remote: storage.Path) -> pathlib.Path:
+  """The local copy of a ``gs://`` data dir: array_record files are read through local
+  file handles, so each host reads a copy in ``<cache>/tfds/<hash of the URL>``."""
+  key = hashlib.sha256(str(remote).encode()).hexdigest()[:16]
+  return storage.local_cache_dir() / "tfds" / key
+
+
+def _prepare_on_bucket(builder, manual_dir, remote: storage.Path, local_root: pathlib.Path):
+  """The build in ``remote`` (the bucket's data dir), checked like a local one and copied
+  to this host; when the bucket has none, built here and uploaded."""
+  version_dir = pathlib.Path(builder.data_dir)
+  remote_version = remote / str(version_dir.relative_to(local_root))
+  record = read_record(remote_version)  # uploaded last: a record means a complete upload
+  if record is None:
+    if remote_version.exists():
+      raise DatasetIncompleteError(
+          f"{remote_version} exists but holds no complete build (no {RECORD}: an interrupted "
+          "upload?). Delete it and run again to rebuild it.")
+    _remove(version_dir)  # whatever is here is not what the bucket holds
+    _prepare(builder, manual_dir)
+    print(f"Uploading {version_dir} to {remote_version} ...")
+    files = sorted(p for p in version_dir.rglob("*") if p.is_file() and p.name != RECORD)
+    for p in files + [version_dir / RECORD]:
+      (remote_version / str(p.relative_to(version_dir))).write_bytes(p.read_bytes())
+    return
+  check(remote_version, record, wanted(manual_dir))
+  _mirror(remote_version, version_dir)
+
+
+def _mirror(remote_version: storage.Path, version_dir: pathlib.Path) -> None:
+  """Copies a bucket's build to ``version_dir`` unless the copy there has the same record
+  (the record is copied last: a copy cut short has none, and is made again)."""
+  record = read_record(remote_version)
+  if record is not None and read_record(version_dir) == record:
+    return
+  _remove(version_dir)
+  print(f"Copying {remote_version} to {version_dir} ...")
+  for p in _files_under(remote_version):
+    if p.name != RECORD:
+      target = version_dir / str(p.relative_to(remote_version))
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(p.read_bytes())
+  write_record(version_dir, record)
+
+
+def _files_under(folder: storage.Path):
+  """Every file below ``folder`` (a bucket has no recursive glob)."""
+  for p in sorted(folder.iterdir()):
+    if p.is_dir():
+      yield from _files_under(p)
+    else:
+      yield p
+
+
+def _remove(version_dir: pathlib.Path) -> None:
+  import shutil
+
+  shutil.rmtree(version_dir, ignore_errors=True)
 
 
 def _prepare(builder, manual_dir) -> None:

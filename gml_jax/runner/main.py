@@ -14,7 +14,6 @@ gml_jax/runner/trainer.py for what a run writes. Run it from a clone of the repo
 """
 
 import os
-import pathlib
 import sys
 
 import jax
@@ -73,7 +72,7 @@ def main(argv):
     # printing tracebacks for a while: from here on theirs go nowhere, so that the one line
     # that says what happened stays last, and the run leaves at once.
     console, sys.stderr = sys.stderr, open(os.devnull, "w", encoding="utf-8")
-    status = fail(e, pathlib.Path(workdir), console)
+    status = fail(e, workdir, console)
     sys.stdout.flush()
     console.flush()
     os._exit(status)  # no interpreter cleanup: library threads would print past the line
@@ -89,7 +88,7 @@ EXPLAINED = (ValueError, OSError, FloatingPointError, dataset.DatasetCorruptErro
              dataset.DatasetIncompleteError, workdir_lib.WorkdirInUseError)
 
 
-def fail(error: Exception, workdir: pathlib.Path, console=None) -> int:
+def fail(error: Exception, workdir: str, console=None) -> int:
   """Ends a failed run: the full traceback into ``<workdir>/error.log`` (when the workdir
   exists and the log can be written), the one-line reason last on the ``console``
   (default: standard error); returns the exit status."""

@@ -23,11 +23,17 @@ an emulator (the tests'); orbax's checkpoints go through tensorstore, which read
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from typing import Union
 
 from etils import epath
+
+# gcsfs and google-auth warn on every bucket access where a credentials lookup fails before
+# another succeeds (an emulator's anonymous access): lines on every run's console.
+for _logger in ("gcsfs", "google.auth"):
+  logging.getLogger(_logger).setLevel(logging.ERROR)
 
 REMOTE_SCHEMES = ("gs://",)
 
@@ -52,6 +58,11 @@ def path(p: str | os.PathLike) -> Path:
     raise ValueError(f"{text}: unsupported storage; expected a local path or "
                      f"{' or '.join(s + 'bucket/...' for s in REMOTE_SCHEMES)}.")
   return pathlib.Path(text).expanduser().resolve()
+
+
+def is_link(p: Path) -> bool:
+  """Whether ``p`` is a symbolic link (never, on a bucket)."""
+  return not is_remote(p) and p.is_symlink()
 
 
 def local_cache_dir(mkdir: bool = False) -> pathlib.Path:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -56,7 +57,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gml_jax.runner import build, failure, names, study_report
+from gml_jax.runner import build, failure, names, storage, study_report
 from gml_jax.runner.workdir import WorkdirInUseError, WorkdirLock, atomic_write, refuse_link
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -87,7 +88,7 @@ class Run:
   method: str
   seed: int
   point: tuple[tuple[str, str], ...]  # the grid point: (field, value) per axis
-  workdir: pathlib.Path
+  workdir: storage.Path
   # pending, finished, skipped (finished before), failed, stopped, not started (the study
   # was stopped first), unreadable (its summary is missing or malformed)
   status: str = "pending"
@@ -104,12 +105,34 @@ class Run:
     return " ".join(filter(None, [self.point_label, self.method, f"seed {self.seed}"]))
 
   @property
-  def log(self) -> pathlib.Path:
+  def log(self) -> storage.Path:
     return self.workdir / self.log_name
 
   @property
-  def summary_path(self) -> pathlib.Path:
+  def local_log(self) -> pathlib.Path:
+    """Where the run's console output goes while it runs: its log, or on a bucket (no
+    appends to an object) a local file that :meth:`upload_log` adds to the log."""
+    if not storage.is_remote(self.workdir):
+      return self.log
+    name = hashlib.sha256(str(self.log).encode()).hexdigest()[:16]
+    return storage.local_cache_dir(mkdir=True) / f"study_run_{name}.log"
+
+  def upload_log(self) -> None:
+    """On a bucket: the console output of the run that ended, added to its log."""
+    local = self.local_log
+    if local != self.log and local.exists():
+      before = self.log.read_text() if self.log.exists() else ""
+      atomic_write(self.log, before + local.read_text())
+      local.unlink()
+
+  @property
+  def summary_path(self) -> storage.Path:
     return self.workdir / "summary.json"
+
+  def finished(self) -> bool:
+    """Whether the run has a summary (a link in its place counts: the run refuses it)."""
+    path = self.summary_path
+    return path.exists() or storage.is_link(path)
 
   def summary(self) -> dict:
     """The run's summary; a ValueError naming the file and what is wrong with it."""
@@ -300,7 +323,7 @@ def _start(run: Run, command) -> subprocess.Popen:
   argv = command(run)
   if sys.platform.startswith("linux"):
     argv = [sys.executable, "-c", _DIE_WITH_STUDY, str(os.getpid()), *argv]
-  with open(run.log, "a", encoding="utf-8") as log:  # the child keeps its own copy
+  with open(run.local_log, "a", encoding="utf-8") as log:  # the child keeps its own copy
     # Its own session: a Ctrl-C at the terminal reaches the study alone, which stops the
     # runs itself (a second signal to a run would interrupt it without a checkpoint).
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
@@ -316,7 +339,7 @@ def execute(runs: list[Run], command, parallel: int, stop: StopRequest,
   total = len(runs)
   todo = []
   for i, run in enumerate(runs):
-    if run.summary_path.exists() or run.summary_path.is_symlink():
+    if run.finished():
       run.status = "skipped"
       print(f"[{i + 1}/{total}] skipped {run.name}: finished before", flush=True)
     else:
@@ -340,6 +363,7 @@ def execute(runs: list[Run], command, parallel: int, stop: StopRequest,
     for entry in [e for e in running if e[2].poll() is not None]:
       running.remove(entry)
       i, run, proc, started = entry
+      run.upload_log()
       run.seconds = time.perf_counter() - started
       durations.append(run.seconds)
       left = (len(todo) + len(running)) * float(np.mean(durations)) / parallel
@@ -385,7 +409,7 @@ def readable_runs(runs: list[Run]) -> list[tuple[Run, dict]]:
   return readable
 
 
-def write_study(workdir: pathlib.Path, runs: list[Run], experiment: str, started: float) -> None:
+def write_study(workdir: storage.Path, runs: list[Run], experiment: str, started: float) -> None:
   """study.json and study.md from the runs whose summaries read, then the plots."""
   done = readable_runs(runs)
   result = study_report.aggregate([{"method": r.method, "seed": r.seed, "point": r.point_label,
@@ -427,7 +451,7 @@ def study(argv) -> int:
   seeds = parse_seeds(_SEEDS.value)
   points = parse_grid(_GRID.value, config)
   check_every_run_config(config_file, methods, points, override_values, seeds)
-  workdir = pathlib.Path(_WORKDIR.value).expanduser().resolve()
+  workdir = storage.path(_WORKDIR.value)
   process = _process_id(_RUN_ARGS.value)
   runs = []
   for point in points:
@@ -480,7 +504,7 @@ def main(argv):
     failure.print_error(failure.one_line(e))
     sys.exit(2)
   except Exception as e:  # noqa: BLE001 (the CLI's one failure path: one Error line)
-    log_dir = pathlib.Path(_WORKDIR.value).expanduser() if _WORKDIR.value else None
+    log_dir = _WORKDIR.value or None
     sys.exit(failure.fail(e, log_dir, "study_error.log", EXPLAINED))
 
 

