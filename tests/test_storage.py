@@ -198,12 +198,20 @@ def test_the_lease_is_exclusive_renewed_and_released(gcs):
 
 
 def test_a_dataset_built_into_a_bucket_is_read_back_on_another_host(gcs, tmp_path):
-  from run_helpers import tiny_config
+  from run_helpers import DUMMY, tiny_config
 
   from gml_jax.runner import dataset
 
   config = tiny_config("guided", f"gs://{BUCKET}/tfds").data
-  builder, record = dataset.load_builder(config)  # built here, uploaded
+  made = subprocess.run(  # make data: built here, uploaded
+      [sys.executable, "-m", "gml_jax.runner.prepare", f"--config={CONFIG}",
+       f"--config.data.data_dir=gs://{BUCKET}/tfds", f"--config.data.manual_dir={DUMMY}"],
+      cwd=tmp_path, env=cli_env(1) | gcs, capture_output=True, text=True, timeout=300)
+  assert made.returncode == 0, made.stderr[-3000:]
+  assert f"colored_mnist/var_0.02: gs://{BUCKET}/tfds/colored_mnist/var_0.02/1.0.0 (copy: " \
+         f"{gcs['GML_JAX_CACHE']}/tfds/" in made.stdout
+  assert list(tmp_path.iterdir()) == []
+  builder, record = dataset.load_builder(config)  # this host's copy
   names = _blob_names("tfds/")
   assert any(n.endswith(".array_record-00000-of-00001") for n in names)
   assert f"tfds/{builder.name}/{builder.builder_config.name}/{builder.version}/" \

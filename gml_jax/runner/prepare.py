@@ -11,10 +11,12 @@ config names and that every split opens, and prints where it is, what it was bui
 and the split sizes. Run it once before a multi-host launch so that no host waits on a build.
 """
 
+import pathlib
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gml_jax.runner import dataset, failure
+from gml_jax.runner import dataset, failure, storage
 from gml_jax.runner.workdir import describe_data
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,7 +34,12 @@ def main(argv):
   except Exception as e:  # noqa: BLE001 (the CLI's one failure path: one Error line)
     raise SystemExit(failure.fail(e, None, show_traceback=False)) from None
   used = data.used()
-  print(f"{data.builder.name}/{data.builder.builder_config.name}: {data.builder.data_dir}")
+  where = data.builder.data_dir
+  if storage.is_remote(_CONFIG.value.data.data_dir):  # the bucket's build, and this host's copy
+    version = pathlib.Path(where).relative_to(dataset.mirror_dir(
+        storage.path(_CONFIG.value.data.data_dir)))
+    where = f"{storage.path(_CONFIG.value.data.data_dir) / str(version)} (copy: {where})"
+  print(f"{data.builder.name}/{data.builder.builder_config.name}: {where}")
   print(f"built from {describe_data(used)}")
   for split, count in used["examples"].items():
     print(f"  {split:12} {count:>8,} examples")
