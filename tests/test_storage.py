@@ -293,3 +293,20 @@ def test_paths(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"s3://b/run: unsupported storage; expected a local "
                                        r"path or gs://bucket/\.\.\."):
     storage.path("s3://b/run")
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_it_writes(gcs):
+  from gml_jax.runner import storage, workdir
+
+  lock = workdir.WorkdirLock(storage.path(f"gs://{BUCKET}/taken"))
+  lock.acquire()
+  lock.check()  # held: nothing to say
+  _hold_lock(f"gs://{BUCKET}/taken/lock.json")  # another run took it over (a new generation)
+  assert not lock._lease._renew_once()
+  with pytest.raises(workdir.WorkdirInUseError,
+                     match=r"Workdir gs://gml-jax-tests/taken was taken over by another run "
+                           r"\(host tpu-vm-7, pid 4242, .*\) after this one could not renew "
+                           r"its lock for 300 s; stopped without saving"):
+    lock.check()
+  lock.release()  # not its lock any more: the other run's record stays
+  assert "tpu-vm-7" in _gs_text(f"gs://{BUCKET}/taken/lock.json")

@@ -3,10 +3,10 @@
 Every path the runner takes from a user goes through :func:`path`: a local one becomes an
 absolute ``pathlib.Path`` (with the local guards: no symbolic links, ``flock``), and
 ``gs://bucket/...`` an ``etils.epath.Path``, the path type of orbax and tensorflow-datasets,
-which reads and writes the bucket through ``gcsfs`` (``pip install -e '.[gcs]'``). A
-``gs://`` path is never turned into a local one. The two kinds share pathlib's methods
-(``/``, ``exists``, ``read_text``, ``write_text``, ``mkdir``, ``glob``, ``iterdir``); what
-differs between a disk and an object store is decided here:
+which reads and writes the bucket through ``gcsfs`` (``pip install -e
+'.[experiments,gcs]'``). A ``gs://`` path is never turned into a local one. The two kinds
+share pathlib's methods (``/``, ``exists``, ``read_text``, ``write_text``, ``mkdir``,
+``glob``, ``iterdir``); what differs between a disk and an object store is decided here:
 
 * a whole-file write is atomic on both: a temporary file renamed over the old one on a disk,
   one object upload (readers see the old object or the new one) on a bucket;
