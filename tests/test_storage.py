@@ -310,3 +310,37 @@ def test_a_run_whose_lock_was_taken_over_stops_before_it_writes(gcs):
     lock.check()
   lock.release()  # not its lock any more: the other run's record stays
   assert "tpu-vm-7" in _gs_text(f"gs://{BUCKET}/taken/lock.json")
+
+
+def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(gcs, tmp_path):
+  """Two hosts (their own caches) of one job, workdir and data dir on the bucket: process 0
+  builds and uploads the dataset, process 1 copies it; the job equals a one-process run."""
+  port = free_port()
+  workdir, data = f"gs://{BUCKET}/multi", f"gs://{BUCKET}/multi_tfds"
+  caches = [tmp_path / f"host_{i}" for i in range(2)]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "gml_jax.runner.main", f"--config={CONFIG}:guided",
+       f"--workdir={workdir}", *tiny_flags(data), "--distributed",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=caches[i].parent, env=cli_env(2) | gcs | {"GML_JAX_CACHE": str(caches[i])},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for _, e in outputs)
+  assert "Uploading" in outputs[0][0] and "Copying" in outputs[1][0]
+  for cache in caches:
+    assert list(cache.glob(f"tfds/*/colored_mnist/*/1.0.0/{'gml_jax_source.json'}"))
+  single = tmp_path / "single"
+  one = subprocess.run(
+      [sys.executable, "-m", "gml_jax.runner.main", f"--config={CONFIG}:guided",
+       f"--workdir={single}", *tiny_flags(tmp_path / "tfds")],
+      cwd=tmp_path, env=cli_env(4) | gcs, capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  rows = _gs_rows(f"{workdir}/metrics/steps.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, 11))
+  np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in step_rows(single)],
+                             rtol=1e-4)
+  summary = json.loads(_gs_text(f"{workdir}/summary.json"))
+  assert summary["test_accuracy"] == pytest.approx(
+      json.loads((single / "summary.json").read_text())["test_accuracy"], abs=1e-6)
+  assert "multi/lock.json" not in _blob_names("multi/")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["host_0", "host_1", "single", "tfds"]

@@ -127,7 +127,8 @@ def load_builder(data_config):
   ``data_config`` fields: ``name``, ``builder_config``, ``data_dir``, ``manual_dir``
   (optional; when given it must hold the dataset's manual files). A prepared build from
   other data than the config names, or an incomplete one, is refused. With several
-  processes, process 0 checks and builds while the others wait.
+  processes, process 0 checks and builds while the others wait. A ``gs://`` data dir is
+  built locally and uploaded, and read from a copy on each host (:func:`mirror_dir`).
   """
   module = clone.dataset_package(data_config.name)
   remote = storage.path(data_config.data_dir) if storage.is_remote(data_config.data_dir) else None
@@ -155,10 +156,10 @@ def load_builder(data_config):
       error = RuntimeError("Process 0 could not prepare the dataset; its output says why.")
   if error is not None:
     raise error
-  builder = make()
   if remote and jax.process_index() != 0:  # every host reads its own copy
-    version_dir = pathlib.Path(builder.data_dir)
-    _mirror(remote / version_dir.relative_to(data_dir), version_dir)
+    version_dir = pathlib.Path(make().data_dir)
+    _mirror(remote / str(version_dir.relative_to(data_dir)), version_dir)
+  builder = make()  # (after the copy: a builder reads its folder when it is made)
   return builder, read_record(pathlib.Path(builder.data_dir))
 
 
