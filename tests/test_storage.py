@@ -142,13 +142,12 @@ def _gs_text(path):
   return epath.Path(path).read_text()
 
 
-def _hold_lock(path, age_seconds=0.0):
+def _hold_lock(path):
   """A lock record on the bucket, as a run on another host leaves it."""
   from etils import epath
 
   epath.Path(path).write_text(json.dumps({"host": "tpu-vm-7", "pid": 4242,
                                           "started": "2026-12-01T10:00:00"}))
-  time.sleep(age_seconds)
 
 
 def test_a_second_run_on_a_bucket_workdir_is_refused_and_a_stale_lock_taken_over(
