@@ -65,20 +65,18 @@ def create_train_state(
   check_model(model, ("train",), "create_train_state")
   inputs = tuple(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in example_inputs)
 
-  def split(variables):
+  def state_of(variables) -> TrainState:
     variables = dict(variables)
     variables.pop(TRAIN_MEANS, None)  # measured after training, not carried
     if "params" not in variables:
       raise ValueError("create_train_state: the model has no parameters ('params' collection).")
-    return variables.pop("params"), variables
+    params = variables.pop("params")
+    return TrainState(params=params, model_state=variables, opt_state=tx.init(params))
 
   if hasattr(model, "lazy_init"):
-    def init(key):
-      params, model_state = split(model.lazy_init(key, inputs, train=False))
-      return TrainState(params=params, model_state=model_state, opt_state=tx.init(params))
-    return jax.jit(init)(jax.random.key(seed))
-  params, model_state = split(model.init(jax.random.key(seed), inputs, train=False))
-  return TrainState(params=params, model_state=model_state, opt_state=tx.init(params))
+    init = jax.jit(lambda key: state_of(model.lazy_init(key, inputs, train=False)))
+    return init(jax.random.key(seed))
+  return state_of(model.init(jax.random.key(seed), inputs, train=False))
 
 
 # --------------------------------------------------------------------------------------

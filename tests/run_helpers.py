@@ -69,8 +69,10 @@ def free_port() -> int:
 
 
 def read_jsonl(path) -> list[dict]:
-  """The rows of a JSON-lines file ([] when there is none)."""
-  path = pathlib.Path(path)
+  """The rows of a JSON-lines file, local or on gs:// ([] when there is none)."""
+  from gml_jax.runner import storage
+
+  path = storage.path(path)
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from run_helpers import CONFIG, ROOT, cli_env, free_port, step_rows, tiny_flags
+from run_helpers import CONFIG, ROOT, cli_env, free_port, read_jsonl, step_rows, tiny_flags
 
 BUCKET = "gml-jax-tests"
 # 4 epochs of 5 steps, a checkpoint (and so a flush of the logs) every 2 steps.
@@ -79,13 +79,6 @@ def _run(workdir, data_dir, cwd, env, *extra, method="random", **overrides):
       cwd=cwd, env=cli_env(1) | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _gs_rows(path):
-  from etils import epath
-
-  p = epath.Path(path)
-  return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
-
-
 def test_a_run_on_a_bucket_stops_resumes_and_equals_a_local_run(gcs, data_dir, tmp_path):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -112,7 +105,7 @@ def test_a_run_on_a_bucket_stops_resumes_and_equals_a_local_run(gcs, data_dir, t
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err[-3000:]
   assert f"Resuming {workdir} from step {stopped_at}" in out
-  rows, expected = _gs_rows(f"{workdir}/metrics/steps.jsonl"), step_rows(local)
+  rows, expected = read_jsonl(f"{workdir}/metrics/steps.jsonl"), step_rows(local)
   assert [r["step"] for r in rows] == list(range(1, 21))
   assert [r["target"] for r in rows] == [r["target"] for r in expected]
   np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in expected],
@@ -137,9 +130,9 @@ def test_a_run_on_a_bucket_stops_resumes_and_equals_a_local_run(gcs, data_dir, t
 
 
 def _gs_text(path):
-  from etils import epath
+  from gml_jax.runner import storage
 
-  return epath.Path(path).read_text()
+  return storage.path(path).read_text()
 
 
 def _hold_lock(path):
@@ -233,11 +226,12 @@ def test_a_dataset_built_into_a_bucket_is_read_back_on_another_host(gcs, tmp_pat
 
 def test_a_two_method_study_on_a_bucket(gcs, data_dir, tmp_path):
   study_dir = f"gs://{BUCKET}/study"
-  result = subprocess.run(
+  study = lambda: subprocess.run(
       [sys.executable, "-m", "gml_jax.runner.study", f"--config={CONFIG}",
        "--methods=vanilla,guided", "--seeds=0", f"--workdir={study_dir}",
        *tiny_flags(data_dir)],
       cwd=tmp_path, env=cli_env(1) | gcs, capture_output=True, text=True, timeout=600)
+  result = study()
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   saved = json.loads(_gs_text(f"{study_dir}/study.json"))
   assert [g["method"] for g in saved["groups"]] == ["vanilla", "guided"]
@@ -246,11 +240,7 @@ def test_a_two_method_study_on_a_bucket(gcs, data_dir, tmp_path):
     assert f"study/{method}/seed_0/summary.json" in names
     assert "Summary:" in _gs_text(f"{study_dir}/{method}/seed_0/run.log")
   assert "study/plots/accuracy.png" in names and "study/study.lock.json" not in names
-  again = subprocess.run(  # resumable: finished runs are skipped
-      [sys.executable, "-m", "gml_jax.runner.study", f"--config={CONFIG}",
-       "--methods=vanilla,guided", "--seeds=0", f"--workdir={study_dir}",
-       *tiny_flags(data_dir)],
-      cwd=tmp_path, env=cli_env(1) | gcs, capture_output=True, text=True, timeout=600)
+  again = study()  # resumable: finished runs are skipped
   assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
   assert again.stdout.count("skipped") == 2
   assert list(tmp_path.iterdir()) == []
@@ -274,12 +264,8 @@ def test_rows_on_a_bucket_are_parts_cut_at_the_restored_step(gcs):
   assert [r["step"] for r in resumed.rows()] == [1, 2]
   resumed.append([{"step": 3, "loss": 0.5}])
   resumed.close()
-  assert [r["step"] for r in read_jsonl_gs(path)] == [1, 2, 3]
+  assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
   assert "step,loss" in _gs_text(f"gs://{BUCKET}/logs/metrics/steps.csv").splitlines()[0]
-
-
-def read_jsonl_gs(path):
-  return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_paths(tmp_path, monkeypatch):
@@ -334,7 +320,7 @@ def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(
        f"--workdir={single}", *tiny_flags(tmp_path / "tfds")],
       cwd=tmp_path, env=cli_env(4) | gcs, capture_output=True, text=True, timeout=300)
   assert one.returncode == 0, one.stderr[-3000:]
-  rows = _gs_rows(f"{workdir}/metrics/steps.jsonl")
+  rows = read_jsonl(f"{workdir}/metrics/steps.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 11))
   np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in step_rows(single)],
                              rtol=1e-4)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -144,7 +145,7 @@ def load_builder(data_config):
   if jax.process_index() == 0:
     try:
       if remote:
-        _prepare_on_bucket(make(), manual_dir, remote, pathlib.Path(data_dir))
+        _prepare_on_bucket(make(), manual_dir, remote)
       else:
         _prepare(make(), manual_dir)
     except Exception as e:  # noqa: BLE001 (every process must learn that the build failed)
@@ -158,7 +159,8 @@ def load_builder(data_config):
     raise error
   if remote and jax.process_index() != 0:  # every host reads its own copy
     version_dir = pathlib.Path(make().data_dir)
-    _mirror(remote / str(version_dir.relative_to(data_dir)), version_dir)
+    remote_version = bucket_version_dir(remote, version_dir)
+    _mirror(remote_version, version_dir, read_record(remote_version))
   builder = make()  # (after the copy: a builder reads its folder when it is made)
   return builder, read_record(pathlib.Path(builder.data_dir))
 
@@ -174,18 +176,23 @@ def mirror_dir(remote: storage.Path) -> pathlib.Path:
   return storage.local_cache_dir() / "tfds" / key
 
 
-def _prepare_on_bucket(builder, manual_dir, remote: storage.Path, local_root: pathlib.Path):
+def bucket_version_dir(remote: storage.Path, version_dir: pathlib.Path) -> storage.Path:
+  """The bucket's folder of which ``version_dir`` (under :func:`mirror_dir`) is the copy."""
+  return remote / str(version_dir.relative_to(mirror_dir(remote)))
+
+
+def _prepare_on_bucket(builder, manual_dir, remote: storage.Path):
   """The build in ``remote`` (the bucket's data dir), checked like a local one and copied
   to this host; when the bucket has none, built here and uploaded."""
   version_dir = pathlib.Path(builder.data_dir)
-  remote_version = remote / str(version_dir.relative_to(local_root))
+  remote_version = bucket_version_dir(remote, version_dir)
   record = read_record(remote_version)  # uploaded last: a record means a complete upload
   if record is None:
     if remote_version.exists():
       raise DatasetIncompleteError(
           f"{remote_version} exists but holds no complete build (no {RECORD}: an interrupted "
           "upload?). Delete it and run again to rebuild it.")
-    _remove(version_dir)  # whatever is here is not what the bucket holds
+    shutil.rmtree(version_dir, ignore_errors=True)  # not what the bucket holds
     _prepare(builder, manual_dir)
     print(f"Uploading {version_dir} to {remote_version} ...")
     files = sorted(p for p in version_dir.rglob("*") if p.is_file() and p.name != RECORD)
@@ -193,16 +200,15 @@ def _prepare_on_bucket(builder, manual_dir, remote: storage.Path, local_root: pa
       (remote_version / str(p.relative_to(version_dir))).write_bytes(p.read_bytes())
     return
   check(remote_version, record, wanted(manual_dir))
-  _mirror(remote_version, version_dir)
+  _mirror(remote_version, version_dir, record)
 
 
-def _mirror(remote_version: storage.Path, version_dir: pathlib.Path) -> None:
-  """Copies a bucket's build to ``version_dir`` unless the copy there has the same record
-  (the record is copied last: a copy cut short has none, and is made again)."""
-  record = read_record(remote_version)
+def _mirror(remote_version: storage.Path, version_dir: pathlib.Path, record: dict | None):
+  """Copies a bucket's build (its ``record``) to ``version_dir`` unless the copy there has
+  the same record (the record is copied last: a copy cut short has none, and is made again)."""
   if record is not None and read_record(version_dir) == record:
     return
-  _remove(version_dir)
+  shutil.rmtree(version_dir, ignore_errors=True)
   print(f"Copying {remote_version} to {version_dir} ...")
   for p in _files_under(remote_version):
     if p.name != RECORD:
@@ -219,12 +225,6 @@ def _files_under(folder: storage.Path):
       yield from _files_under(p)
     else:
       yield p
-
-
-def _remove(version_dir: pathlib.Path) -> None:
-  import shutil
-
-  shutil.rmtree(version_dir, ignore_errors=True)
 
 
 def _prepare(builder, manual_dir) -> None:

@@ -85,15 +85,12 @@ def fail(error: BaseException, log_dir: storage.Path | str | None, log_name: str
   entry = f"{datetime.datetime.now().isoformat(timespec='seconds')}\n{detail}\n"
   log = None
   try:
-    if log_dir is not None and storage.path(log_dir).is_dir():
-      log = storage.path(log_dir) / log_name
-      if storage.is_remote(log):  # no appends to an object: the log is rewritten whole
-        log.write_text((log.read_text() if log.exists() else "") + entry)
-      else:
-        if log.is_symlink():
-          raise OSError(f"{log} is a symbolic link")
-        with log.open("a") as f:
-          f.write(entry)
+    folder = storage.path(log_dir) if log_dir is not None else None
+    if folder is not None and folder.is_dir():
+      log = folder / log_name
+      if storage.is_link(log):
+        raise OSError(f"{log} is a symbolic link")
+      storage.append_text(log, entry)
       where = f" (details: {log})"
   except Exception as e:  # noqa: BLE001 (the log is a courtesy: the reason still prints)
     where = f" (the details could not be written to {log or log_dir}: {one_line(e)})"

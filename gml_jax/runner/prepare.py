@@ -36,9 +36,9 @@ def main(argv):
   used = data.used()
   where = data.builder.data_dir
   if storage.is_remote(_CONFIG.value.data.data_dir):  # the bucket's build, and this host's copy
-    version = pathlib.Path(where).relative_to(dataset.mirror_dir(
-        storage.path(_CONFIG.value.data.data_dir)))
-    where = f"{storage.path(_CONFIG.value.data.data_dir) / str(version)} (copy: {where})"
+    remote = dataset.bucket_version_dir(storage.path(_CONFIG.value.data.data_dir),
+                                        pathlib.Path(where))
+    where = f"{remote} (copy: {where})"
   print(f"{data.builder.name}/{data.builder.builder_config.name}: {where}")
   print(f"built from {describe_data(used)}")
   for split, count in used["examples"].items():

@@ -49,9 +49,7 @@ def is_remote(p: str | os.PathLike) -> bool:
 def path(p: str | os.PathLike) -> Path:
   """The runner's path for ``p``: ``gs://...`` as it is, a local path absolute and with
   ``~`` expanded. Other URL schemes are refused (they would become local directories)."""
-  text = os.fspath(p) if not isinstance(p, str) else p
-  if isinstance(p, epath.Path) and is_remote(p):
-    return p
+  text = os.fspath(p)
   if is_remote(text):
     return epath.Path(text)
   if "://" in text:
@@ -63,6 +61,17 @@ def path(p: str | os.PathLike) -> Path:
 def is_link(p: Path) -> bool:
   """Whether ``p`` is a symbolic link (never, on a bucket)."""
   return not is_remote(p) and p.is_symlink()
+
+
+def append_text(p: Path, text: str) -> None:
+  """Adds ``text`` at the end of ``p``: an append on a disk; on a bucket, where objects
+  cannot be appended to, the object rewritten whole (for small, rare additions: a failure's
+  traceback, a finished run's console output)."""
+  if is_remote(p):
+    p.write_text((p.read_text() if p.exists() else "") + text)
+    return
+  with open(p, "a", encoding="utf-8") as f:
+    f.write(text)
 
 
 def local_cache_dir(mkdir: bool = False) -> pathlib.Path:

@@ -121,8 +121,7 @@ class Run:
     """On a bucket: the console output of the run that ended, added to its log."""
     local = self.local_log
     if local != self.log and local.exists():
-      before = self.log.read_text() if self.log.exists() else ""
-      atomic_write(self.log, before + local.read_text())
+      storage.append_text(self.log, local.read_text())
       local.unlink()
 
   @property
