@@ -65,6 +65,8 @@ def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_d
     c.balance.method = "vanilla"
   c.balance.alpha = 0.01  # threshold on |d_speed| (log10 scale), authors' value
   c.balance.window = 5  # Q: re-balancing steps per decision, authors' value
+  c.balance.target = 0  # fixed: the modality its windows re-balance
+  c.balance.random_shares = ()  # random: () uniform draws, or a probability per modality
   c.balance.warmup_epochs = 1  # the authors balance from the second epoch on
   c.balance.update_mode = "branch"  # branch (paper) or all (authors' code)
   c.balance.ogm_alpha = 0.8  # ogm_ge: α of the coefficient 1 - tanh(α ρ)
@@ -93,12 +95,23 @@ def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_d
   c.eval_batch_size = 256
   c.log_every_steps = 10  # progress bar and host-side metric fetches
   c.checkpoint_every_steps = 0  # 0: at the end of every epoch only
+  # The utilization rates and d_util on the validation split at every epoch end, beside the
+  # epoch's d_speed (metrics/epochs.jsonl): an extra pass over the training examples below
+  # and N over the validation split. The means that stand in for a dropped modality come
+  # from the first `utilization_train_examples` training examples (0: all of them).
+  c.utilization_every_epoch = False
+  c.utilization_train_examples = 0
   # Train steps per compiled call (an unrolled scan; results identical to 1). Chosen per
   # experiment by measurement (benchmarks/RESULTS.md): 1 here and for Colored MNIST, whose
   # 10-epoch run loses more to the longer compile (43 s against 4 s for K = 8) than it gains
   # (1.2x); ModelNet40 sets 4.
   c.steps_per_call = 1
 
+  if variant.startswith("fixed_"):  # guided's schedule, its target pinned
+    c.balance.method, c.balance.target = "fixed", int(variant[len("fixed_"):])
+  if variant == "random_matched":  # guided's shares with back-to-back windows
+    c.balance.method = "random"
+    c.balance.random_shares = (c.balance.window / (c.balance.window + 1), 0.0)
   if variant.startswith("unimodal_"):
     c.data.modalities = (int(variant[len("unimodal_"):]),)
   if variant in BASELINES:

@@ -22,9 +22,10 @@ import optax
 
 from gml_jax.labels import Labels, num_modalities, path_string, resolve_labels
 
-METHODS = ("vanilla", "random", "guided")
+METHODS = ("vanilla", "random", "guided", "fixed")
 """The values of :func:`balanced_multimodal`'s ``method``: normal steps only, random
-re-balancing steps, or the paper's guided re-balancing."""
+re-balancing steps, the paper's guided re-balancing, or guided's schedule with a pinned
+target and no speed test (a control for guided's decision)."""
 UPDATE_MODES = ("branch", "all")
 """The values of ``update``: move only main_k in a re-balancing step for k (the paper), or
 everything but the fusion heads into φ_k (the authors' code)."""
@@ -196,6 +197,8 @@ def balanced_multimodal(
     warmup_steps: int = 0,
     update: str = "branch",
     seed: int = 0,
+    target: int = 0,
+    shares: Sequence[float] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps an optimizer with balanced multi-modal learning (Wu et al., ICML 2022).
 
@@ -215,6 +218,12 @@ def balanced_multimodal(
   with the largest speed. ``method="random"``: after warm-up every step is drawn uniformly
   from {normal, re-balance modality 0, ..., N-1} (reproducible from ``seed``).
   ``method="vanilla"``: normal steps only (speeds are still measured).
+
+  Two controls for guided's decision: ``method="fixed"`` runs guided's schedule as if every
+  speed test passed (after warm-up: one normal step, then ``window`` re-balancing steps, and
+  again) with the target pinned to modality ``target``; ``method="random"`` with ``shares``
+  draws re-balancing of modality k with probability ``shares[k]`` (a normal step with the
+  rest) instead of uniformly, so that a random schedule can match another's amount.
 
   In a re-balancing step for modality k the wrapped optimizer's updates are masked:
   ``update="branch"`` moves only main_k; ``update="all"`` moves everything except the
@@ -267,6 +276,10 @@ def balanced_multimodal(
     warmup_steps: steps before any re-balancing (authors' value: one epoch).
     update: ``"branch"`` (default, the paper) or ``"all"`` (the authors' code).
     seed: seed of the ``"random"`` method's draws.
+    target: the modality that ``"fixed"`` re-balances (ignored by the other methods).
+    shares: ``"random"`` only: the probability, per modality, that a step after warm-up
+      re-balances it (a sequence of N numbers in [0, 1] summing to at most 1); None: every
+      choice in {normal, modality 0, ..., N-1} has probability 1 / (N + 1).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params,
@@ -287,10 +300,23 @@ def balanced_multimodal(
   if int(warmup_steps) != warmup_steps or warmup_steps < 0:
     raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
   window, warmup_steps = int(window), int(warmup_steps)
+  if method == "fixed" and (int(target) != target or target < 0):
+    raise ValueError(f"target must be a modality index >= 0, got {target!r}.")
+  if shares is not None:
+    if method != "random":
+      raise ValueError(f"shares are for method='random'; got method={method!r}.")
+    shares = np.asarray(shares, np.float64)
+    if shares.ndim != 1 or not np.all((shares >= 0) & (shares <= 1)) or shares.sum() > 1 + 1e-9:
+      raise ValueError("shares must be one probability in [0, 1] per modality, summing to at "
+                       f"most 1; got {shares.tolist()}.")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     n = num_modalities(labels, params)
+    if method == "fixed" and target >= n:
+      raise ValueError(f"target={target} names no modality: the labels have {n}.")
+    if shares is not None and len(shares) != n:
+      raise ValueError(f"shares has {len(shares)} values; the labels have {n} modalities.")
     zeros = lambda: jnp.zeros((n,), jnp.float32)  # distinct buffers: states get donated
     return BalanceState(
         step=jnp.zeros((), jnp.int32),
@@ -316,19 +342,28 @@ def balanced_multimodal(
       return jnp.full((), NORMAL_STEP, jnp.int32), jnp.zeros((), jnp.int32)
     if method == "random":
       key = jax.random.fold_in(jax.random.key(seed), t)
-      draw = jax.random.randint(key, (), -1, n, dtype=jnp.int32)  # -1: normal
-      target = jnp.where(t + 1 >= warmup_steps, draw, NORMAL_STEP)
-      return target, (target >= 0).astype(jnp.int32)
-    # guided
+      if shares is None:
+        draw = jax.random.randint(key, (), -1, n, dtype=jnp.int32)  # -1: normal
+      else:  # choice 0 is a normal step, choice k + 1 re-balances modality k
+        p = np.concatenate([[max(0.0, 1.0 - shares.sum())], shares])
+        draw = jax.random.choice(key, n + 1, p=jnp.asarray(p, jnp.float32)).astype(jnp.int32) - 1
+      drawn = jnp.where(t + 1 >= warmup_steps, draw, NORMAL_STEP)
+      return drawn, (drawn >= 0).astype(jnp.int32)
+    # guided, and fixed: guided with every speed test passed and the target pinned
     left = state.window_left - 1
-    start = ~rebalancing & (t >= warmup_steps) & (jnp.abs(speed_gap(speeds)) > alpha)
-    target = jnp.where(
+    start = ~rebalancing & (t >= warmup_steps)
+    if method == "guided":
+      start &= jnp.abs(speed_gap(speeds)) > alpha
+      chosen = jnp.argmax(speeds).astype(jnp.int32)
+    else:
+      chosen = jnp.int32(target)
+    target_next = jnp.where(
         rebalancing,
         jnp.where(left > 0, state.target, NORMAL_STEP),
-        jnp.where(start, jnp.argmax(speeds).astype(jnp.int32), NORMAL_STEP),
+        jnp.where(start, chosen, NORMAL_STEP),
     )
     window_left = jnp.where(rebalancing, jnp.maximum(left, 0), jnp.where(start, window, 0))
-    return target.astype(jnp.int32), window_left.astype(jnp.int32)
+    return target_next.astype(jnp.int32), window_left.astype(jnp.int32)
 
   def update_fn(updates, state: BalanceState, params=None, **extra_args):
     if params is None:

@@ -14,8 +14,9 @@ helps. Rates are reported as measured, negative values included.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,18 +31,14 @@ def _weight(batch: dict) -> jax.Array:
   return batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
 
 
-def training_means(model: nn.Module, variables: dict, batches: Iterable[dict]) -> Any:
-  """The mean over ``batches`` (the training split, eval mode) of every signal that a
-  :class:`gml_jax.CrossModalCut` (or MMTM, for its squeeze vectors) can drop.
+class _Passes(NamedTuple):
+  batch_sums: Callable  # (variables, batch) -> (sums of the droppable signals, weight)
+  correct: Callable  # (variables, batch, drop) -> (hits of ŷ, hits per branch, weight)
 
-  Returns the ``train_means`` collection that the cuts read when ``drop`` is given.
-  ``model`` follows :mod:`gml_jax.protocol`; batches are ``{"inputs": (x_0, ...),
-  "label": ...}`` with an optional ``"mask"`` (0: padding, left out of the means).
-  """
-  model = as_functional(model)
 
+def _make_passes(model) -> _Passes:
   @jax.jit
-  def batch_sums(batch):
+  def batch_sums(variables, batch):
     _, captured = model.apply(
         variables, tuple(batch["inputs"]), train=False, mutable=[TRAIN_MEANS]
     )
@@ -50,9 +47,47 @@ def training_means(model: nn.Module, variables: dict, batches: Iterable[dict]) -
                         captured.get(TRAIN_MEANS, {}))
     return sums, jnp.sum(w)
 
+  @jax.jit
+  def correct(variables, batch, drop):
+    logits, branch_logits = check_outputs(
+        model.apply(variables, tuple(batch["inputs"]), train=False, drop=drop),
+        batch["label"].shape[0], "conditional_utilization")
+    w = _weight(batch)
+    hit = lambda z: (jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32)
+    return jnp.sum(hit(logits) * w), jnp.sum(hit(branch_logits) * w, axis=-1), jnp.sum(w)
+
+  return _Passes(batch_sums, correct)
+
+
+# The passes of the last few Linen models, each with the model it belongs to (so that its id
+# stays its own): measuring at every epoch end compiles them once, not once per call.
+_LINEN_PASSES: collections.OrderedDict[int, tuple[Any, _Passes]] = collections.OrderedDict()
+
+
+def _passes(model) -> _Passes:
+  """The compiled passes of ``model`` (Linen or NNX), its variables an argument."""
+  if not isinstance(model, nn.Module):  # an NNX model: its wrapper is made per call
+    return _make_passes(as_functional(model))
+  if id(model) not in _LINEN_PASSES:
+    _LINEN_PASSES[id(model)] = (model, _make_passes(model))
+    while len(_LINEN_PASSES) > 4:
+      _LINEN_PASSES.popitem(last=False)
+  return _LINEN_PASSES[id(model)][1]
+
+
+def training_means(model: nn.Module, variables: dict, batches: Iterable[dict]) -> Any:
+  """The mean over ``batches`` (the training split, eval mode) of every signal that a
+  :class:`gml_jax.CrossModalCut` (or MMTM, for its squeeze vectors) can drop.
+
+  Returns the ``train_means`` collection that the cuts read when ``drop`` is given.
+  ``model`` follows :mod:`gml_jax.protocol`; batches are ``{"inputs": (x_0, ...),
+  "label": ...}`` with an optional ``"mask"`` (0: padding, left out of the means).
+  """
+  as_functional(model)  # a TypeError for what is neither Linen nor NNX
+  batch_sums = _passes(model).batch_sums
   total, count = None, 0.0
   for batch in batches:
-    sums, n = batch_sums(batch)
+    sums, n = batch_sums(variables, batch)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     count += float(n)
   if total is None or count == 0:
@@ -127,28 +162,19 @@ def conditional_utilization(
       measured on ``test_batches`` (e.g. by the evaluation that reported them): skips that
       pass.
   """
-  model = as_functional(model)
-  check_model(model, ("train", "drop"), "conditional_utilization")
+  check_model(as_functional(model), ("train", "drop"), "conditional_utilization")
   means = training_means(model, variables, train_batches)
   with_means = {**variables, TRAIN_MEANS: means}
   test_batches = list(test_batches)
   if not test_batches:
     raise ValueError("conditional_utilization needs at least one batch of test data.")
   n = len(test_batches[0]["inputs"])
-
-  @jax.jit
-  def correct(batch, drop):
-    logits, branch_logits = check_outputs(
-        model.apply(with_means, tuple(batch["inputs"]), train=False, drop=drop),
-        batch["label"].shape[0], "conditional_utilization")
-    w = _weight(batch)
-    hit = lambda z: (jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32)
-    return jnp.sum(hit(logits) * w), jnp.sum(hit(branch_logits) * w, axis=-1), jnp.sum(w)
+  correct = _passes(model).correct
 
   def accuracies(drop):
     fused, branches, count = 0.0, np.zeros(n), 0.0
     for batch in test_batches:
-      f, b, c = correct(batch, drop)
+      f, b, c = correct(with_means, batch, drop)
       fused, branches, count = fused + float(f), branches + np.asarray(b), count + float(c)
     return fused / count, branches / count
 

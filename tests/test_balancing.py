@@ -174,6 +174,70 @@ def test_random_method_is_reproducible_and_draws_every_choice():
       np.testing.assert_array_equal(states[t].accum_main, states[t - 1].accum_main)
 
 
+def _reference_fixed(steps, target, window, warmup):
+  """The fixed control written out plainly: warm-up, then one normal step and ``window``
+  re-balancing steps for ``target``, repeated."""
+  targets = []
+  for t in range(steps):
+    after = t - warmup  # the first normal step after warm-up is 0
+    targets.append(-1 if after < 0 or after % (window + 1) == 0 else target)
+  return targets
+
+
+@pytest.mark.parametrize("target,window,warmup", [(0, 5, 30), (1, 1, 0), (2, 4, 7)])
+def test_fixed_method_runs_guided_schedule_with_a_pinned_target(target, window, warmup):
+  params, labels = _scripted(3)
+  rng = np.random.default_rng(target)
+  # Speeds that would send guided elsewhere (or nowhere): fixed reads none of them.
+  mus = [(rng.uniform(0.5, 2, 3), rng.uniform(0.5, 2, 3)) for _ in range(300)]
+  tx = gml_jax.balanced_multimodal(optax.sgd(0.1), labels, method="fixed", target=target,
+                                   window=window, warmup_steps=warmup, alpha=100.0)
+  targets, states = _run(tx, params, mus)
+  assert targets == _reference_fixed(300, target, window, warmup)
+  counts = np.asarray(states[-1].rebalance_steps).tolist()
+  assert counts[target] == targets.count(target) and sum(counts) == counts[target]
+
+
+def test_fixed_equals_guided_where_every_speed_test_passes():
+  params, labels = _scripted(2)
+  favour_0 = ([1.0, 1.0], [10.0, 1.0])  # d_speed = 1 > alpha at every normal step
+  make = lambda **kw: gml_jax.balanced_multimodal(optax.sgd(0.1), labels, window=3,
+                                                  warmup_steps=4, **kw)
+  guided, _ = _run(make(method="guided", alpha=0.01), params, [favour_0] * 40)
+  fixed, _ = _run(make(method="fixed", target=0), params, [favour_0] * 40)
+  assert fixed == guided
+
+
+def test_random_shares_are_matched_and_reproducible():
+  params, labels = _scripted(2)
+  mus = [([1.0] * 2, [1.0] * 2)] * 2000
+  make = lambda seed: gml_jax.balanced_multimodal(
+      optax.sgd(0.1), labels, method="random", shares=(0.75, 0.0), warmup_steps=100, seed=seed)
+  first, _ = _run(make(1), params, mus)
+  again, _ = _run(make(1), params, mus)
+  other, _ = _run(make(2), params, mus)
+  assert first == again and first != other
+  after = np.asarray(first[100:])
+  assert first[:100] == [-1] * 100 and not np.any(after == 1)
+  # 1,900 draws at p = 0.75: the standard error of the share is 0.01.
+  assert abs(np.mean(after == 0) - 0.75) < 0.035
+
+
+def test_controls_refuse_what_they_cannot_do():
+  params, labels = _scripted(2)
+  with pytest.raises(ValueError, match="shares are for method='random'"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, method="guided", shares=(0.5, 0.5))
+  with pytest.raises(ValueError, match="summing to at most 1; got \\[0.75, 0.5\\]"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, method="random", shares=(0.75, 0.5))
+  with pytest.raises(ValueError, match="shares has 3 values; the labels have 2"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, method="random",
+                                shares=(0.1, 0.1, 0.1)).init(params)
+  with pytest.raises(ValueError, match="target=2 names no modality: the labels have 2"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, method="fixed", target=2).init(params)
+  with pytest.raises(ValueError, match="target must be a modality index"):
+    gml_jax.balanced_multimodal(optax.sgd(1.0), labels, method="fixed", target=-1)
+
+
 def test_vanilla_never_rebalances_but_measures():
   params, labels = _scripted(2)
   tx = gml_jax.balanced_multimodal(optax.sgd(0.1), labels, method="vanilla")

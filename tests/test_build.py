@@ -77,6 +77,14 @@ def test_every_variant_builds_a_consistent_config():
     build.check_config(config)
     assert config.balance.method in names.BALANCE_METHODS
   assert colored_mnist.get_config().balance.method == names.DEFAULT_VARIANT
+  # The controls: guided's schedule pinned to a modality, and random draws at guided's shares
+  # where its windows run back to back (Q / (Q + 1) of the steps after warm-up, all on m0).
+  for k in (0, 1):
+    fixed = colored_mnist.get_config(f"fixed_{k}").balance
+    assert (fixed.method, fixed.target) == ("fixed", k)
+  matched = colored_mnist.get_config("random_matched").balance
+  assert matched.method == "random" and matched.random_shares == (5 / 6, 0.0)
+  assert "fixed" not in names.VARIANTS  # a variant names its target
   with pytest.raises(ValueError, match="Unknown variant 'greedy'"):
     colored_mnist.get_config("greedy")
 
@@ -95,7 +103,7 @@ def test_every_variant_builds_a_consistent_config():
     ("balance.alpha", -0.5, r"config.balance.alpha=-0.5 is invalid: expected a finite number >= 0"),
     ("balance.window", 0, r"config.balance.window=0 is invalid: expected an integer >= 1"),
     ("balance.method", "greedy", r"config.balance.method='greedy' is unknown: expected one of "
-     r"\('vanilla', 'random', 'guided', 'ogm_ge'\)"),
+     r"\('vanilla', 'random', 'guided', 'fixed', 'ogm_ge'\)"),
     ("balance.update_mode", "everything", "config.balance.update_mode='everything' is unknown"),
     ("optimizer.name", "lion", "config.optimizer.name='lion' is unknown"),
     ("schedule.name", "cosine", "config.schedule.name='cosine' is unknown"),

@@ -129,6 +129,14 @@ def test_ogm_epochs_become_a_window_of_updates():
      r"expected \(\) \(every epoch\) or \(first, last\)"),
     ("ogm_ge", "balance.ogm_scope", "heads", r"config.balance.ogm_scope='heads' is unknown"),
     ("vanilla", "model.head", "shared", r"config.model.head='shared' is unknown"),
+    ("fixed_1", "balance.target", 2, r"config.balance.target=2 is invalid: method 'fixed' "
+     r"re-balances a branch, and the model has 2"),
+    ("fixed_0", "model.fusion", "none", "config.balance.method='fixed' needs fusion layers"),
+    ("guided", "balance.random_shares", (0.5, 0.5), r"config.balance.random_shares=\(0.5, 0.5\) "
+     r"is invalid: expected \(\) or, with balance.method='random', one share per branch"),
+    ("random", "balance.random_shares", (0.5,), r"random_shares=\(0.5,\) is invalid"),
+    ("random", "balance.random_shares", (0.75, 0.5), r"config.balance.random_shares=\(0.75, 0.5\) "
+     r"is invalid: expected \(\) \(uniform draws\) or one probability in \[0, 1\] per modality"),
 ])
 def test_inconsistent_variants_are_refused(variant, field, value, message, tmp_path):
   config = tiny_config(variant, tmp_path)

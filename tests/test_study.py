@@ -9,7 +9,7 @@ import sys
 import pytest
 from run_helpers import CONFIG, ROOT, cli_command, cli_env, free_port, tiny_flags
 
-from gml_jax.runner import study, study_report
+from gml_jax.runner import evaluation, study, study_report
 
 # Student's t quantile t_{0.975} with 2 degrees of freedom, from a printed table.
 T_975_DF2 = 4.302652729911275
@@ -46,11 +46,46 @@ def test_aggregate_against_hand_computed_statistics():
 
 
 def test_statistics_of_one_value_and_of_none():
-  assert study_report.mean_std([0.4]) == {"n": 1, "undefined": 0, "mean": 0.4, "std": None}
+  assert study_report.mean_std([0.4]) == {"n": 1, "undefined": 0, "mean": 0.4, "std": None,
+                                          "ci95": None}
   assert study_report.mean_std([None, None]) == {"n": 0, "undefined": 2, "mean": None,
-                                                 "std": None}
+                                                 "std": None, "ci95": None}
   assert study_report.t_interval([0.1]) is None
   assert study.parse_seeds("0-4") == [0, 1, 2, 3, 4] and study.parse_seeds("3,7") == [3, 7]
+
+
+def _epochs(d_speed, d_util):
+  return [{"epoch": i + 1, "d_speed": s, "val_d_util": u} for i, (s, u) in
+          enumerate(zip(d_speed, d_util))]
+
+
+def test_speed_util_correlation_of_each_run_and_its_mean_over_seeds_by_hand():
+  # Per run, Spearman's ρ = 1 - 6 Σd² / (n (n² - 1)) over its epochs (no ties), by hand:
+  per_seed = {
+      0: (_epochs([0.3, 0.2, 0.1], [-0.5, -0.3, -0.1]), -1.0),  # ranks reversed
+      1: (_epochs([0.1, 0.2, 0.3, 0.4], [0.1, 0.3, 0.2, 0.4]), 0.8),  # Σd² = 2, n = 4
+      2: (_epochs([0.4, 0.1, 0.3], [0.2, 0.1, 0.3]), 0.5),  # Σd² = 2, n = 3
+  }
+  runs = []
+  for seed, (rows, rho) in per_seed.items():
+    assert evaluation.speed_util_correlation(rows) == pytest.approx(rho)
+    runs.append({"method": "guided", "seed": seed, "point": "",
+                 "summary": {"test_accuracy": 0.5, "speed_util_spearman": rho}})
+  # Fewer than 3 epochs with both values, or a constant d_util: no correlation.
+  assert evaluation.speed_util_correlation(_epochs([0.1, 0.2], [0.3, 0.4])) is None
+  assert evaluation.speed_util_correlation(_epochs([0.1, 0.2, 0.3], [0.3, None, 0.1])) is None
+  assert evaluation.speed_util_correlation(_epochs([0.1, 0.2, 0.3], [0.0] * 3)) is None
+
+  (group,) = study_report.aggregate(runs)["groups"]
+  stat = group["metrics"]["speed_util_spearman"]
+  # Mean 0.1; deviations -1.1, 0.7, 0.4: variance 1.86 / 2; half-width t * std / sqrt(3).
+  half = T_975_DF2 * math.sqrt(1.86 / 2) / math.sqrt(3)
+  assert stat["n"] == 3 and stat["mean"] == pytest.approx(0.1)
+  assert stat["std"] == pytest.approx(math.sqrt(1.86 / 2))
+  assert stat["ci95"] == pytest.approx((0.1 - half, 0.1 + half))
+  table = study_report.markdown({"experiment": "colored_mnist", "command": "study",
+                                 "runs": []} | study_report.aggregate(runs))
+  assert f"- guided: +0.10 [{0.1 - half:+.2f}, {0.1 + half:+.2f}] (n = 3)" in table
 
 
 def _study(*args, devices=1, timeout=900):

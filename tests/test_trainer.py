@@ -23,7 +23,9 @@ from run_helpers import (
   tiny_flags,
 )
 
-from gml_jax.runner import trainer
+from gml_jax import utilization
+from gml_jax.runner import build, pipeline, trainer
+from gml_jax.runner import dataset as datasets
 
 
 @pytest.mark.parametrize("method", ["vanilla", "random", "guided"])
@@ -183,3 +185,46 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
     _, state = restore_latest(tmp_path)
     for leaf in jax.tree.leaves(state):
       assert np.all(np.isfinite(leaf))
+
+
+def test_utilization_at_epoch_ends_equals_the_after_training_measure(tmp_path):
+  """The fixed control on the embedded 5,000 digits (small CNN), the validation rates at
+  every epoch end, their means from the first 100 training examples: the last epoch's values
+  equal the library's measure on the same checkpoint and split, and the summary's rank
+  correlation of d_speed and d_util is Spearman's, computed here by hand."""
+  config = tiny_config("fixed_1", tmp_path / "tfds")
+  config.data.manual_dir = ""  # the embedded default: 3,600 training and 400 validation digits
+  config.batch_size, config.num_epochs, config.log_every_steps = 64, 3, 20
+  config.utilization_every_epoch, config.utilization_train_examples = True, 100
+  summary = trainer.train_and_evaluate(config, tmp_path / "run")
+  # Warm-up (56 steps), then one normal step and Q = 5 re-balancing steps for m1, repeated.
+  targets = [r["target"] for r in step_rows(tmp_path / "run")]
+  assert targets == [-1 if t < 56 or (t - 56) % 6 == 0 else 1 for t in range(168)]
+
+  dataset = datasets.open_dataset(config.data)
+  train = dataset.sources["train"]
+  first_100 = [train[i] for i in range(100)]
+  batches = lambda source: list(pipeline.host_eval_batches(source, dataset.prep, 64))
+  model = build.model(config, dataset.num_classes)
+  step, state = restore_latest(tmp_path / "run")  # the last epoch end's
+  variables = {"params": state["params"], **state["model_state"]}
+  measured = utilization.conditional_utilization(model, variables, batches(first_100),
+                                                 batches(dataset.sources["validation"]))
+  rows = epoch_rows(tmp_path / "run")
+  assert step == rows[-1]["step"] == 168
+  assert rows[-1]["val_u(m1|m0)"] == pytest.approx(measured.rates[1, 0], abs=1e-6)
+  assert rows[-1]["val_u(m0|m1)"] == pytest.approx(measured.rates[0, 1], abs=1e-6)
+  assert rows[-1]["val_d_util"] == pytest.approx(measured.d_util, abs=1e-6)
+  assert measured.d_util != 0
+  # The option is honoured: the means of all the training examples are other means.
+  subset_means = utilization.training_means(model, variables, batches(first_100))
+  all_means = utilization.training_means(model, variables, batches(train))
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(subset_means),
+                                                   jax.tree.leaves(all_means)))
+
+  speeds, utils = [r["d_speed"] for r in rows], [r["val_d_util"] for r in rows]
+  assert len(set(speeds)) == len(set(utils)) == 3  # no ties: ρ = 1 - 6 Σd² / (n (n² - 1))
+  rank = lambda xs: np.argsort(np.argsort(xs))
+  d = rank(speeds) - rank(utils)
+  assert summary["speed_util_spearman"] == pytest.approx(1 - 6 * np.sum(d ** 2) / (3 * 8))
+  assert (tmp_path / "run" / "plots" / "speed_vs_utilization.png").read_bytes()[:4] == b"\x89PNG"

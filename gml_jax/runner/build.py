@@ -40,6 +40,12 @@ def _one_of(choices):
   return (lambda v: v in choices, f"one of {tuple(choices)}")
 
 
+def _shares(v) -> bool:
+  return v == () or (isinstance(v, (tuple, list)) and all(
+      isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in v)
+      and sum(v) <= 1 + 1e-9)
+
+
 def _epoch_window(v) -> bool:
   return v == () or (isinstance(v, (tuple, list)) and len(v) == 2 and all(
       isinstance(e, int) and not isinstance(e, bool) for e in v) and 0 <= v[0] <= v[1])
@@ -55,6 +61,8 @@ FIELD_CHECKS = (
     ("checkpoint_every_steps", _integer(0)),
     ("steps_per_call", _integer(1)),
     ("early_stop_full_train_accuracy_epochs", _integer(0)),
+    ("utilization_every_epoch", (lambda v: isinstance(v, bool), "true or false")),
+    ("utilization_train_examples", _integer(0)),
     ("data.name", _one_of(clone.datasets())),
     ("data.image_size", _integer(0)),
     ("data.normalize", _one_of(pipeline.NORMALIZATIONS)),
@@ -71,6 +79,9 @@ FIELD_CHECKS = (
     ("balance.method", _one_of(names.BALANCE_METHODS)),
     ("balance.alpha", _number(lambda v: v >= 0, ">= 0")),
     ("balance.window", _integer(1)),
+    ("balance.target", _integer(0)),
+    ("balance.random_shares", (_shares, "() (uniform draws) or one probability in [0, 1] "
+                               "per modality, summing to at most 1")),
     ("balance.warmup_epochs", _integer(0)),
     ("balance.update_mode", _one_of(UPDATE_MODES)),
     ("balance.ogm_alpha", _number(lambda v: v > 0, "> 0")),
@@ -147,7 +158,16 @@ def _check_model_inputs(config) -> None:
   if fusion == "mmtm" and len(chosen) < 2:
     raise ValueError(f"config.model.fusion='mmtm' needs two or more data.modalities, got "
                      f"{tuple(chosen)}; use model.fusion='none' for a uni-modal model.")
-  if method in ("random", "guided") and fusion != "mmtm":
+  if method == "fixed" and config.balance.target >= len(chosen):
+    raise ValueError(f"config.balance.target={config.balance.target} is invalid: method "
+                     f"'fixed' re-balances a branch, and the model has {len(chosen)} "
+                     f"(data.modalities={tuple(chosen)}).")
+  shares = config.balance.random_shares
+  if shares and (method != "random" or len(shares) != len(chosen)):
+    raise ValueError(f"config.balance.random_shares={tuple(shares)} is invalid: expected () or, "
+                     f"with balance.method='random', one share per branch ({len(chosen)}); got "
+                     f"method={method!r}.")
+  if method in ("random", "guided", "fixed") and fusion != "mmtm":
     raise ValueError(f"config.balance.method={method!r} needs fusion layers "
                      "(model.fusion='mmtm'): it re-balances through them.")
   if method == "ogm_ge" and len(chosen) < 2:
@@ -212,7 +232,8 @@ def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   return balanced_multimodal(
       tx, models.group_labels, method=b.method if b.method in METHODS else "vanilla",
       alpha=b.alpha, window=b.window, warmup_steps=b.warmup_epochs * steps_per_epoch,
-      update=b.update_mode, seed=config.seed)
+      update=b.update_mode, seed=config.seed, target=b.target,
+      shares=tuple(b.random_shares) or None)
 
 
 def initial_state(config, network, tx, example_inputs, mesh) -> TrainState:

@@ -7,6 +7,8 @@ import math
 from typing import Iterable, Sequence
 
 import jax
+import numpy as np
+from scipy import stats
 
 from gml_jax.runner import names
 from gml_jax.utilization import conditional_utilization
@@ -63,13 +65,8 @@ def final_summary(config, model, eval_step, state, split_batches, data_source: s
                 if key != names.LOSS}
   # Without fusion layers no branch sees another modality: every u is 0 by construction.
   if config.model.fusion == "mmtm":
-    baseline = (test[names.ACCURACY], [test[names.branch_accuracy(m)] for m in modalities])
-    rates = conditional_utilization(model, state.variables, split_batches("train"),
-                                    test_batches, baseline=baseline)
-    for j, k in itertools.permutations(range(len(modalities)), 2):
-      summary[names.utilization(modalities[j], modalities[k])] = _defined(rates.rates[j, k])
-    if len(modalities) == 2:
-      summary[names.D_UTIL] = _defined(rates.d_util)
+    summary |= utilization_rates(model, state, split_batches("train"), test_batches, test,
+                                 modalities)
   for modality, steps in zip(modalities, rebalance_steps):
     summary[names.rebalance_share(modality)] = steps / progress.step if progress.step else 0.0
   summary[names.STEPS] = progress.step
@@ -77,6 +74,34 @@ def final_summary(config, model, eval_step, state, split_batches, data_source: s
   summary[names.SAMPLES_PER_S] = progress.step * config.batch_size / max(
       progress.train_seconds, 1e-9)
   return summary
+
+
+def utilization_rates(model, state, train_batches, batches: list, evaluated: dict,
+                      modalities: Sequence[int]) -> dict:
+  """u(m_j|m_k) of every pair (and d_util for two modalities) on a split: ``batches`` (a
+  list: it is read once per modality) and its :func:`evaluate` result ``evaluated``, whose
+  branch accuracies are the A(f_k); the means that replace a dropped modality come from
+  ``train_batches``. Keyed as :func:`~gml_jax.runner.names.utilization`."""
+  baseline = (evaluated[names.ACCURACY], [evaluated[names.branch_accuracy(m)] for m in modalities])
+  rates = conditional_utilization(model, state.variables, train_batches, batches,
+                                  baseline=baseline)
+  out = {names.utilization(modalities[j], modalities[k]): _defined(rates.rates[j, k])
+         for j, k in itertools.permutations(range(len(modalities)), 2)}
+  if len(modalities) == 2:
+    out[names.D_UTIL] = _defined(rates.d_util)
+  return out
+
+
+def speed_util_correlation(epoch_rows: Sequence[dict]) -> float | None:
+  """Spearman's rank correlation, over a run's epochs, of d_speed at the epoch's end and the
+  validation d_util measured there: how well the speed (the proxy) orders the epochs as the
+  rate does. None with fewer than 3 epochs that have both, or when either is constant."""
+  pairs = [(r[names.D_SPEED], r[names.val(names.D_UTIL)]) for r in epoch_rows
+           if r.get(names.D_SPEED) is not None and r.get(names.val(names.D_UTIL)) is not None
+           and math.isfinite(r[names.D_SPEED])]
+  if len(pairs) < 3 or any(np.ptp(column) == 0 for column in zip(*pairs)):
+    return None
+  return float(stats.spearmanr(*zip(*pairs)).statistic)
 
 
 def _defined(rate) -> float | None:

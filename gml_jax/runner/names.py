@@ -16,14 +16,19 @@ from typing import Sequence
 from gml_jax.balancing import METHODS
 
 # ---- Methods (config.balance.method) and config variants (the part after ':' of --config).
-BALANCE_METHODS = (*METHODS, "ogm_ge")  # the paper's three, and OGM-GE (docs/ogm_ge.md)
+BALANCE_METHODS = (*METHODS, "ogm_ge")  # the transform's, and OGM-GE (docs/ogm_ge.md)
+# Controls for guided's decision: guided's schedule pinned to modality k (no speed test), and
+# random draws at guided's shares where its windows run back to back (Q/(Q+1) of the steps
+# after warm-up re-balance m0, none m1; Q = 5).
+CONTROLS = ("fixed_0", "fixed_1", "random_matched")
 # Baselines: each modality alone, late fusion (no MMTM), and OGM-GE's authors' late fusion
 # without modulation (one joint head, one cross-entropy on the fused output).
 BASELINES = ("unimodal_0", "unimodal_1", "late_fusion", "late_fusion_joint")
 JOINT_HEAD_VARIANTS = ("ogm_ge_joint", "late_fusion_joint")  # OGM-GE's authors' model
-VARIANTS = (*BALANCE_METHODS, "ogm_ge_joint", *BASELINES)
+VARIANTS = (*(m for m in BALANCE_METHODS if m != "fixed"), "ogm_ge_joint", *CONTROLS,
+            *BASELINES)
 DEFAULT_VARIANT = "guided"  # of `--config experiments/<name>.py` alone, and of make train
-STUDY_METHODS = METHODS  # a study's --methods when none are given: the paper's three
+STUDY_METHODS = ("vanilla", "random", "guided")  # a study's default --methods: the paper's
 
 # ---- A step row: one per training step.
 STEP = "step"
@@ -108,10 +113,17 @@ def val(key: str) -> str:
   return f"val_{key}"
 
 
+def utilization_keys(modalities: Sequence[int]) -> list[str]:
+  """The keys of the utilization rates on a split (and d_util for two modalities)."""
+  rates = [utilization(j, k) for j, k in utilization_pairs(modalities)]
+  return [*rates, D_UTIL] if len(modalities) == 2 else rates
+
+
 def epoch_keys(modalities: Sequence[int]) -> list[str]:
-  """Every key an epoch row may have."""
+  """Every key an epoch row may have (the validation rates with utilization_every_epoch)."""
   return [EPOCH, STEP, *(train(k) for k in averaged(modalities)),
-          *(val(k) for k in evaluated(modalities)), *last_speeds(modalities), LEARNING_RATE]
+          *(val(k) for k in evaluated(modalities)), *last_speeds(modalities), LEARNING_RATE,
+          *(val(k) for k in utilization_keys(modalities))]
 
 
 # ---- A run's summary.
@@ -125,6 +137,8 @@ COMPILE_SECONDS = "compile_seconds"
 SAMPLES_PER_S = "samples_per_s"
 BEST_STEP = "best_step"
 BEST_VAL_ACCURACY = "best_val_accuracy"
+# Spearman's rank correlation of d_speed and the validation d_util over the run's epochs.
+SPEED_UTIL_CORRELATION = "speed_util_spearman"
 # What the run was (copied from its config and data).
 DESCRIPTION = ("experiment", "method", "update", FUSION, MODALITIES, "data_source", "data")
 
@@ -155,8 +169,8 @@ def summary_keys(modalities: Sequence[int]) -> list[str]:
                  if k != LOSS]
   rates = [utilization(j, k) for j, k in utilization_pairs(modalities)]
   return [*DESCRIPTION, BEST_STEP, BEST_VAL_ACCURACY, *evaluations, *rates, D_UTIL,
-          *(rebalance_share(m) for m in modalities), STEPS, TRAIN_SECONDS, SAMPLES_PER_S,
-          COMPILE_SECONDS]
+          *(rebalance_share(m) for m in modalities), SPEED_UTIL_CORRELATION, STEPS,
+          TRAIN_SECONDS, SAMPLES_PER_S, COMPILE_SECONDS]
 
 
 # ---- A study's aggregate: the summary values it averages over seeds, in table order.
@@ -166,7 +180,7 @@ def study_metrics(modalities: Sequence[int]) -> list[str]:
   rates = [utilization(j, k) for k in modalities for j in modalities if j != k]
   return [split("test", ACCURACY), *(split("test", branch_accuracy(m)) for m in modalities),
           split("test_biased", ACCURACY), *rates, D_UTIL,
-          *(rebalance_share(m) for m in modalities), SAMPLES_PER_S]
+          *(rebalance_share(m) for m in modalities), SPEED_UTIL_CORRELATION, SAMPLES_PER_S]
 
 
 def study_paired_metrics(modalities: Sequence[int]) -> list[str]:

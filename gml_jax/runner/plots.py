@@ -1,5 +1,5 @@
 """PNG plots of a run: speeds with re-balancing steps, OGM-GE's modulation, accuracies,
-utilization rates."""
+utilization rates, and d_speed against d_util over training."""
 
 from __future__ import annotations
 
@@ -83,6 +83,28 @@ def utilization(summary: dict, path: storage.Path) -> None:
   save(fig, path)
 
 
+def speed_and_utilization(epoch_rows: list[dict], summary: dict, path: storage.Path) -> None:
+  """d_speed at each epoch's end (the proxy) beside the validation d_util measured there."""
+  rows = [r for r in epoch_rows if r.get(names.val(names.D_UTIL)) is not None]
+  epochs = [r[names.EPOCH] for r in rows]
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  ax.plot(epochs, [r[names.val(names.D_UTIL)] for r in rows], "o-", color="C0",
+          label="d_util (validation)")
+  ax.set_ylabel("d_util = u(m1|m0) − u(m0|m1)", color="C0")
+  ax.set_xlabel("epoch")
+  ax.axhline(0, color="grey", lw=0.5)
+  right = ax.twinx()
+  right.plot(epochs, [r[names.D_SPEED] for r in rows], "s--", color="C3",
+             label="d_speed (epoch's last step)")
+  right.set_ylabel("d_speed = s0 − s1 (log10)", color="C3")
+  rho = summary.get(names.SPEED_UTIL_CORRELATION)
+  ax.set_title(f"{summary.get('method', '')}: d_speed and d_util over training"
+               + (f" (Spearman ρ = {rho:+.2f})" if rho is not None else ""))
+  fig.legend(loc="lower right", fontsize="small")
+  fig.tight_layout()
+  save(fig, path)
+
+
 def modulation(step_rows: list[dict], modalities: Sequence[int], path: storage.Path) -> None:
   """OGM-GE's discrepancy ratios ρ_k and the coefficients that scaled each branch."""
   steps = np.array([r[names.STEP] for r in step_rows])
@@ -108,7 +130,8 @@ def modulation(step_rows: list[dict], modalities: Sequence[int], path: storage.P
 def write_run_plots(plot_dir: storage.Path, step_rows: list[dict], epoch_rows: list[dict],
                     summary: dict) -> None:
   """accuracy.png of a finished run; speeds.png where it measured speeds, modulation.png
-  where OGM-GE modulated its gradients, utilization.png where it has fusion layers."""
+  where OGM-GE modulated its gradients, utilization.png where it has fusion layers,
+  speed_vs_utilization.png where it measured the utilization at epoch ends."""
   plot_dir.mkdir(exist_ok=True)
   modalities = summary[names.MODALITIES]
   if names.D_SPEED in step_rows[0]:
@@ -118,3 +141,5 @@ def write_run_plots(plot_dir: storage.Path, step_rows: list[dict], epoch_rows: l
   accuracy(epoch_rows, modalities, plot_dir / "accuracy.png")
   if summary[names.FUSION] == "mmtm":
     utilization(summary, plot_dir / "utilization.png")
+  if any(r.get(names.val(names.D_UTIL)) is not None for r in epoch_rows):
+    speed_and_utilization(epoch_rows, summary, plot_dir / "speed_vs_utilization.png")

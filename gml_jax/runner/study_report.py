@@ -17,10 +17,14 @@ from gml_jax.runner import names, storage  # noqa: E402
 from gml_jax.runner.plots import save  # noqa: E402
 
 # Paired differences over seeds: (method, baseline); the values compared are
-# names.study_paired_metrics.
+# names.study_paired_metrics. The controls (names.CONTROLS): guided against its schedule
+# with the target pinned (does the decision matter?) and against random draws at its shares
+# (does the timing?); the pinned schedule against those draws (same amount, other times).
 COMPARISONS = (("guided", "vanilla"), ("guided", "random"), ("ogm_ge", "vanilla"),
                ("guided", "ogm_ge"), ("vanilla", "late_fusion"),
-               ("ogm_ge_joint", "late_fusion_joint"), ("guided", "ogm_ge_joint"))
+               ("ogm_ge_joint", "late_fusion_joint"), ("guided", "ogm_ge_joint"),
+               ("guided", "fixed_0"), ("guided", "fixed_1"), ("guided", "random_matched"),
+               ("fixed_0", "random_matched"))
 
 
 def study_modalities(summaries) -> list[int]:
@@ -33,10 +37,12 @@ def study_modalities(summaries) -> list[int]:
 
 
 def mean_std(values) -> dict:
-  """Mean, sample standard deviation (ddof 1; None for n < 2) and n of the defined values;
-  ``undefined`` counts the None values left out."""
+  """Mean, sample standard deviation (ddof 1; None for n < 2), the mean's 95% Student-t
+  interval (None for n < 2) and n of the defined values; ``undefined`` counts the None
+  values left out."""
   defined = [float(v) for v in values if v is not None]
-  out = {"n": len(defined), "undefined": len(values) - len(defined), "mean": None, "std": None}
+  out = {"n": len(defined), "undefined": len(values) - len(defined), "mean": None, "std": None,
+         "ci95": t_interval(defined)}
   if defined:
     out["mean"] = float(np.mean(defined))
   if len(defined) > 1:
@@ -105,6 +111,7 @@ def columns(modalities) -> list[tuple[str, str, str]]:
           *((names.utilization(j, k), f"u(m{_sub(j)}\\|m{_sub(k)})", "+.3f") for j, k in rates),
           (names.D_UTIL, "d_util", "+.3f"),
           *((names.rebalance_share(m), f"re-bal. m{_sub(m)}", ".0%") for m in modalities),
+          (names.SPEED_UTIL_CORRELATION, "ρ(d_speed, d_util)", "+.2f"),
           (names.SAMPLES_PER_S, "samples/s", ".0f")]
 
 
@@ -133,6 +140,16 @@ def markdown(result: dict) -> str:
       cells = [_cell(g["metrics"].get(key), fmt) for key, _, fmt in table]
       lines.append(f"| {g['method']} | {n} | " + " | ".join(cells) + " |")
     lines.append("")
+    tracked = [(g["method"], g["metrics"][names.SPEED_UTIL_CORRELATION])
+               for g in result["groups"] if g["point"] == point
+               and (g["metrics"].get(names.SPEED_UTIL_CORRELATION) or {}).get("mean") is not None]
+    if tracked:
+      lines += ["How closely d_speed tracks the validation d_util over training (Spearman's ρ "
+                "over a run's epochs; mean over seeds, 95% Student-t interval):", ""]
+      for method, stat in tracked:
+        ci = "" if stat["ci95"] is None else f" [{stat['ci95'][0]:+.2f}, {stat['ci95'][1]:+.2f}]"
+        lines.append(f"- {method}: {stat['mean']:+.2f}{ci} (n = {stat['n']})")
+      lines.append("")
     paired = [p for p in result["paired"] if p["point"] == point]
     if paired:
       lines += ["Paired differences over seeds (mean, 95% Student-t interval, per seed):", "",
@@ -189,8 +206,9 @@ def _points_plot(result: dict, keys: list[tuple[str, str]], path: storage.Path, 
 
 
 def plots(result: dict, runs: dict, plot_dir: storage.Path) -> None:
-  """accuracy.png, utilization.png, speeds.png and validation.png of a study; ``runs``
-  maps a run's workdir to its record (method, seed, point label)."""
+  """accuracy.png, utilization.png, speeds.png and validation.png of a study;
+  speed_vs_utilization.png where runs measured the utilization at epoch ends; grid.png for
+  a numeric grid axis. ``runs`` maps a run's workdir to its record (method, seed, point)."""
   plot_dir.mkdir(parents=True, exist_ok=True)
 
   def members(g):
@@ -216,6 +234,13 @@ def plots(result: dict, runs: dict, plot_dir: storage.Path) -> None:
   if measured:
     _speeds_plot(measured, members, plot_dir / "speeds.png")
   _validation_plot(groups, members, plot_dir / "validation.png")
+  epoch_rows = {id(r): _read_jsonl(r.workdir / "metrics" / "epochs.jsonl") for r in runs.values()}
+  if any(row.get(names.val(names.D_UTIL)) is not None for rows in epoch_rows.values()
+         for row in rows):
+    _speed_vs_utilization_plot(groups, members, epoch_rows, plot_dir / "speed_vs_utilization.png")
+  numeric = _numeric_axes(list(runs.values()))
+  if numeric:  # the first numeric axis; the other axes' values make series
+    _grid_plot(numeric[0], list(runs.values()), modalities, plot_dir / "grid.png")
 
 
 def _group_modalities(members) -> list[int]:
@@ -283,5 +308,73 @@ def _validation_plot(groups, members, path: storage.Path) -> None:
     ax.legend(loc="lower right", fontsize="small")
   axes[0, 0].set_ylabel("validation accuracy")
   fig.suptitle("Validation accuracy per branch (mean; band: min-max over seeds)")
+  fig.tight_layout()
+  save(fig, path, dpi=110)
+
+
+def _speed_vs_utilization_plot(groups, members, epoch_rows, path: storage.Path) -> None:
+  """Every epoch of every run: d_speed at the epoch's end against the validation d_util
+  there, one panel per series; a proxy that tracks the rate lines the dots up."""
+  fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False,
+                           sharex=True, sharey=True)
+  for ax, g in zip(axes[0], groups):
+    for i, r in enumerate(members(g)):
+      rows = [row for row in epoch_rows[id(r)]
+              if row.get(names.val(names.D_UTIL)) is not None and names.D_SPEED in row]
+      ax.plot([row[names.D_SPEED] for row in rows], [row[names.val(names.D_UTIL)] for row in rows],
+              "o-", ms=3, lw=0.6, alpha=0.8, color=f"C{i}", label=f"seed {r.seed}")
+    stat = g["metrics"].get(names.SPEED_UTIL_CORRELATION)
+    rho = f", ρ = {stat['mean']:+.2f}" if stat and stat["mean"] is not None else ""
+    ax.set_title(f"{_series(g)}{rho}", fontsize="small")
+    ax.set_xlabel("d_speed (epoch's last step)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+  axes[0, 0].set_ylabel("validation d_util")
+  axes[0, 0].legend(loc="best", fontsize="x-small")
+  fig.suptitle("d_speed against d_util at every epoch end (a line per run, epochs in order)")
+  fig.tight_layout()
+  save(fig, path, dpi=110)
+
+
+def _is_number(text) -> bool:
+  try:
+    float(text)
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
+def _numeric_axes(runs) -> list[str]:
+  """The grid fields whose values are all numbers, in the grid's order."""
+  fields = list(dict.fromkeys(k for r in runs for k, _ in r.point))
+  return [f for f in fields if all(_is_number(dict(r.point).get(f)) for r in runs)]
+
+
+def _grid_plot(field: str, runs, modalities, path: storage.Path) -> None:
+  """Test ŷ and the share of re-balancing steps per modality against a numeric grid axis:
+  one line per method and value of the other axes, mean over seeds with ±std bars."""
+  keys = [(names.split("test", names.ACCURACY), "test ŷ"),
+          *((names.rebalance_share(m), f"re-balancing share m{m}") for m in modalities)]
+  series = {}
+  for r in runs:
+    others = ",".join(f"{k}={v}" for k, v in r.point if k != field)
+    series.setdefault(f"{r.method} {others}".strip(), []).append(r)
+  values = sorted({float(dict(r.point)[field]) for r in runs})
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
+  for ax, (key, label) in zip(axes[0], keys):
+    for i, (name, members) in enumerate(series.items()):
+      at = [[r.summary().get(key) for r in members if float(dict(r.point)[field]) == v]
+            for v in values]
+      stats_at = [mean_std(x) for x in at]
+      xs = [v for v, st in zip(values, stats_at) if st["mean"] is not None]
+      ys = [st["mean"] for st in stats_at if st["mean"] is not None]
+      errs = [st["std"] or 0 for st in stats_at if st["mean"] is not None]
+      ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, capsize=3, color=f"C{i}", label=name)
+    if values[0] > 0 and values[-1] / values[0] >= 10:
+      ax.set_xscale("log")
+    ax.set_xlabel(field)
+    ax.set_title(label)
+  axes[0, 0].legend(loc="best", fontsize="x-small")
+  fig.suptitle(f"Against {field} (mean ± std over seeds)")
   fig.tight_layout()
   save(fig, path, dpi=110)

@@ -34,6 +34,7 @@ import signal
 import threading
 from typing import Any, Callable
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -44,7 +45,12 @@ from gml_jax.parallel import compile_eval_step, compile_multi_step, compile_trai
 from gml_jax.runner import build, names, pipeline, plots, storage
 from gml_jax.runner import dataset as datasets
 from gml_jax.runner.checkpoints import Checkpoints, Progress
-from gml_jax.runner.evaluation import evaluate, final_summary
+from gml_jax.runner.evaluation import (
+  evaluate,
+  final_summary,
+  speed_util_correlation,
+  utilization_rates,
+)
 from gml_jax.runner.failure import read_json
 from gml_jax.runner.logs import EpochSums, RunLogs, epoch_row
 from gml_jax.runner.loop import MetricFetcher, TrainClock, due_at
@@ -106,7 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       write_config(workdir, config, dataset.used())
     logs = RunLogs(workdir, progress.step, write=is_writer)
     cleanup.callback(logs.close)
-    run = Run(config, workdir, dataset, spe, mesh, train_step=train_step, multi_step=multi_step,
+    run = Run(config, workdir, dataset, spe, mesh, model, train_step=train_step,
+              multi_step=multi_step,
               eval_step=compile_eval_step(make_eval_step(model, loss), mesh),
               checkpoints=checkpoints, progress=progress, logs=logs, clock=clock, lock=lock)
 
@@ -119,6 +126,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, _ = checkpoints.restore(checkpoints.best, state)
     summary = final_summary(config, model, run.eval_step, state, run.split_batches,
                             dataset.source_name, progress, rebalance_steps)
+    correlation = speed_util_correlation(logs.epochs.rows())
+    if correlation is not None:
+      summary[names.SPEED_UTIL_CORRELATION] = correlation
     summary[names.COMPILE_SECONDS] = clock.sections["compile"]  # this session's
     summary["data"] = dataset.used()
     if is_writer:
@@ -157,6 +167,7 @@ class Run:
   dataset: datasets.Dataset
   steps_per_epoch: int
   mesh: Any
+  model: Any
   train_step: Callable
   multi_step: Callable | None
   eval_step: Callable
@@ -185,6 +196,15 @@ class Run:
     return (pipeline.eval_batches(sources[split], self.dataset.prep,
                                   self.config.eval_batch_size, self.mesh, f"evaluating {split}")
             if split in sources else None)
+
+  def utilization_train_batches(self):
+    """The training examples whose means stand in for a dropped modality in the per-epoch
+    utilization: the first ``utilization_train_examples`` of the split (0: all)."""
+    source, first = self.dataset.sources["train"], self.config.utilization_train_examples
+    if first:
+      source = grain.MapDataset.source(source)[:first]
+    return pipeline.eval_batches(source, self.dataset.prep, self.config.eval_batch_size,
+                                 self.mesh, "utilization means")
 
   def save(self, manager, state) -> None:
     """A checkpoint of ``state`` with the progress and the training time so far; the logs
@@ -261,6 +281,11 @@ def _end_epoch(run: Run, state):
                    run.config.data.modalities)
     row = epoch_row(step // run.steps_per_epoch, step, progress.epoch_sums, val) | {
         names.LEARNING_RATE: learning_rate(state.opt_state)}
+    if run.config.utilization_every_epoch and run.config.model.fusion == "mmtm":
+      rates = utilization_rates(run.model, state, run.utilization_train_batches(),
+                                list(run.split_batches("validation")), val,
+                                run.config.data.modalities)
+      row |= {names.val(k): v for k, v in rates.items()}
     progress.epoch_sums = EpochSums()
     run.logs.add_epoch(row)
     if val[names.ACCURACY] > progress.best_val_accuracy:
