@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     rates[name] = summary["samples_per_s"]
     train = summary["train_seconds"]
     saves = seconds.pop("checkpoint saves")
-    for outside in ("compile", "evaluation"):  # reported apart (compile) or not at all
+    for outside in ("compile", "evaluation", "epoch utilization"):  # apart, or not at all
       seconds.pop(outside, None)
     parts = ", ".join(f"{k} {v:.1f} s ({v / train:.0%})" for k, v in seconds.most_common())
     print(f"{name:12} {rates[name]:7.0f} samples/s (train {train:.1f} s: {parts}; not in it: "

@@ -75,3 +75,23 @@ def test_job_against_its_step_reports_rates_and_where_the_time_goes(data_dir, tm
   assert "job ÷ step alone:" in out
   summary = (tmp_path / "job" / "summary.json").read_text()
   assert '"steps": 10' in summary  # the tiny config ran: 5 steps an epoch, 2 epochs
+
+
+def test_epoch_utilization_cost_side_by_side(data_dir, tmp_path, capsys):
+  from run_helpers import DUMMY
+
+  from benchmarks import epoch_utilization
+
+  walls = epoch_utilization.main([
+      "--set", f"data.data_dir={data_dir}", "--set", f"data.manual_dir={DUMMY}",
+      "--set", "model.small_cnn.width=4", "--set", "batch_size=32", "--set", "num_epochs=2",
+      "--set", "utilization_train_examples=50", "--workdir", str(tmp_path)])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert list(walls) == ["off", "first 50", "all"] and min(walls.values()) > 0
+  assert [line.split()[0] for line in lines[-3:]] == ["off", "first", "all"]
+  assert "(1.00x off)" in lines[-3] and "epoch-end utilization   0.0 s" in lines[-3]
+  # The two runs that measured it: 2 epochs, a row of rates each; the run without: none.
+  rows = lambda name: [json.loads(x) for x in (tmp_path / name / "metrics" / "epochs.jsonl")
+                       .read_text().splitlines()]
+  assert all("val_d_util" in r for r in rows("first_50_0") + rows("all_0"))
+  assert not any("val_d_util" in r for r in rows("off_0"))

@@ -119,8 +119,9 @@ def test_study_end_to_end_resumes_an_unfinished_run_and_skips_finished_ones(data
           for s in (0, 1)} == {0, 1}
   table = (tmp_path / "study.md").read_text()
   assert "| guided | 2 |" in table and "guided - vanilla" in table
-  for name in ("accuracy", "speeds", "validation", "utilization"):
+  for name in ("accuracy", "speeds", "validation", "utilization", "speed_vs_utilization"):
     assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+  assert not (tmp_path / "plots" / "grid.png").exists()  # no grid axis
 
   again = _study(*args)
   assert again.returncode == 0 and again.stdout.count("skipped") == 4
@@ -147,6 +148,8 @@ def test_grid_axis_in_the_table_and_a_failed_run_reported(data_dir, tmp_path):
   config = json.loads((tmp_path / "optimizer.learning_rate=0.01" / "guided" / "seed_0" /
                        "config.json").read_text())
   assert config["optimizer"]["learning_rate"] == 0.01
+  # A numeric axis: test ŷ and the shares against it, from the runs that finished.
+  assert (tmp_path / "plots" / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_unknown_grid_field_and_method_are_refused_before_any_run(tmp_path):

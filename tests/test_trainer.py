@@ -194,12 +194,12 @@ def test_utilization_at_epoch_ends_equals_the_after_training_measure(tmp_path):
   correlation of d_speed and d_util is Spearman's, computed here by hand."""
   config = tiny_config("fixed_1", tmp_path / "tfds")
   config.data.manual_dir = ""  # the embedded default: 3,600 training and 400 validation digits
-  config.batch_size, config.num_epochs, config.log_every_steps = 64, 3, 20
+  config.batch_size, config.num_epochs, config.log_every_steps = 128, 3, 20
   config.utilization_every_epoch, config.utilization_train_examples = True, 100
   summary = trainer.train_and_evaluate(config, tmp_path / "run")
-  # Warm-up (56 steps), then one normal step and Q = 5 re-balancing steps for m1, repeated.
+  # Warm-up (28 steps), then one normal step and Q = 5 re-balancing steps for m1, repeated.
   targets = [r["target"] for r in step_rows(tmp_path / "run")]
-  assert targets == [-1 if t < 56 or (t - 56) % 6 == 0 else 1 for t in range(168)]
+  assert targets == [-1 if t < 28 or (t - 28) % 6 == 0 else 1 for t in range(84)]
 
   dataset = datasets.open_dataset(config.data)
   train = dataset.sources["train"]
@@ -211,7 +211,7 @@ def test_utilization_at_epoch_ends_equals_the_after_training_measure(tmp_path):
   measured = utilization.conditional_utilization(model, variables, batches(first_100),
                                                  batches(dataset.sources["validation"]))
   rows = epoch_rows(tmp_path / "run")
-  assert step == rows[-1]["step"] == 168
+  assert step == rows[-1]["step"] == 84
   assert rows[-1]["val_u(m1|m0)"] == pytest.approx(measured.rates[1, 0], abs=1e-6)
   assert rows[-1]["val_u(m0|m1)"] == pytest.approx(measured.rates[0, 1], abs=1e-6)
   assert rows[-1]["val_d_util"] == pytest.approx(measured.d_util, abs=1e-6)

@@ -282,9 +282,10 @@ def _end_epoch(run: Run, state):
     row = epoch_row(step // run.steps_per_epoch, step, progress.epoch_sums, val) | {
         names.LEARNING_RATE: learning_rate(state.opt_state)}
     if run.config.utilization_every_epoch and run.config.model.fusion == "mmtm":
-      rates = utilization_rates(run.model, state, run.utilization_train_batches(),
-                                list(run.split_batches("validation")), val,
-                                run.config.data.modalities)
+      with run.clock.section("epoch utilization"):
+        rates = utilization_rates(run.model, state, run.utilization_train_batches(),
+                                  list(run.split_batches("validation")), val,
+                                  run.config.data.modalities)
       row |= {names.val(k): v for k, v in rates.items()}
     progress.epoch_sums = EpochSums()
     run.logs.add_epoch(row)
