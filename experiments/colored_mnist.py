@@ -33,6 +33,10 @@ paired intervals):
   unimodal_1   0.186 ± 0.003  -                     0.984 ± 0.004  -                -
   late_fusion  0.604 ± 0.056  0.953 ± 0.004         0.993 ± 0.002  -                -
 
+The controls for guided's decision (README.md, "Does guided's decision matter?"; commit
+e4e1a2f): fixed_0 takes guided's very steps (0.578 ± 0.028); random_matched, m0 at guided's
+share but random times, 0.584 ± 0.018; fixed_1, the other modality, 0.181 ± 0.007.
+
 OGM-GE as its authors run it (README.md, "OGM-GE under both protocols"; commit ebe2e8b):
 
   variant            α    test ŷ         test branch 0 (gray)  test_biased ŷ
