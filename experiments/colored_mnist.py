@@ -61,8 +61,8 @@ def get_config(variant: str = DEFAULT_VARIANT):
   c.model.name = "small_cnn"
   c.model.small_cnn = config_dict.ConfigDict({"width": 32})  # channels of the first stage (then 2x)
   # The validation rates at every epoch end, their means from 1,000 of the 3,600 training
-  # digits: +5% wall time on a 10-epoch run (+23% with all 3,600; README.md, "Speed"), rates
-  # within 0.011 of those from all of them.
+  # digits: 0.85 s an epoch, 1.20x the wall time of a 10-epoch run (1.66x with all 3,600;
+  # benchmarks/epoch_utilization.py, README.md "Speed"); rates within 0.011 of all 3,600's.
   c.utilization_every_epoch = True
   c.utilization_train_examples = 1000
   # The rest as in experiments/common.py: SGD lr 0.01 momentum 0.9, α 0.01, Q 5, one
