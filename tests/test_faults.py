@@ -330,8 +330,8 @@ def test_an_unknown_variant_is_one_line_listing_the_variants(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       "Error: Unknown variant 'guidedd' of colored_mnist; expected one of ('vanilla', "
-      "'random', 'guided', 'ogm_ge', 'ogm_ge_joint', 'unimodal_0', 'unimodal_1', 'late_fusion', "
-      "'late_fusion_joint')."]
+      "'random', 'guided', 'ogm_ge', 'ogm_ge_joint', 'fixed_0', 'fixed_1', 'random_matched', "
+      "'unimodal_0', 'unimodal_1', 'late_fusion', 'late_fusion_joint')."]
 
 
 def test_damaged_files_of_a_workdir_are_named(data_dir, tmp_path):
