@@ -12,23 +12,18 @@ and the wall time against the run without.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import pathlib
 import time
 
 import numpy as np
 
-from benchmarks.job_vs_step import ROOT, job, load_config
+from benchmarks.job_vs_step import job, job_parser, load_config
 
 
 def main(argv=None) -> dict:
   """Prints one line per setting; returns {setting: mean wall seconds}."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="experiments/colored_mnist.py:guided")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="config overrides, e.g. num_epochs=3")
-  parser.add_argument("--workdir", default=str(ROOT / "runs" / "epoch_utilization"))
+  parser = job_parser(__doc__.splitlines()[0], "epoch_utilization", "num_epochs=3")
   parser.add_argument("--rounds", type=int, default=1, help="runs of each setting, interleaved")
   args = parser.parse_args(argv)
   config = load_config(args.config, args.set)

@@ -80,13 +80,20 @@ def step_alone(config, steps: int) -> float:
   return len(plan) * size * config.batch_size / (time.perf_counter() - start)
 
 
-def main(argv=None) -> dict:
-  """Prints the three rates, the job's time breakdown and the ratios; returns the rates."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def job_parser(description: str, workdir: str, example: str) -> argparse.ArgumentParser:
+  """The flags of a benchmark that runs a job: --config, --set FIELD=VALUE (``example``
+  in its help), --workdir (default runs/``workdir``)."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--config", default="experiments/colored_mnist.py:guided")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="config overrides, e.g. steps_per_call=8")
-  parser.add_argument("--workdir", default=str(ROOT / "runs" / "job_vs_step"))
+                      help=f"config overrides, e.g. {example}")
+  parser.add_argument("--workdir", default=str(ROOT / "runs" / workdir))
+  return parser
+
+
+def main(argv=None) -> dict:
+  """Prints the three rates, the job's time breakdown and the ratios; returns the rates."""
+  parser = job_parser(__doc__.splitlines()[0], "job_vs_step", "steps_per_call=8")
   parser.add_argument("--steps", type=int, default=400, help="steps of the step-alone timing")
   args = parser.parse_args(argv)
   config = load_config(args.config, args.set)

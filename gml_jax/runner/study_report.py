@@ -233,8 +233,8 @@ def plots(result: dict, runs: dict, plot_dir: storage.Path) -> None:
               if members(g)[0].summary().get(names.FUSION, "mmtm") == "mmtm"]
   if measured:
     _speeds_plot(measured, members, plot_dir / "speeds.png")
-  _validation_plot(groups, members, plot_dir / "validation.png")
   epoch_rows = {id(r): _read_jsonl(r.workdir / "metrics" / "epochs.jsonl") for r in runs.values()}
+  _validation_plot(groups, members, epoch_rows, plot_dir / "validation.png")
   if any(row.get(names.val(names.D_UTIL)) is not None for rows in epoch_rows.values()
          for row in rows):
     _speed_vs_utilization_plot(groups, members, epoch_rows, plot_dir / "speed_vs_utilization.png")
@@ -286,13 +286,13 @@ def _speeds_plot(groups, members, path: storage.Path) -> None:
   save(fig, path, dpi=110)
 
 
-def _validation_plot(groups, members, path: storage.Path) -> None:
+def _validation_plot(groups, members, epoch_rows, path: storage.Path) -> None:
   """Validation accuracy of each branch over epochs per series (mean over seeds, band)."""
   fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False,
                            sharey=True)
   for col, g in enumerate(groups):
     ax = axes[0, col]
-    rows = [_read_jsonl(r.workdir / "metrics" / "epochs.jsonl") for r in members(g)]
+    rows = [epoch_rows[id(r)] for r in members(g)]
     length = min(len(r) for r in rows)
     epochs = [row[names.EPOCH] for row in rows[0][:length]]
     series = [(names.val(names.ACCURACY), "fused ŷ"),
@@ -360,10 +360,11 @@ def _grid_plot(field: str, runs, modalities, path: storage.Path) -> None:
     others = ",".join(f"{k}={v}" for k, v in r.point if k != field)
     series.setdefault(f"{r.method} {others}".strip(), []).append(r)
   values = sorted({float(dict(r.point)[field]) for r in runs})
+  summaries = {id(r): r.summary() for r in runs}  # each file read once
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
   for ax, (key, label) in zip(axes[0], keys):
     for i, (name, members) in enumerate(series.items()):
-      at = [[r.summary().get(key) for r in members if float(dict(r.point)[field]) == v]
+      at = [[summaries[id(r)].get(key) for r in members if float(dict(r.point)[field]) == v]
             for v in values]
       stats_at = [mean_std(x) for x in at]
       xs = [v for v, st in zip(values, stats_at) if st["mean"] is not None]
