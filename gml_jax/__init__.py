@@ -11,7 +11,8 @@ trainer, input pipeline, plots) is ``gml_jax.runner``, installed with the ``expe
 extra and run from a clone.
 """
 
-from gml_jax import nnx as nnx  # the NNX twins, as gml_jax.nnx
+import importlib
+
 from gml_jax.balancing import (
     METHODS,
     UPDATE_MODES,
@@ -89,3 +90,10 @@ __all__ = [
     # utilization
     "conditional_utilization", "training_means", "Utilization",
 ]
+
+
+def __getattr__(name):
+  # gml_jax.nnx imports flax.nnx (a second of start-up): only for those who use it.
+  if name == "nnx":
+    return importlib.import_module("gml_jax.nnx")
+  raise AttributeError(f"module 'gml_jax' has no attribute {name!r}")

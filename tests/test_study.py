@@ -71,6 +71,10 @@ def test_speed_util_correlation_of_each_run_and_its_mean_over_seeds_by_hand():
     assert evaluation.speed_util_correlation(rows) == pytest.approx(rho)
     runs.append({"method": "guided", "seed": seed, "point": "",
                  "summary": {"test_accuracy": 0.5, "speed_util_spearman": rho}})
+  # Tied speeds share their mean rank: ranks (1, 2.5, 2.5, 4) and (1, 3, 2, 4), Pearson's r of
+  # the ranks = 4.5 / sqrt(4.5 * 5).
+  tied = _epochs([0.1, 0.2, 0.2, 0.4], [0.1, 0.3, 0.2, 0.4])
+  assert evaluation.speed_util_correlation(tied) == pytest.approx(4.5 / math.sqrt(22.5))
   # Fewer than 3 epochs with both values, or a constant d_util: no correlation.
   assert evaluation.speed_util_correlation(_epochs([0.1, 0.2], [0.3, 0.4])) is None
   assert evaluation.speed_util_correlation(_epochs([0.1, 0.2, 0.3], [0.3, None, 0.1])) is None
