@@ -38,6 +38,14 @@ def tiny_config(method, data_dir):
   return c
 
 
+# The tiny NVGesture job (8 frames of 32x32, I3D of width 8): the suite's slowest model.
+NVGESTURE_DUMMY = ROOT / "data_prep" / "nvgesture" / "dummy_data"
+NVGESTURE_FLAGS = ["--config.data.builder_config=frames8_32px", "--config.model.i3d.width=8",
+                   "--config.batch_size=4", "--config.eval_batch_size=4",
+                   "--config.num_epochs=2", "--config.log_every_steps=1",
+                   f"--config.data.manual_dir={NVGESTURE_DUMMY}"]
+
+
 def tiny_flags(data_dir, **overrides):
   fields = {"data.data_dir": data_dir, "data.manual_dir": DUMMY, "model.small_cnn.width": 4,
             "batch_size": 32, "eval_batch_size": 64, "num_epochs": 2, "log_every_steps": 2}

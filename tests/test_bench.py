@@ -6,11 +6,15 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from run_helpers import BLOCK_HEAVY, ROOT
 
 from benchmarks import bench
 
 
+# Both compile the cnn_b64 steps in float32: one worker, the second finds them in the
+# compilation cache (tests/conftest.py).
+@pytest.mark.xdist_group("cnn_b64")
 def test_bench_reports_times_compilations_and_ratios(tmp_path):
   out = tmp_path / "results.json"
   result = bench.main(["--workloads", "cnn_b64", "--methods", "vanilla,guided", "--repeats", "2",
@@ -37,6 +41,7 @@ def test_bench_reports_times_compilations_and_ratios(tmp_path):
   assert pipelines[("colored_mnist", 1)]["feeds"] == "cnn_b64"
 
 
+@pytest.mark.xdist_group("cnn_b64")
 def test_device_report_runs_with_only_the_library_stack(tmp_path):
   # The accelerator machines have jax, flax, optax, chex and torch only: the report must not
   # touch the runner's dependencies (blocked here), and runs on CPU in a tiny configuration.

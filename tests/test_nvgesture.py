@@ -9,17 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from run_helpers import ROOT, build_dataset, run_cli
+from run_helpers import NVGESTURE_DUMMY as DUMMY
+from run_helpers import build_dataset
 
 from data_prep.nvgesture import Builder, check_manual_dir
 from data_prep.nvgesture import nvgesture_dataset_builder as nvg
 from gml_jax import models
 
-DUMMY = ROOT / "data_prep" / "nvgesture" / "dummy_data"
-
-
 # Every test here compiles the same i3d pair: on one xdist worker (make test's
-# --dist loadgroup), the tests after the first find it in the worker's compilation cache.
+# --dist loadgroup), the tests after the first find it in the compilation cache.
 pytestmark = pytest.mark.xdist_group("i3d")
 
 
@@ -99,9 +97,11 @@ def test_i3d_pair_matches_the_architecture():
 def test_converted_weights_load_into_a_branch(tmp_path):
   model = models.i3d_fusion(num_classes=25)
   inputs = [jnp.zeros((1, 8, 32, 32, 3)), jnp.zeros((1, 8, 32, 32, 1))]
-  variables = model.init(jax.random.key(0), inputs, train=False)
+  # Compiled once for both (op by op, the full I3D pair initialises in over 10 s).
+  init = jax.jit(model.init, static_argnames="train")
+  variables = init(jax.random.key(0), inputs, train=False)
   # A "converted" RGB checkpoint: another initialisation, with a 400-way head to ignore.
-  other = model.init(jax.random.key(1), inputs, train=False)
+  other = init(jax.random.key(1), inputs, train=False)
   flat = {}
   for col in ("params", "batch_stats"):
     for key, value in traverse_util.flatten_dict(other[col]["branches_0"], sep="/").items():
@@ -136,16 +136,10 @@ def test_converted_weights_load_into_a_branch(tmp_path):
     models.load_branch_weights(variables, 0, tmp_path / "nothing.npz")
 
 
-def test_cli_trains_nvgesture(tmp_path):
-  workdir = tmp_path / "run"
-  result = run_cli(
-      "--config=experiments/nvgesture.py:guided", f"--workdir={workdir}",
-      f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.manual_dir={DUMMY}",
-      "--config.data.builder_config=frames8_32px", "--config.model.i3d.width=8",
-      "--config.batch_size=4",
-      "--config.eval_batch_size=4", "--config.num_epochs=2", "--config.log_every_steps=1")
+def test_cli_trains_nvgesture(nvgesture_study):
+  study_dir, result = nvgesture_study  # the CLI run of tests/conftest.py
   assert result.returncode == 0, result.stderr[-3000:]
-  summary = json.loads((workdir / "summary.json").read_text())
+  summary = json.loads((study_dir / "guided" / "seed_0" / "summary.json").read_text())
   assert summary["test_examples"] == 3 and summary["steps"] == 4
   # 3 test clips after 4 steps: a branch may score 0, which leaves its rate undefined.
   assert summary["d_util"] is None or np.isfinite(summary["d_util"])

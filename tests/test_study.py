@@ -7,7 +7,15 @@ import subprocess
 import sys
 
 import pytest
-from run_helpers import CONFIG, ROOT, cli_command, cli_env, free_port, tiny_flags
+from run_helpers import (
+    CONFIG,
+    NVGESTURE_FLAGS,
+    ROOT,
+    cli_command,
+    cli_env,
+    free_port,
+    tiny_flags,
+)
 
 from gml_jax.runner import evaluation, study, study_report
 
@@ -167,45 +175,49 @@ def test_unknown_grid_field_and_method_are_refused_before_any_run(tmp_path):
 # Between them, the two cover every variant beyond the paper's on a real backbone: OGM-GE and
 # late fusion on the ResNet-18 pair, a uni-modal I3D beside the I3D pair (Colored MNIST runs
 # them all in tests/test_baselines.py).
-@pytest.mark.parametrize("experiment,methods,flags", [
-    pytest.param("modelnet40", "vanilla,guided,ogm_ge,late_fusion",
-                 ["--config.data.image_size=32", "--config.model.resnet18.width=8",
-                  "--config.batch_size=4",
-                  "--config.eval_batch_size=4", "--config.num_epochs=2",
-                  "--config.steps_per_call=1"],  # 3 steps an epoch: no K = 4
-                 marks=pytest.mark.xdist_group("resnet18")),
-    pytest.param("nvgesture", "vanilla,guided,unimodal_1",
-                 ["--config.data.builder_config=frames8_32px", "--config.model.i3d.width=8",
-                  "--config.batch_size=4",
-                  "--config.eval_batch_size=4", "--config.num_epochs=2"],
-                 marks=pytest.mark.xdist_group("i3d")),
-])
-def test_study_runs_the_other_experiments_on_their_dummy_data(experiment, methods, flags,
-                                                              tmp_path):
-  dummy = {"modelnet40": "modelnet40_views", "nvgesture": "nvgesture"}[experiment]
-  result = _study(f"--config=experiments/{experiment}.py", f"--methods={methods}",
-                  "--seeds=0", f"--workdir={tmp_path / 'study'}",
-                  f"--config.data.data_dir={tmp_path / 'tfds'}",
-                  f"--config.data.manual_dir={ROOT / 'data_prep' / dummy / 'dummy_data'}",
-                  "--config.log_every_steps=1", *flags)
+@pytest.mark.xdist_group("resnet18")
+def test_study_runs_modelnet40_on_its_dummy_data(tmp_path):
+  dummy = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
+  methods = "vanilla,guided,ogm_ge,late_fusion"
+  result = _study("--config=experiments/modelnet40.py", f"--methods={methods}", "--seeds=0",
+                  f"--workdir={tmp_path / 'study'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+                  f"--config.data.manual_dir={dummy}", "--config.log_every_steps=1",
+                  "--config.data.image_size=32", "--config.model.resnet18.width=8",
+                  "--config.batch_size=4", "--config.eval_batch_size=4",
+                  "--config.num_epochs=2", "--config.steps_per_call=1")  # 3 steps an epoch
+  metrics = _check_study(result, tmp_path / "study", "modelnet40", methods,
+                         ["guided - vanilla", "ogm_ge - vanilla", "guided - ogm_ge",
+                          "vanilla - late_fusion"])
+  assert "d_util" in metrics["ogm_ge"] and "d_util" not in metrics["late_fusion"]
+
+
+@pytest.mark.xdist_group("i3d")
+def test_study_runs_nvgesture_around_a_finished_cli_run(nvgesture_study):
+  # guided seed 0 is already there: the CLI run of tests/conftest.py, with this study's flags.
+  study_dir, _ = nvgesture_study
+  methods = "vanilla,guided,unimodal_1"
+  result = _study("--config=experiments/nvgesture.py", f"--methods={methods}", "--seeds=0",
+                  f"--workdir={study_dir}", f"--config.data.data_dir={study_dir.parent / 'tfds'}",
+                  *NVGESTURE_FLAGS)
+  assert "skipped guided seed 0: finished before" in result.stdout
+  metrics = _check_study(result, study_dir, "nvgesture", methods, ["guided - vanilla"])
+  unimodal = metrics["unimodal_1"]
+  assert unimodal["test_accuracy"] == unimodal["test_branch_1_accuracy"]
+  assert "test_branch_0_accuracy" not in unimodal and "d_util" not in unimodal
+
+
+def _check_study(result, study_dir, experiment, methods, comparisons) -> dict:
+  """Checks a one-seed study of ``methods``; returns each method's metrics."""
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  saved = json.loads((tmp_path / "study" / "study.json").read_text())
+  saved = json.loads((study_dir / "study.json").read_text())
   assert saved["experiment"] == experiment
   assert [g["method"] for g in saved["groups"]] == methods.split(",")
   # One seed: a mean but no spread, and no interval for the paired differences.
   paired = [p for p in saved["paired"] if p["metric"] == "test_accuracy"]
-  expected = {"modelnet40": ["guided - vanilla", "ogm_ge - vanilla", "guided - ogm_ge",
-                             "vanilla - late_fusion"], "nvgesture": ["guided - vanilla"]}
-  assert [p["comparison"] for p in paired] == expected[experiment]
+  assert [p["comparison"] for p in paired] == comparisons
   assert all(p["n"] == 1 and p["ci95"] is None for p in paired)
-  metrics = {g["method"]: g["metrics"] for g in saved["groups"]}
-  if experiment == "modelnet40":
-    assert "d_util" in metrics["ogm_ge"] and "d_util" not in metrics["late_fusion"]
-  else:
-    unimodal = metrics["unimodal_1"]
-    assert unimodal["test_accuracy"] == unimodal["test_branch_1_accuracy"]
-    assert "test_branch_0_accuracy" not in unimodal and "d_util" not in unimodal
-  assert (tmp_path / "study" / "plots" / "speeds.png").exists()
+  assert (study_dir / "plots" / "speeds.png").exists()
+  return {g["method"]: g["metrics"] for g in saved["groups"]}
 
 
 def test_study_as_a_two_process_job(data_dir, tmp_path):
