@@ -12,7 +12,7 @@ from run_helpers import BLOCK_HEAVY, ROOT
 from benchmarks import bench
 
 
-# Both compile the cnn_b64 steps in float32: one worker, the second finds them in the
+# Both compile the cnn_b64 steps in float32: one worker, the second finds them in its
 # compilation cache (tests/conftest.py).
 @pytest.mark.xdist_group("cnn_b64")
 def test_bench_reports_times_compilations_and_ratios(tmp_path):

@@ -17,7 +17,7 @@ DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
 
 
 # Every test here compiles the same resnet18 pair: on one xdist worker (make test's
-# --dist loadgroup), the tests after the first find it in the compilation cache.
+# --dist loadgroup), the tests after the first find it in the worker's compilation cache.
 pytestmark = pytest.mark.xdist_group("resnet18")
 
 

@@ -17,7 +17,7 @@ from data_prep.nvgesture import nvgesture_dataset_builder as nvg
 from gml_jax import models
 
 # Every test here compiles the same i3d pair: on one xdist worker (make test's
-# --dist loadgroup), the tests after the first find it in the compilation cache.
+# --dist loadgroup), the tests after the first find it in the worker's compilation cache.
 pytestmark = pytest.mark.xdist_group("i3d")
 
 

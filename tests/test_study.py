@@ -107,11 +107,12 @@ def _study(*args, devices=1, timeout=900):
 
 def test_study_end_to_end_resumes_an_unfinished_run_and_skips_finished_ones(data_dir, tmp_path):
   args = [f"--config={CONFIG}", "--methods=vanilla,guided", "--seeds=0-1",
-          f"--workdir={tmp_path}", *tiny_flags(data_dir)]
+          f"--workdir={tmp_path}", *tiny_flags(data_dir, utilization_every_epoch=True)]
   # An earlier study stopped inside guided seed 0 (the run the study would start).
   partial = tmp_path / "guided" / "seed_0"
   stopped = subprocess.run(
-      cli_command("guided", partial, data_dir, "--stop_after_steps=3", seed=0), cwd=ROOT,
+      cli_command("guided", partial, data_dir, "--stop_after_steps=3", seed=0,
+                  utilization_every_epoch=True), cwd=ROOT,
       env=cli_env(2), capture_output=True, text=True, timeout=300)
   assert stopped.returncode == 0, stopped.stderr[-3000:]
 
