@@ -31,7 +31,7 @@ def build_dataset(builder_class, config, data_dir, manual_dir):
 
 def tiny_config(method, data_dir):
   """5 steps per epoch (189 train digits, batch 32), 2 epochs, a 4-channel CNN. Without the
-  validation rates at every epoch end (a tenth of a tiny run's time): the tests of those turn
+  validation rates at every epoch end (10–25% of a tiny run's time): the tests of those turn
   them on."""
   c = colored_mnist.get_config(method)
   c.data.data_dir, c.data.manual_dir = str(data_dir), str(DUMMY)

@@ -175,7 +175,7 @@ def test_unknown_grid_field_and_method_are_refused_before_any_run(tmp_path):
 
 # Between them, the two cover every variant beyond the paper's on a real backbone: OGM-GE and
 # late fusion on the ResNet-18 pair, a uni-modal I3D beside the I3D pair (Colored MNIST runs
-# them all in tests/test_baselines.py).
+# them all in tests/test_experiments.py).
 @pytest.mark.xdist_group("resnet18")
 def test_study_runs_modelnet40_on_its_dummy_data(tmp_path):
   dummy = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
