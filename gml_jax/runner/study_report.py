@@ -11,7 +11,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from gml_jax.runner import names, storage  # noqa: E402
 from gml_jax.runner.plots import save  # noqa: E402
@@ -55,6 +54,8 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float] | None:
   values = np.asarray(values, np.float64)
   if len(values) < 2:
     return None
+  from scipy import stats  # most of a second to import: only where an interval is drawn
+
   half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(
       len(values))
   return float(values.mean() - half), float(values.mean() + half)
