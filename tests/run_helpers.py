@@ -1,12 +1,21 @@
 """Helpers for tests that run the Colored MNIST job on its dummy data."""
 
+import atexit
+import functools
+import io
 import json
+import multiprocessing
 import os
 import pathlib
+import runpy
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import traceback
 
 import jax
 import numpy as np
@@ -70,8 +79,131 @@ def cli_env(devices=1):
 
 
 def run_cli(*args, devices=1, timeout=300):
-  return subprocess.run([sys.executable, "-m", "gml_jax.runner.main", *args], cwd=ROOT,
-                        env=cli_env(devices), capture_output=True, text=True, timeout=timeout)
+  return run_module("gml_jax.runner.main", *args, devices=devices, timeout=timeout)
+
+
+def cli_args(method, workdir, data_dir, *extra, **overrides):
+  """``cli_command`` without ``python -m gml_jax.runner.main``: for start_module."""
+  return cli_command(method, workdir, data_dir, *extra, **overrides)[3:]
+
+
+# --------------------------------------------------------------------------------------
+# Runs and studies forked from a warm interpreter
+#
+# A fresh `python -m gml_jax.runner.main` spends about 5 CPU-s importing JAX, Flax, orbax,
+# grain, tensorflow-datasets, matplotlib and tensorboardX: half of a tiny run, and most of a
+# study's own process. The tests start those commands as forks of one interpreter per test
+# worker that has imported them (multiprocessing's fork server; nothing there has started
+# JAX's backend or a thread), each fork then running the module as `python -m` does, with
+# its own environment, working directory, argv and output files. What the tests check of a
+# fresh interpreter (imports, flags, the wheel) runs real processes: tests/test_packaging.py,
+# tests/test_storage.py (environment read at import), the multi-process jobs, and every run
+# a study starts.
+
+_PRELOAD = ["gml_jax.runner.trainer", "gml_jax.runner.study_report", "tensorflow_datasets",
+            "tensorboardX", "absl.app", "ml_collections.config_flags"]
+
+
+@functools.cache
+def _fork_server():
+  context = multiprocessing.get_context("forkserver")
+  context.set_forkserver_preload(_PRELOAD)
+  return context
+
+
+@functools.cache
+def _fresh_sys_path() -> tuple[str, ...]:
+  """sys.path of a fresh interpreter, less its first entry (the working directory)."""
+  code = "import json, sys; print(json.dumps(sys.path[1:]))"
+  return tuple(json.loads(subprocess.check_output([sys.executable, "-c", code], text=True)))
+
+
+def _as_python_m(module, args, cwd, env, out, err, sys_path):
+  """In the fork: becomes `cd cwd; env python -m module args > out 2> err`."""
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  for sig in (signal.SIGTERM, signal.SIGCHLD):
+    signal.signal(sig, signal.SIG_DFL)
+  os.chdir(cwd)
+  os.environ.clear()
+  os.environ.update(env)
+  for fd, path in ((1, out), (2, err)):
+    opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(opened, fd)
+    os.close(opened)
+  sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False),
+                                             encoding="utf-8", line_buffering=True)
+                            for fd in (1, 2))
+  sys.path[:] = [str(cwd), *sys_path]
+  sys.argv = [module, *args]
+  code = 0
+  try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    if not isinstance(e.code, (int, type(None))):
+      print(e.code, file=sys.stderr)
+  except BaseException:  # noqa: BLE001 (an uncaught error: a traceback and status 1)
+    traceback.print_exc()
+    code = 1
+  atexit._run_exitfuncs()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+class Forked:
+  """A command forked from the warm interpreter, with subprocess.Popen's interface (pid,
+  returncode, poll, wait, send_signal, kill, communicate) and its output as text."""
+
+  def __init__(self, module, args, cwd, env):
+    self.args = [module, *args]
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="gml_jax_forked_"))
+    self._out, self._err, self._output = folder / "stdout", folder / "stderr", None
+    self._process = _fork_server().Process(
+        target=_as_python_m,
+        args=(module, list(args), str(cwd), dict(env), self._out, self._err, _fresh_sys_path()),
+        daemon=True)  # ended with the test worker, as a test's own Popen would not be
+    self._process.start()
+    self.pid = self._process.pid
+
+  @property
+  def returncode(self):
+    return self._process.exitcode
+
+  def poll(self):
+    return self.returncode
+
+  def wait(self, timeout=None):
+    self._process.join(timeout)
+    if self.returncode is None:
+      raise subprocess.TimeoutExpired(self.args, timeout)
+    return self.returncode
+
+  def send_signal(self, sig):
+    os.kill(self.pid, sig)
+
+  def kill(self):
+    self.send_signal(signal.SIGKILL)
+
+  def communicate(self, timeout=None):
+    self.wait(timeout)
+    if self._output is None:
+      self._output = tuple(f.read_text(errors="replace") for f in (self._out, self._err))
+      shutil.rmtree(self._out.parent)
+    return self._output
+
+
+def start_module(module, *args, devices=1, env=None, cwd=ROOT) -> Forked:
+  """`python -m module args` in ``cwd``, on ``devices`` simulated devices (cli_env),
+  forked from the warm interpreter; ``env`` adds to the environment."""
+  return Forked(module, args, cwd, cli_env(devices) | (env or {}))
+
+
+def run_module(module, *args, devices=1, env=None, cwd=ROOT, timeout=300):
+  """start_module, waited for: a subprocess.CompletedProcess."""
+  proc = start_module(module, *args, devices=devices, env=env, cwd=cwd)
+  out, err = proc.communicate(timeout)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def free_port() -> int:

@@ -18,22 +18,25 @@ import pytest
 from run_helpers import (
   ROOT,
   assert_states_close,
+  cli_args,
   cli_command,
   cli_env,
   epoch_rows,
   free_port,
   restore_latest,
+  run_module,
+  start_module,
   step_rows,
 )
+
+MAIN = "gml_jax.runner.main"
 
 # 4 epochs of 5 steps, metrics fetched every step so that a signal is seen at once.
 RUN = dict(num_epochs=4, log_every_steps=1)
 
 
 def _start(workdir, data_dir, **overrides):
-  return subprocess.Popen(cli_command("random", workdir, data_dir, **(RUN | overrides)),
-                          cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return start_module(MAIN, *cli_args("random", workdir, data_dir, **(RUN | overrides)))
 
 
 def _wait_for_steps(workdir, count, proc, timeout=120):
@@ -112,9 +115,7 @@ def _snapshot(directory):
 def test_second_run_on_a_workdir_in_use_stops_at_once(data_dir, tmp_path):
   first = _start(tmp_path, data_dir)
   _wait_for_steps(tmp_path, 2, first)
-  second = subprocess.run(cli_command("random", tmp_path, data_dir,
-                                      **{k: v for k, v in RUN.items()}),
-                          cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
+  second = run_module(MAIN, *cli_args("random", tmp_path, data_dir, **RUN))
   assert second.returncode == 1
   last = second.stderr.strip().splitlines()[-1]
   assert last.startswith(f"Error: Workdir {tmp_path} is in use by another run (host ")
@@ -149,14 +150,12 @@ def test_lock_of_a_killed_run_is_taken_over(data_dir, reference, tmp_path):
 
 
 def test_foreign_checkpoint_error_is_the_last_line(data_dir, tmp_path):
-  small = subprocess.run(cli_command("guided", tmp_path / "small", data_dir,
-                                     "--stop_after_steps=2"),
-                         cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
+  small = run_module(MAIN, *cli_args("guided", tmp_path / "small", data_dir,
+                                     "--stop_after_steps=2"))
   assert small.returncode == 0, small.stderr[-3000:]
   shutil.copytree(tmp_path / "small" / "checkpoints", tmp_path / "wide" / "checkpoints")
-  wide = subprocess.run(cli_command("guided", tmp_path / "wide", data_dir,
-                                    model__small_cnn__width=8),
-                        cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
+  wide = run_module(MAIN, *cli_args("guided", tmp_path / "wide", data_dir,
+                                    model__small_cnn__width=8))
   assert wide.returncode == 1
   lines = wide.stderr.strip().splitlines()
   assert lines[-1].startswith(f"Error: Checkpoint {tmp_path / 'wide' / 'checkpoints'}")
@@ -173,8 +172,7 @@ def test_corrupt_dataset_error_is_the_last_line(data_dir, tmp_path):
   copy = shutil.copytree(data_dir, tmp_path / "tfds")
   (train_file,) = copy.glob("colored_mnist/*/*/*-train.array_record*")
   train_file.write_bytes(train_file.read_bytes()[:1000])
-  result = subprocess.run(cli_command("guided", tmp_path / "run", copy), cwd=ROOT,
-                          env=cli_env(1), capture_output=True, text=True, timeout=300)
+  result = run_module(MAIN, *cli_args("guided", tmp_path / "run", copy))
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("Error: Cannot read example") and "corrupt or truncated" in last
@@ -221,8 +219,7 @@ def test_one_process_of_two_killed_then_the_job_resumes(data_dir, reference, tmp
 
 
 def _cli(workdir, data_dir, *extra, method="guided", **overrides):
-  return subprocess.run(cli_command(method, workdir, data_dir, *extra, **overrides), cwd=ROOT,
-                        env=cli_env(1), capture_output=True, text=True, timeout=300)
+  return run_module(MAIN, *cli_args(method, workdir, data_dir, *extra, **overrides))
 
 
 def _last_console_line(result) -> str:

@@ -2,12 +2,10 @@
 as a whole against the outputs of the loop it replaced."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from run_helpers import CONFIG, DUMMY, ROOT, cli_env
+from run_helpers import CONFIG, DUMMY, ROOT, cli_env, run_module
 
 from gml_jax.runner import loop, names
 from gml_jax.runner.checkpoints import Progress
@@ -129,12 +127,10 @@ def test_a_run_writes_what_the_loop_it_replaced_wrote(method, data_dir, tmp_path
            "checkpoint_every_steps": 4}
   # One device and `make train`'s XLA flag, compiled with the tests' quick flags and cache:
   # the golden files were written fully optimised, and the values still agree to 1e-5.
-  env = cli_env(1)
-  env["XLA_FLAGS"] += " --xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-  result = subprocess.run(
-      [sys.executable, "-m", "gml_jax.runner.main", f"--config={CONFIG}:{method}",
-       f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  ynn = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+  result = run_module("gml_jax.runner.main", f"--config={CONFIG}:{method}",
+                      f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items()),
+                      env={"XLA_FLAGS": f"{cli_env(1)['XLA_FLAGS']} {ynn}"})
   assert result.returncode == 0, result.stderr[-3000:]
   read_rows = lambda p: [json.loads(line) for line in p.read_text().splitlines()]
   steps = read_rows(workdir / "metrics" / "steps.jsonl")

@@ -11,9 +11,10 @@ from run_helpers import (
     CONFIG,
     NVGESTURE_FLAGS,
     ROOT,
-    cli_command,
+    cli_args,
     cli_env,
     free_port,
+    run_module,
     tiny_flags,
 )
 
@@ -101,8 +102,7 @@ def test_speed_util_correlation_of_each_run_and_its_mean_over_seeds_by_hand():
 
 
 def _study(*args, devices=1, timeout=900):
-  return subprocess.run([sys.executable, "-m", "gml_jax.runner.study", *args], cwd=ROOT,
-                        env=cli_env(devices), capture_output=True, text=True, timeout=timeout)
+  return run_module("gml_jax.runner.study", *args, devices=devices, timeout=timeout)
 
 
 def test_study_end_to_end_resumes_an_unfinished_run_and_skips_finished_ones(data_dir, tmp_path):
@@ -110,10 +110,9 @@ def test_study_end_to_end_resumes_an_unfinished_run_and_skips_finished_ones(data
           f"--workdir={tmp_path}", *tiny_flags(data_dir, utilization_every_epoch=True)]
   # An earlier study stopped inside guided seed 0 (the run the study would start).
   partial = tmp_path / "guided" / "seed_0"
-  stopped = subprocess.run(
-      cli_command("guided", partial, data_dir, "--stop_after_steps=3", seed=0,
-                  utilization_every_epoch=True), cwd=ROOT,
-      env=cli_env(2), capture_output=True, text=True, timeout=300)
+  stopped = run_module("gml_jax.runner.main", *cli_args(
+      "guided", partial, data_dir, "--stop_after_steps=3", seed=0, utilization_every_epoch=True),
+      devices=2)
   assert stopped.returncode == 0, stopped.stderr[-3000:]
 
   result = _study(*args, devices=2)  # runs on 2 devices, as a plain run would

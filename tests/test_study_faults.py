@@ -8,12 +8,11 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 from ml_collections import config_dict
-from run_helpers import CONFIG, ROOT, cli_env, step_rows, tiny_flags
+from run_helpers import CONFIG, run_module, start_module, step_rows, tiny_flags
 
 from experiments import colored_mnist
 from gml_jax.runner import study
@@ -26,14 +25,11 @@ def _args(workdir, data_dir, *extra, methods="vanilla", seeds="0", **overrides):
 
 
 def _study(*args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "gml_jax.runner.study", *args], cwd=ROOT,
-                        env=cli_env(1), capture_output=True, text=True, timeout=timeout)
+  return run_module("gml_jax.runner.study", *args, timeout=timeout)
 
 
 def _start_study(*args):
-  return subprocess.Popen([sys.executable, "-m", "gml_jax.runner.study", *args], cwd=ROOT,
-                          env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  return start_module("gml_jax.runner.study", *args)
 
 
 def _last_line(result) -> str:

@@ -3,8 +3,6 @@ end on dummy data: artifacts, resume, bad input, a diverging loss."""
 
 import json
 import math
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,12 +10,11 @@ import pytest
 from run_helpers import (
   CONFIG,
   DUMMY,
-  ROOT,
   assert_states_close,
-  cli_env,
   epoch_rows,
   restore_latest,
   run_cli,
+  run_module,
   step_rows,
   tiny_config,
   tiny_flags,
@@ -158,9 +155,7 @@ def test_bfloat16_run_takes_the_same_decisions_as_float32(data_dir, tmp_path):
 def test_make_data_builds_then_checks_without_training(tmp_path):
   args = [f"--config={CONFIG}", f"--config.data.data_dir={tmp_path / 'tfds'}",
           f"--config.data.manual_dir={DUMMY}"]
-  prepare = lambda *extra: subprocess.run(
-      [sys.executable, "-m", "gml_jax.runner.prepare", *args, *extra], cwd=ROOT, env=cli_env(),
-      capture_output=True, text=True, timeout=300)
+  prepare = lambda *extra: run_module("gml_jax.runner.prepare", *args, *extra)
   first, again = prepare(), prepare()
   assert first.returncode == 0 and again.returncode == 0, first.stderr[-2000:]
   assert "Building colored_mnist/var_0.02" in first.stdout and "Building" not in again.stdout
