@@ -95,10 +95,11 @@ def cli_args(method, workdir, data_dir, *extra, **overrides):
 # study's own process. The tests start those commands as forks of one interpreter per test
 # worker that has imported them (multiprocessing's fork server; nothing there has started
 # JAX's backend or a thread), each fork then running the module as `python -m` does, with
-# its own environment, working directory, argv and output files. What the tests check of a
-# fresh interpreter (imports, flags, the wheel) runs real processes: tests/test_packaging.py,
-# tests/test_storage.py (environment read at import), the multi-process jobs, and every run
-# a study starts.
+# its own environment, working directory, argv and output files (the runner reads its
+# environment variables when it uses them, not at import). What the tests check of a fresh
+# interpreter runs fresh processes: the imports and the wheel (tests/test_packaging.py), the
+# one-line errors of a bad command line (tests/test_faults.py), the device report with the
+# runner's modules blocked, the examples as written, and every run a study starts.
 
 _PRELOAD = ["gml_jax.runner.trainer", "gml_jax.runner.study_report", "tensorflow_datasets",
             "tensorboardX", "absl.app", "ml_collections.config_flags"]

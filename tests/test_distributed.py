@@ -1,40 +1,36 @@
 """Two processes on 127.0.0.1 (2 simulated devices each) against one process with 4."""
 
 import json
-import subprocess
 
 import jax
 import numpy as np
 import pytest
 from run_helpers import (
-  ROOT,
   assert_states_close,
-  cli_command,
-  cli_env,
+  cli_args,
   free_port,
   restore_latest,
+  run_module,
+  start_module,
   step_rows,
 )
 
 from gml_jax.runner import pipeline
 
+MAIN = "gml_jax.runner.main"
+
 
 def test_two_processes_match_one_process(data_dir, tmp_path):
   port = free_port()
-  procs = [
-      subprocess.Popen(
-          cli_command("guided", tmp_path / "multi", data_dir, "--distributed",
-                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                      f"--process_id={i}"),
-          cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)
-  ]
+  procs = [start_module(MAIN, *cli_args("guided", tmp_path / "multi", data_dir, "--distributed",
+                                         f"--coordinator_address=127.0.0.1:{port}",
+                                         "--num_processes=2", f"--process_id={i}"), devices=2)
+           for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (_out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   assert "test accuracy" in outputs[0][0] and "test accuracy" not in outputs[1][0]
-  single = subprocess.run(cli_command("guided", tmp_path / "single", data_dir), cwd=ROOT,
-                          env=cli_env(4), capture_output=True, text=True, timeout=300)
+  single = run_module(MAIN, *cli_args("guided", tmp_path / "single", data_dir), devices=4)
   assert single.returncode == 0, single.stderr[-3000:]
 
   multi_rows, single_rows = step_rows(tmp_path / "multi"), step_rows(tmp_path / "single")

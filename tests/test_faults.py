@@ -19,7 +19,6 @@ from run_helpers import (
   ROOT,
   assert_states_close,
   cli_args,
-  cli_command,
   cli_env,
   epoch_rows,
   free_port,
@@ -185,12 +184,10 @@ def test_corrupt_dataset_error_is_the_last_line(data_dir, tmp_path):
 
 
 def _two_processes(workdir, data_dir, port, *extra):
-  return [subprocess.Popen(
-      cli_command("random", workdir, data_dir, "--distributed",
-                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                  f"--process_id={i}", *extra, **(RUN | {"checkpoint_every_steps": 2})),
-      cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  return [start_module(MAIN, *cli_args(
+      "random", workdir, data_dir, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2", f"--process_id={i}", *extra, **(RUN | {"checkpoint_every_steps": 2})),
+      devices=2) for i in range(2)]
 
 
 def test_one_process_of_two_killed_then_the_job_resumes(data_dir, reference, tmp_path):

@@ -9,12 +9,20 @@ import pathlib
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from run_helpers import CONFIG, ROOT, cli_env, free_port, read_jsonl, step_rows, tiny_flags
+from run_helpers import (
+  CONFIG,
+  ROOT,
+  free_port,
+  read_jsonl,
+  run_module,
+  start_module,
+  step_rows,
+  tiny_flags,
+)
 
 BUCKET = "gml-jax-tests"
 # 4 epochs of 5 steps, a checkpoint (and so a flush of the logs) every 2 steps.
@@ -73,10 +81,9 @@ def _blob_names(prefix):
 
 
 def _run(workdir, data_dir, cwd, env, *extra, method="random", **overrides):
-  return subprocess.Popen(
-      [sys.executable, "-m", "gml_jax.runner.main", f"--config={CONFIG}:{method}",
-       f"--workdir={workdir}", *tiny_flags(data_dir, **(RUN | overrides)), *extra],
-      cwd=cwd, env=cli_env(1) | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return start_module("gml_jax.runner.main", f"--config={CONFIG}:{method}",
+                      f"--workdir={workdir}", *tiny_flags(data_dir, **(RUN | overrides)), *extra,
+                      cwd=cwd, env=env)
 
 
 def test_a_run_on_a_bucket_stops_resumes_and_equals_a_local_run(gcs, data_dir, tmp_path):
@@ -147,6 +154,7 @@ def test_a_second_run_on_a_bucket_workdir_is_refused_and_a_stale_lock_taken_over
     gcs, data_dir, tmp_path):
   workdir = f"gs://{BUCKET}/locked"
   _hold_lock(f"{workdir}/lock.json")
+  held = time.time()
   refused = _run(workdir, data_dir, tmp_path, gcs)
   out, err = refused.communicate(timeout=300)
   assert refused.returncode == 1
@@ -155,6 +163,7 @@ def test_a_second_run_on_a_bucket_workdir_is_refused_and_a_stale_lock_taken_over
                          "pid 4242, started 2026-12-01T10:00:00)"), last
   assert "not renewed for 300 s is taken over" in last
   # The holder stopped renewing (killed): after the lease, the next run takes the lock over.
+  time.sleep(max(0.0, held + 3 - time.time()))  # the 2 s lease below has run out
   taken = _run(workdir, data_dir, tmp_path, gcs | {"GML_JAX_LOCK_LEASE_SECONDS": "2"},
                num_epochs=1)
   out, err = taken.communicate(timeout=300)
@@ -194,10 +203,10 @@ def test_a_dataset_built_into_a_bucket_is_read_back_on_another_host(gcs, tmp_pat
   from gml_jax.runner import dataset
 
   config = tiny_config("guided", f"gs://{BUCKET}/tfds").data
-  made = subprocess.run(  # make data: built here, uploaded
-      [sys.executable, "-m", "gml_jax.runner.prepare", f"--config={CONFIG}",
-       f"--config.data.data_dir=gs://{BUCKET}/tfds", f"--config.data.manual_dir={DUMMY}"],
-      cwd=tmp_path, env=cli_env(1) | gcs, capture_output=True, text=True, timeout=300)
+  made = run_module(  # make data: built here, uploaded
+      "gml_jax.runner.prepare", f"--config={CONFIG}",
+      f"--config.data.data_dir=gs://{BUCKET}/tfds", f"--config.data.manual_dir={DUMMY}",
+      cwd=tmp_path, env=gcs)
   assert made.returncode == 0, made.stderr[-3000:]
   assert f"colored_mnist/var_0.02: gs://{BUCKET}/tfds/colored_mnist/var_0.02/1.0.0 (copy: " \
          f"{gcs['GML_JAX_CACHE']}/tfds/" in made.stdout
@@ -226,11 +235,9 @@ def test_a_dataset_built_into_a_bucket_is_read_back_on_another_host(gcs, tmp_pat
 
 def test_a_two_method_study_on_a_bucket(gcs, data_dir, tmp_path):
   study_dir = f"gs://{BUCKET}/study"
-  study = lambda: subprocess.run(
-      [sys.executable, "-m", "gml_jax.runner.study", f"--config={CONFIG}",
-       "--methods=vanilla,guided", "--seeds=0", f"--workdir={study_dir}",
-       *tiny_flags(data_dir)],
-      cwd=tmp_path, env=cli_env(1) | gcs, capture_output=True, text=True, timeout=600)
+  study = lambda: run_module(
+      "gml_jax.runner.study", f"--config={CONFIG}", "--methods=vanilla,guided", "--seeds=0",
+      f"--workdir={study_dir}", *tiny_flags(data_dir), cwd=tmp_path, env=gcs, timeout=600)
   result = study()
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   saved = json.loads(_gs_text(f"{study_dir}/study.json"))
@@ -303,22 +310,19 @@ def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(
   port = free_port()
   workdir, data = f"gs://{BUCKET}/multi", f"gs://{BUCKET}/multi_tfds"
   caches = [tmp_path / f"host_{i}" for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "gml_jax.runner.main", f"--config={CONFIG}:guided",
-       f"--workdir={workdir}", *tiny_flags(data), "--distributed",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=caches[i].parent, env=cli_env(2) | gcs | {"GML_JAX_CACHE": str(caches[i])},
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [start_module(
+      "gml_jax.runner.main", f"--config={CONFIG}:guided", f"--workdir={workdir}",
+      *tiny_flags(data), "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2", f"--process_id={i}", devices=2, cwd=caches[i].parent,
+      env=gcs | {"GML_JAX_CACHE": str(caches[i])}) for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for _, e in outputs)
   assert "Uploading" in outputs[0][0] and "Copying" in outputs[1][0]
   for cache in caches:
     assert list(cache.glob(f"tfds/*/colored_mnist/*/1.0.0/{'gml_jax_source.json'}"))
   single = tmp_path / "single"
-  one = subprocess.run(
-      [sys.executable, "-m", "gml_jax.runner.main", f"--config={CONFIG}:guided",
-       f"--workdir={single}", *tiny_flags(tmp_path / "tfds")],
-      cwd=tmp_path, env=cli_env(4) | gcs, capture_output=True, text=True, timeout=300)
+  one = run_module("gml_jax.runner.main", f"--config={CONFIG}:guided", f"--workdir={single}",
+                   *tiny_flags(tmp_path / "tfds"), devices=4, cwd=tmp_path, env=gcs)
   assert one.returncode == 0, one.stderr[-3000:]
   rows = read_jsonl(f"{workdir}/metrics/steps.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 11))

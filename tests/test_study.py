@@ -3,8 +3,6 @@ through the CLI (resume, skip, grid axis, a failed run, every experiment)."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 from run_helpers import (
@@ -12,9 +10,9 @@ from run_helpers import (
     NVGESTURE_FLAGS,
     ROOT,
     cli_args,
-    cli_env,
     free_port,
     run_module,
+    start_module,
     tiny_flags,
 )
 
@@ -222,13 +220,11 @@ def _check_study(result, study_dir, experiment, methods, comparisons) -> dict:
 
 def test_study_as_a_two_process_job(data_dir, tmp_path):
   port = free_port()
-  studies = [subprocess.Popen(
-      [sys.executable, "-m", "gml_jax.runner.study", f"--config={CONFIG}", "--methods=guided",
-       "--seeds=0", f"--workdir={tmp_path}", *tiny_flags(data_dir),
-       f"--run_args=--distributed --coordinator_address=127.0.0.1:{port} --num_processes=2 "
-       f"--process_id={i}"],
-      cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  studies = [start_module(
+      "gml_jax.runner.study", f"--config={CONFIG}", "--methods=guided", "--seeds=0",
+      f"--workdir={tmp_path}", *tiny_flags(data_dir),
+      f"--run_args=--distributed --coordinator_address=127.0.0.1:{port} --num_processes=2 "
+      f"--process_id={i}", devices=2) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in studies]
   for p, (out, err) in zip(studies, outputs):
     assert p.returncode == 0, out[-2000:] + err[-2000:]

@@ -136,9 +136,11 @@ class WorkdirInUseError(RuntimeError):
   """Another run holds the workdir."""
 
 
-# A lock on a bucket that its holder has not renewed for this long is taken over (its
-# holder was killed, or lost its host). Renewed every third of it.
-LEASE_SECONDS = float(os.environ.get("GML_JAX_LOCK_LEASE_SECONDS", "300"))
+def lease_seconds() -> float:
+  """How long a lock on a bucket may go unrenewed before it is taken over (its holder was
+  killed, or lost its host): 300 s, or ``GML_JAX_LOCK_LEASE_SECONDS`` when a lock is taken.
+  Renewed every third of it."""
+  return float(os.environ.get("GML_JAX_LOCK_LEASE_SECONDS", "300"))
 
 
 class WorkdirLock:
@@ -149,7 +151,7 @@ class WorkdirLock:
   On a local disk the lock is ``flock``: the operating system releases it when its process
   ends, however it ends, so the lock of a killed run is simply taken over. On a bucket it is
   a leased object (:class:`ObjectLease`): created only if absent, renewed by its holder, and
-  taken over once it has not been renewed for ``LEASE_SECONDS`` (300 s; the environment
+  taken over once it has not been renewed for :func:`lease_seconds` (300 s; the environment
   variable ``GML_JAX_LOCK_LEASE_SECONDS`` sets it).
   """
 
@@ -175,23 +177,24 @@ class WorkdirLock:
 
   def check(self) -> None:
     """Raises WorkdirInUseError if this run's lease was taken over (it could not renew it
-    for ``LEASE_SECONDS``): the workdir is another run's now, and nothing more is written."""
+    for its lease): the workdir is another run's now, and nothing more is written."""
     if self._lease is not None and self._lease.lost:
       raise WorkdirInUseError(f"Workdir {self.path.parent} was taken over by another "
                               f"{self.holder} ({self._lease.lost}) after this one could not "
-                              f"renew its lock for {LEASE_SECONDS:g} s; stopped without saving.")
+                              f"renew its lock for {self._lease.lease_seconds:g} s; stopped "
+                              "without saving.")
 
   def _acquire_here(self) -> WorkdirInUseError | None:
     record = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": datetime.datetime.now().isoformat(timespec="seconds")}
     if storage.is_remote(self.path):
-      lease = ObjectLease(self.path, LEASE_SECONDS)
+      lease = ObjectLease(self.path, lease_seconds())
       taken, previous = lease.acquire(record)
       if not taken:
         return WorkdirInUseError(
             f"Workdir {self.path.parent} is in use by another {self.holder} "
             f"({_holder_text(previous)}); wait for it to end, or use another --workdir (a "
-            f"lock not renewed for {LEASE_SECONDS:g} s is taken over).")
+            f"lock not renewed for {lease.lease_seconds:g} s is taken over).")
       if previous:
         print(f"Taking over the lock of a {self.holder} that stopped renewing it "
               f"({_holder_text(previous)}).")
