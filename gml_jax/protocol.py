@@ -35,6 +35,7 @@ import inspect
 from typing import Any, Protocol, Sequence
 
 import jax
+from flax import linen
 
 
 class MultiModalModel(Protocol):
@@ -51,7 +52,10 @@ PROTOCOL = ("model(inputs, *, train, cut=-1, drop=None) -> (logits [B, C], branc
 
 def as_functional(model: Any) -> Any:
   """``model`` with ``init`` and ``apply``: a Linen module as it is, an NNX model wrapped."""
-  from flax import nnx
+  if isinstance(model, linen.Module):
+    return model
+  from flax import nnx  # about a second to import: not for Linen modules
+
 
   if isinstance(model, nnx.Module):
     from gml_jax.nnx import wrap
