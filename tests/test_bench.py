@@ -2,11 +2,12 @@
 needs torch, which `make bench` installs in a venv of its own)."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
 
-from run_helpers import BLOCK_HEAVY, ROOT, cli_env
+from run_helpers import BLOCK_HEAVY, DUMMY, ROOT, cli_env, run_module
 
 from benchmarks import bench
 
@@ -60,17 +61,18 @@ def test_device_report_runs_with_only_the_library_stack(tmp_path):
   assert "÷float32" in result.stdout
 
 
-def test_job_against_its_step_reports_rates_and_where_the_time_goes(data_dir, tmp_path, capsys):
-  from run_helpers import DUMMY
-
-  from benchmarks import job_vs_step
-
-  rates = job_vs_step.main([
-      "--set", f"data.data_dir={data_dir}", "--set", f"data.manual_dir={DUMMY}",
-      "--set", "model.small_cnn.width=4", "--set", "batch_size=32", "--set", "num_epochs=2",
-      "--steps", "10", "--workdir", str(tmp_path)])
-  out = capsys.readouterr().out
-  assert set(rates) == {"job", "step alone", "job again"} and min(rates.values()) > 0
+def test_job_against_its_step_reports_rates_and_where_the_time_goes(data_dir, tmp_path):
+  # A process on one device, as `make bench` runs it: the tiny run's programs are those the
+  # other tests' runs compiled (in the test process they would compile for 8 devices).
+  result = run_module(
+      "benchmarks.job_vs_step", "--set", f"data.data_dir={data_dir}", "--set",
+      f"data.manual_dir={DUMMY}", "--set", "model.small_cnn.width=4", "--set", "batch_size=32",
+      "--set", "num_epochs=2", "--steps", "10", "--workdir", str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  rates = {name: float(re.search(rf"^{name} +(\d+) samples/s", out, re.M).group(1))
+           for name in ("job", "step alone", "job again")}
+  assert min(rates.values()) > 0
   for part in ("metric fetches", "checkpoint saves", "waiting for batches", "step calls"):
     assert part in out
   assert "job ÷ step alone:" in out
@@ -78,18 +80,17 @@ def test_job_against_its_step_reports_rates_and_where_the_time_goes(data_dir, tm
   assert '"steps": 10' in summary  # the tiny config ran: 5 steps an epoch, 2 epochs
 
 
-def test_epoch_utilization_cost_side_by_side(data_dir, tmp_path, capsys):
-  from run_helpers import DUMMY
-
-  from benchmarks import epoch_utilization
-
-  walls = epoch_utilization.main([
-      "--set", f"data.data_dir={data_dir}", "--set", f"data.manual_dir={DUMMY}",
-      "--set", "model.small_cnn.width=4", "--set", "batch_size=32", "--set", "num_epochs=2",
-      "--set", "utilization_train_examples=50", "--workdir", str(tmp_path)])
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert list(walls) == ["off", "first 50", "all"] and min(walls.values()) > 0
-  assert [line.split()[0] for line in lines[-3:]] == ["off", "first", "all"]
+def test_epoch_utilization_cost_side_by_side(data_dir, tmp_path):
+  result = run_module(
+      "benchmarks.epoch_utilization", "--set", f"data.data_dir={data_dir}", "--set",
+      f"data.manual_dir={DUMMY}", "--set", "model.small_cnn.width=4", "--set", "batch_size=32",
+      "--set", "num_epochs=2", "--set", "utilization_train_examples=50", "--workdir",
+      str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert [line[:12].strip() for line in lines[-3:]] == ["off", "first 50", "all"]
+  walls = [float(re.search(r" wall +([\d.]+) s", line).group(1)) for line in lines[-3:]]
+  assert min(walls) > 0
   assert "(1.00x off)" in lines[-3] and "epoch-end utilization   0.0 s" in lines[-3]
   # The two runs that measured it: 2 epochs, a row of rates each; the run without: none.
   rows = lambda name: [json.loads(x) for x in (tmp_path / name / "metrics" / "epochs.jsonl")
