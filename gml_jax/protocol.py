@@ -56,7 +56,6 @@ def as_functional(model: Any) -> Any:
     return model
   from flax import nnx  # about a second to import: not for Linen modules
 
-
   if isinstance(model, nnx.Module):
     from gml_jax.nnx import wrap
     return wrap(model)

@@ -66,9 +66,13 @@ NVGESTURE_FLAGS = ["--config.data.builder_config=frames8_32px", "--config.model.
                    f"--config.data.manual_dir={NVGESTURE_DUMMY}"]
 
 
-def cli_command(method, workdir, data_dir, *extra, **overrides):
-  return [sys.executable, "-m", "gml_jax.runner.main", f"--config={CONFIG}:{method}",
-          f"--workdir={workdir}", *tiny_flags(data_dir, **overrides), *extra]
+MAIN = "gml_jax.runner.main"  # the CLI, for run_module and start_module
+
+
+def cli_args(method, workdir, data_dir, *extra, **overrides):
+  """The command line of a tiny Colored MNIST run of ``method`` (after ``-m MAIN``)."""
+  return [f"--config={CONFIG}:{method}", f"--workdir={workdir}",
+          *tiny_flags(data_dir, **overrides), *extra]
 
 
 def cli_env(devices=1):
@@ -79,12 +83,7 @@ def cli_env(devices=1):
 
 
 def run_cli(*args, devices=1, timeout=300):
-  return run_module("gml_jax.runner.main", *args, devices=devices, timeout=timeout)
-
-
-def cli_args(method, workdir, data_dir, *extra, **overrides):
-  """``cli_command`` without ``python -m gml_jax.runner.main``: for start_module."""
-  return cli_command(method, workdir, data_dir, *extra, **overrides)[3:]
+  return run_module(MAIN, *args, devices=devices, timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------

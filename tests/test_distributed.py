@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from run_helpers import (
+  MAIN,
   assert_states_close,
   cli_args,
   free_port,
@@ -16,8 +17,6 @@ from run_helpers import (
 )
 
 from gml_jax.runner import pipeline
-
-MAIN = "gml_jax.runner.main"
 
 
 def test_two_processes_match_one_process(data_dir, tmp_path):

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 from run_helpers import (
+  MAIN,
   ROOT,
   assert_states_close,
   cli_args,
@@ -27,8 +28,6 @@ from run_helpers import (
   start_module,
   step_rows,
 )
-
-MAIN = "gml_jax.runner.main"
 
 # 4 epochs of 5 steps, metrics fetched every step so that a signal is seen at once.
 RUN = dict(num_epochs=4, log_every_steps=1)

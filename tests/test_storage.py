@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from run_helpers import (
   CONFIG,
+  MAIN,
   ROOT,
   free_port,
   read_jsonl,
@@ -81,7 +82,7 @@ def _blob_names(prefix):
 
 
 def _run(workdir, data_dir, cwd, env, *extra, method="random", **overrides):
-  return start_module("gml_jax.runner.main", f"--config={CONFIG}:{method}",
+  return start_module(MAIN, f"--config={CONFIG}:{method}",
                       f"--workdir={workdir}", *tiny_flags(data_dir, **(RUN | overrides)), *extra,
                       cwd=cwd, env=env)
 
@@ -311,7 +312,7 @@ def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(
   workdir, data = f"gs://{BUCKET}/multi", f"gs://{BUCKET}/multi_tfds"
   caches = [tmp_path / f"host_{i}" for i in range(2)]
   procs = [start_module(
-      "gml_jax.runner.main", f"--config={CONFIG}:guided", f"--workdir={workdir}",
+      MAIN, f"--config={CONFIG}:guided", f"--workdir={workdir}",
       *tiny_flags(data), "--distributed", f"--coordinator_address=127.0.0.1:{port}",
       "--num_processes=2", f"--process_id={i}", devices=2, cwd=caches[i].parent,
       env=gcs | {"GML_JAX_CACHE": str(caches[i])}) for i in range(2)]
@@ -321,7 +322,7 @@ def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(
   for cache in caches:
     assert list(cache.glob(f"tfds/*/colored_mnist/*/1.0.0/{'gml_jax_source.json'}"))
   single = tmp_path / "single"
-  one = run_module("gml_jax.runner.main", f"--config={CONFIG}:guided", f"--workdir={single}",
+  one = run_module(MAIN, f"--config={CONFIG}:guided", f"--workdir={single}",
                    *tiny_flags(tmp_path / "tfds"), devices=4, cwd=tmp_path, env=gcs)
   assert one.returncode == 0, one.stderr[-3000:]
   rows = read_jsonl(f"{workdir}/metrics/steps.jsonl")
