@@ -171,13 +171,21 @@ class Forked:
     return self._process.exitcode
 
   def poll(self):
+    if self.returncode is not None:
+      self._collect()
     return self.returncode
 
   def wait(self, timeout=None):
     self._process.join(timeout)
-    if self.returncode is None:
+    if self.poll() is None:
       raise subprocess.TimeoutExpired(self.args, timeout)
     return self.returncode
+
+  def _collect(self):
+    """Once it has ended: its output read, its folder removed."""
+    if self._output is None:
+      self._output = tuple(f.read_text(errors="replace") for f in (self._out, self._err))
+      shutil.rmtree(self._out.parent)
 
   def send_signal(self, sig):
     os.kill(self.pid, sig)
@@ -187,9 +195,6 @@ class Forked:
 
   def communicate(self, timeout=None):
     self.wait(timeout)
-    if self._output is None:
-      self._output = tuple(f.read_text(errors="replace") for f in (self._out, self._err))
-      shutil.rmtree(self._out.parent)
     return self._output
 
 
