@@ -82,8 +82,9 @@ def cli_env(devices=1):
   return os.environ | {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"}
 
 
-def run_cli(*args, devices=1, timeout=300):
-  return run_module(MAIN, *args, devices=devices, timeout=timeout)
+def run_cli(*args, **options):
+  """The CLI (MAIN) with ``args``, waited for: run_module's options and result."""
+  return run_module(MAIN, *args, **options)
 
 
 # --------------------------------------------------------------------------------------
@@ -139,9 +140,11 @@ def _as_python_m(module, args, cwd, env, out, err, sys_path):
   try:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
   except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-    if not isinstance(e.code, (int, type(None))):
+    if isinstance(e.code, (int, type(None))):
+      code = e.code or 0
+    else:  # a message: printed, status 1, as Python does
       print(e.code, file=sys.stderr)
+      code = 1
   except BaseException:  # noqa: BLE001 (an uncaught error: a traceback and status 1)
     traceback.print_exc()
     code = 1

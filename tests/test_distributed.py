@@ -11,7 +11,7 @@ from run_helpers import (
   cli_args,
   free_port,
   restore_latest,
-  run_module,
+  run_cli,
   start_module,
   step_rows,
 )
@@ -29,7 +29,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
   for p, (_out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   assert "test accuracy" in outputs[0][0] and "test accuracy" not in outputs[1][0]
-  single = run_module(MAIN, *cli_args("guided", tmp_path / "single", data_dir), devices=4)
+  single = run_cli(*cli_args("guided", tmp_path / "single", data_dir), devices=4)
   assert single.returncode == 0, single.stderr[-3000:]
 
   multi_rows, single_rows = step_rows(tmp_path / "multi"), step_rows(tmp_path / "single")

@@ -24,7 +24,7 @@ from run_helpers import (
   epoch_rows,
   free_port,
   restore_latest,
-  run_module,
+  run_cli,
   start_module,
   step_rows,
 )
@@ -113,7 +113,7 @@ def _snapshot(directory):
 def test_second_run_on_a_workdir_in_use_stops_at_once(data_dir, tmp_path):
   first = _start(tmp_path, data_dir)
   _wait_for_steps(tmp_path, 2, first)
-  second = run_module(MAIN, *cli_args("random", tmp_path, data_dir, **RUN))
+  second = run_cli(*cli_args("random", tmp_path, data_dir, **RUN))
   assert second.returncode == 1
   last = second.stderr.strip().splitlines()[-1]
   assert last.startswith(f"Error: Workdir {tmp_path} is in use by another run (host ")
@@ -148,12 +148,10 @@ def test_lock_of_a_killed_run_is_taken_over(data_dir, reference, tmp_path):
 
 
 def test_foreign_checkpoint_error_is_the_last_line(data_dir, tmp_path):
-  small = run_module(MAIN, *cli_args("guided", tmp_path / "small", data_dir,
-                                     "--stop_after_steps=2"))
+  small = run_cli(*cli_args("guided", tmp_path / "small", data_dir, "--stop_after_steps=2"))
   assert small.returncode == 0, small.stderr[-3000:]
   shutil.copytree(tmp_path / "small" / "checkpoints", tmp_path / "wide" / "checkpoints")
-  wide = run_module(MAIN, *cli_args("guided", tmp_path / "wide", data_dir,
-                                    model__small_cnn__width=8))
+  wide = run_cli(*cli_args("guided", tmp_path / "wide", data_dir, model__small_cnn__width=8))
   assert wide.returncode == 1
   lines = wide.stderr.strip().splitlines()
   assert lines[-1].startswith(f"Error: Checkpoint {tmp_path / 'wide' / 'checkpoints'}")
@@ -170,7 +168,7 @@ def test_corrupt_dataset_error_is_the_last_line(data_dir, tmp_path):
   copy = shutil.copytree(data_dir, tmp_path / "tfds")
   (train_file,) = copy.glob("colored_mnist/*/*/*-train.array_record*")
   train_file.write_bytes(train_file.read_bytes()[:1000])
-  result = run_module(MAIN, *cli_args("guided", tmp_path / "run", copy))
+  result = run_cli(*cli_args("guided", tmp_path / "run", copy))
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("Error: Cannot read example") and "corrupt or truncated" in last
@@ -215,7 +213,7 @@ def test_one_process_of_two_killed_then_the_job_resumes(data_dir, reference, tmp
 
 
 def _cli(workdir, data_dir, *extra, method="guided", **overrides):
-  return run_module(MAIN, *cli_args(method, workdir, data_dir, *extra, **overrides))
+  return run_cli(*cli_args(method, workdir, data_dir, *extra, **overrides))
 
 
 def _last_console_line(result) -> str:

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from run_helpers import CONFIG, DUMMY, MAIN, ROOT, cli_env, run_module
+from run_helpers import CONFIG, DUMMY, ROOT, cli_env, run_cli
 
 from gml_jax.runner import loop, names
 from gml_jax.runner.checkpoints import Progress
@@ -128,9 +128,9 @@ def test_a_run_writes_what_the_loop_it_replaced_wrote(method, data_dir, tmp_path
   # One device and `make train`'s XLA flag, compiled with the tests' quick flags and cache:
   # the golden files were written fully optimised, and the values still agree to 1e-5.
   ynn = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-  result = run_module(MAIN, f"--config={CONFIG}:{method}",
-                      f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items()),
-                      env={"XLA_FLAGS": f"{cli_env(1)['XLA_FLAGS']} {ynn}"})
+  result = run_cli(f"--config={CONFIG}:{method}", f"--workdir={workdir}",
+                   *(f"--config.{k}={v}" for k, v in flags.items()),
+                   env={"XLA_FLAGS": f"{cli_env(1)['XLA_FLAGS']} {ynn}"})
   assert result.returncode == 0, result.stderr[-3000:]
   read_rows = lambda p: [json.loads(line) for line in p.read_text().splitlines()]
   steps = read_rows(workdir / "metrics" / "steps.jsonl")

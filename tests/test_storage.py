@@ -19,6 +19,7 @@ from run_helpers import (
   ROOT,
   free_port,
   read_jsonl,
+  run_cli,
   run_module,
   start_module,
   step_rows,
@@ -322,8 +323,8 @@ def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(
   for cache in caches:
     assert list(cache.glob(f"tfds/*/colored_mnist/*/1.0.0/{'gml_jax_source.json'}"))
   single = tmp_path / "single"
-  one = run_module(MAIN, f"--config={CONFIG}:guided", f"--workdir={single}",
-                   *tiny_flags(tmp_path / "tfds"), devices=4, cwd=tmp_path, env=gcs)
+  one = run_cli(f"--config={CONFIG}:guided", f"--workdir={single}",
+                *tiny_flags(tmp_path / "tfds"), devices=4, cwd=tmp_path, env=gcs)
   assert one.returncode == 0, one.stderr[-3000:]
   rows = read_jsonl(f"{workdir}/metrics/steps.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 11))

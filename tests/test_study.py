@@ -7,11 +7,11 @@ import math
 import pytest
 from run_helpers import (
     CONFIG,
-    MAIN,
     NVGESTURE_FLAGS,
     ROOT,
     cli_args,
     free_port,
+    run_cli,
     run_module,
     start_module,
     tiny_flags,
@@ -109,7 +109,7 @@ def test_study_end_to_end_resumes_an_unfinished_run_and_skips_finished_ones(data
           f"--workdir={tmp_path}", *tiny_flags(data_dir, utilization_every_epoch=True)]
   # An earlier study stopped inside guided seed 0 (the run the study would start).
   partial = tmp_path / "guided" / "seed_0"
-  stopped = run_module(MAIN, *cli_args(
+  stopped = run_cli(*cli_args(
       "guided", partial, data_dir, "--stop_after_steps=3", seed=0, utilization_every_epoch=True),
       devices=2)
   assert stopped.returncode == 0, stopped.stderr[-3000:]
