@@ -49,20 +49,34 @@ def data_dir(tmp_path_factory):
   return path
 
 
+def _study_around_a_cli_run(tmp_path_factory, experiment: str, flags: list[str]):
+  """A study folder (its dataset beside it, in ``../tfds``) holding one finished run, guided
+  seed 0 of ``experiment`` with ``flags``, made by the plain CLI with the flags and seed the
+  study gives that run: the CLI test checks the run, the study test finishes the study
+  around it, and the pair trains once for both. Returns (the folder, the CLI's result)."""
+  from run_helpers import run_cli
+
+  root = tmp_path_factory.mktemp(experiment)
+  result = run_cli(f"--config=experiments/{experiment}.py:guided",
+                   f"--workdir={root / 'study' / 'guided' / 'seed_0'}",
+                   f"--config.data.data_dir={root / 'tfds'}", *flags, "--config.seed=0")
+  return root / "study", result
+
+
 @pytest.fixture(scope="session")
 def nvgesture_study(tmp_path_factory):
-  """A study folder (its dataset beside it, in ``../tfds``) holding one finished run, guided
-  seed 0 of the tiny NVGesture job, made by the plain CLI with the flags and seed the study
-  gives that run: the CLI test checks the run, the study test finishes the study around it,
-  and the I3D pair trains once for both. Returns (the folder, the CLI's result)."""
-  from run_helpers import NVGESTURE_FLAGS, run_cli
+  """The tiny NVGesture job's study around its CLI run (the I3D pair)."""
+  from run_helpers import NVGESTURE_FLAGS
 
-  root = tmp_path_factory.mktemp("nvgesture")
-  result = run_cli("--config=experiments/nvgesture.py:guided",
-                   f"--workdir={root / 'study' / 'guided' / 'seed_0'}",
-                   f"--config.data.data_dir={root / 'tfds'}", *NVGESTURE_FLAGS,
-                   "--config.seed=0")
-  return root / "study", result
+  return _study_around_a_cli_run(tmp_path_factory, "nvgesture", NVGESTURE_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def modelnet40_study(tmp_path_factory):
+  """The tiny ModelNet40 job's study around its CLI run (the ResNet-18 pair)."""
+  from run_helpers import MODELNET40_FLAGS
+
+  return _study_around_a_cli_run(tmp_path_factory, "modelnet40", MODELNET40_FLAGS)
 
 
 def pytest_sessionfinish(session, exitstatus):

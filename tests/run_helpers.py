@@ -66,6 +66,18 @@ NVGESTURE_FLAGS = ["--config.data.builder_config=frames8_32px", "--config.model.
                    f"--config.data.manual_dir={NVGESTURE_DUMMY}"]
 
 
+# The tiny ModelNet40 job (two 32x32 views, ResNet-18 of width 8; 12 training objects, batch
+# 4: 3 steps an epoch, one step a call), with the authors' plateau schedule made to act:
+# every epoch after the first is a plateau (threshold 0.99, patience 0).
+MODELNET40_DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
+MODELNET40_FLAGS = ["--config.data.image_size=32", "--config.model.resnet18.width=8",
+                    "--config.batch_size=4", "--config.eval_batch_size=4",
+                    "--config.num_epochs=3", "--config.log_every_steps=1",
+                    "--config.steps_per_call=1", "--config.schedule.patience=0",
+                    "--config.schedule.threshold=0.99",
+                    f"--config.data.manual_dir={MODELNET40_DUMMY}"]
+
+
 MAIN = "gml_jax.runner.main"  # the CLI, for run_module and start_module
 
 

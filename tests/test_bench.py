@@ -7,17 +7,22 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from run_helpers import BLOCK_HEAVY, DUMMY, ROOT, cli_env, run_module
 
-from benchmarks import bench
 
-
+# The benchmark and the device report time the same float32 programs of cnn_b64, each in a
+# process on one device as `make bench` and `make bench-device` run them: on one xdist
+# worker, the second finds them in the worker's compilation cache.
+@pytest.mark.xdist_group("cnn_b64")
 def test_bench_reports_times_compilations_and_ratios(tmp_path):
   out = tmp_path / "results.json"
-  result = bench.main(["--workloads", "cnn_b64", "--methods", "vanilla,guided", "--repeats", "2",
-                       "--steps", "2", "--steps-per-call", "2", "--no-torch", "--json", str(out),
-                       "--pipelines", "colored_mnist,modelnet40_png", "--pipeline-threads",
-                       "1,2", "--pipeline-batches", "3"])
+  run = run_module("benchmarks.bench", "--workloads", "cnn_b64", "--methods", "vanilla,guided",
+                   "--repeats", "2", "--steps", "2", "--steps-per-call", "2", "--no-torch",
+                   "--json", str(out), "--pipelines", "colored_mnist,modelnet40_png",
+                   "--pipeline-threads", "1,2", "--pipeline-batches", "3")
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(out.read_text())
   rows = {(r["method"], r["impl"]): r for r in result["rows"]}
   assert set(rows) == {(m, i) for m in ("vanilla", "guided") for i in ("jax", "jax_x2", "plain")}
   assert {r["dtype"] for r in result["rows"]} == {"float32"}
@@ -30,7 +35,7 @@ def test_bench_reports_times_compilations_and_ratios(tmp_path):
   ratios = {(r["method"], r["impl"]): r for r in result["ratios"]}
   guided = ratios[("guided", "jax")]
   assert guided["over_vanilla"] > 0 and guided["over_plain"] > 0
-  assert json.loads(out.read_text())["versions"]["jax"]
+  assert result["versions"]["jax"]
   pipelines = {(r["pipeline"], r["threads"]): r for r in result["pipelines"]}
   assert set(pipelines) == {(p, n) for p in ("colored_mnist", "modelnet40_png") for n in (1, 2)}
   assert all(r["train_samples_per_s"] > 0 and r["eval_samples_per_s"] > 0
@@ -38,6 +43,7 @@ def test_bench_reports_times_compilations_and_ratios(tmp_path):
   assert pipelines[("colored_mnist", 1)]["feeds"] == "cnn_b64"
 
 
+@pytest.mark.xdist_group("cnn_b64")
 def test_device_report_runs_with_only_the_library_stack(tmp_path):
   # The accelerator machines have jax, flax, optax, chex and torch only: the report must not
   # touch the runner's dependencies (blocked here), and runs on CPU in a tiny configuration,

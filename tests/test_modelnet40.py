@@ -7,14 +7,12 @@ import tarfile
 
 import numpy as np
 import pytest
-from run_helpers import ROOT, build_dataset, epoch_rows, run_cli
+from run_helpers import MODELNET40_DUMMY as DUMMY
+from run_helpers import build_dataset, epoch_rows
 
 from data_prep.modelnet40_views import Builder, check_manual_dir
 from data_prep.modelnet40_views import modelnet40_views_dataset_builder as mn
 from gml_jax.runner.pipeline import Preprocess
-
-DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
-
 
 # Every test here compiles the same resnet18 pair: on one xdist worker (make test's
 # --dist loadgroup), the tests after the first find it in the worker's compilation cache.
@@ -95,15 +93,9 @@ def test_missing_and_malformed_renders(tmp_path):
     build(tmp_path / "tfds2", manual_dir=broken)
 
 
-def test_cli_trains_modelnet40_with_the_authors_recipe(tmp_path):
-  workdir = tmp_path / "run"
-  result = run_cli(
-      "--config=experiments/modelnet40.py:guided", f"--workdir={workdir}",
-      f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.manual_dir={DUMMY}",
-      "--config.data.image_size=32", "--config.model.resnet18.width=8",
-      "--config.batch_size=4", "--config.eval_batch_size=4", "--config.num_epochs=3",
-      "--config.log_every_steps=1",
-      "--config.schedule.patience=0", "--config.schedule.threshold=0.99")
+def test_cli_trains_modelnet40_with_the_authors_recipe(modelnet40_study):
+  study_dir, result = modelnet40_study  # the CLI run of tests/conftest.py
+  workdir = study_dir / "guided" / "seed_0"
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["test_examples"] == 6 and "test_biased_accuracy" not in summary

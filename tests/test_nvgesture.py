@@ -94,14 +94,21 @@ def test_i3d_pair_matches_the_architecture():
     assert params[f"fusion_{i}"]["squeeze"]["kernel"].shape == (2 * c, c)
 
 
+def _random_values(layout, seed):
+  """A tree of standard normal arrays from ``seed``, with the shapes of ``layout``."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), layout)
+
+
 def test_converted_weights_load_into_a_branch(tmp_path):
+  # The full-width I3D pair's variables, filled with random values: the loader reads names
+  # and shapes, which tracing gives (initialising the pair compiles for over 20 s).
   model = models.i3d_fusion(num_classes=25)
   inputs = [jnp.zeros((1, 8, 32, 32, 3)), jnp.zeros((1, 8, 32, 32, 1))]
-  # Compiled once for both (op by op, the full I3D pair initialises in over 10 s).
-  init = jax.jit(model.init, static_argnames="train")
-  variables = init(jax.random.key(0), inputs, train=False)
-  # A "converted" RGB checkpoint: another initialisation, with a 400-way head to ignore.
-  other = init(jax.random.key(1), inputs, train=False)
+  layout = jax.eval_shape(lambda key: model.init(key, inputs, train=False), jax.random.key(0))
+  variables = _random_values(layout, seed=0)
+  # A "converted" RGB checkpoint: other values, with a 400-way head to ignore.
+  other = _random_values(layout, seed=1)
   flat = {}
   for col in ("params", "batch_stats"):
     for key, value in traverse_util.flatten_dict(other[col]["branches_0"], sep="/").items():

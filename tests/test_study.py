@@ -7,8 +7,8 @@ import math
 import pytest
 from run_helpers import (
     CONFIG,
+    MODELNET40_FLAGS,
     NVGESTURE_FLAGS,
-    ROOT,
     cli_args,
     free_port,
     run_cli,
@@ -175,16 +175,15 @@ def test_unknown_grid_field_and_method_are_refused_before_any_run(tmp_path):
 # late fusion on the ResNet-18 pair, a uni-modal I3D beside the I3D pair (Colored MNIST runs
 # them all in tests/test_experiments.py).
 @pytest.mark.xdist_group("resnet18")
-def test_study_runs_modelnet40_on_its_dummy_data(tmp_path):
-  dummy = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
+def test_study_runs_modelnet40_around_a_finished_cli_run(modelnet40_study):
+  # guided seed 0 is already there: the CLI run of tests/conftest.py, with this study's flags.
+  study_dir, _ = modelnet40_study
   methods = "vanilla,guided,ogm_ge,late_fusion"
   result = _study("--config=experiments/modelnet40.py", f"--methods={methods}", "--seeds=0",
-                  f"--workdir={tmp_path / 'study'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
-                  f"--config.data.manual_dir={dummy}", "--config.log_every_steps=1",
-                  "--config.data.image_size=32", "--config.model.resnet18.width=8",
-                  "--config.batch_size=4", "--config.eval_batch_size=4",
-                  "--config.num_epochs=2", "--config.steps_per_call=1")  # 3 steps an epoch
-  metrics = _check_study(result, tmp_path / "study", "modelnet40", methods,
+                  f"--workdir={study_dir}", f"--config.data.data_dir={study_dir.parent / 'tfds'}",
+                  *MODELNET40_FLAGS)
+  assert "skipped guided seed 0: finished before" in result.stdout
+  metrics = _check_study(result, study_dir, "modelnet40", methods,
                          ["guided - vanilla", "ogm_ge - vanilla", "guided - ogm_ge",
                           "vanilla - late_fusion"])
   assert "d_util" in metrics["ogm_ge"] and "d_util" not in metrics["late_fusion"]
