@@ -49,6 +49,19 @@ def data_dir(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="session")
+def one_process_run(data_dir, tmp_path_factory):
+  """The tiny guided run as one process on 4 devices (its workdir): what a job of two
+  processes with 2 devices each must equal. Its tests share an xdist group, ONE_PROCESS_RUN,
+  so that one worker makes it once."""
+  from run_helpers import cli_args, run_cli
+
+  workdir = tmp_path_factory.mktemp("one_process") / "run"
+  result = run_cli(*cli_args("guided", workdir, data_dir), devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
 def _study_around_a_cli_run(tmp_path_factory, experiment: str, flags: list[str]):
   """A study folder (its dataset beside it, in ``../tfds``) holding one finished run, guided
   seed 0 of ``experiment`` with ``flags``, made by the plain CLI with the flags and seed the

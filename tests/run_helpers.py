@@ -78,6 +78,10 @@ MODELNET40_FLAGS = ["--config.data.image_size=32", "--config.model.resnet18.widt
                     f"--config.data.manual_dir={MODELNET40_DUMMY}"]
 
 
+# The xdist group of the tests that compare a two-process job with conftest's one_process_run.
+ONE_PROCESS_RUN = "one_process_run"
+
+
 MAIN = "gml_jax.runner.main"  # the CLI, for run_module and start_module
 
 

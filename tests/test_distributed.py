@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from run_helpers import (
   MAIN,
+  ONE_PROCESS_RUN,
   assert_states_close,
   cli_args,
   free_port,
   restore_latest,
-  run_cli,
   start_module,
   step_rows,
 )
@@ -19,7 +19,8 @@ from run_helpers import (
 from gml_jax.runner import pipeline
 
 
-def test_two_processes_match_one_process(data_dir, tmp_path):
+@pytest.mark.xdist_group(ONE_PROCESS_RUN)
+def test_two_processes_match_one_process(data_dir, one_process_run, tmp_path):
   port = free_port()
   procs = [start_module(MAIN, *cli_args("guided", tmp_path / "multi", data_dir, "--distributed",
                                          f"--coordinator_address=127.0.0.1:{port}",
@@ -29,10 +30,8 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
   for p, (_out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   assert "test accuracy" in outputs[0][0] and "test accuracy" not in outputs[1][0]
-  single = run_cli(*cli_args("guided", tmp_path / "single", data_dir), devices=4)
-  assert single.returncode == 0, single.stderr[-3000:]
 
-  multi_rows, single_rows = step_rows(tmp_path / "multi"), step_rows(tmp_path / "single")
+  multi_rows, single_rows = step_rows(tmp_path / "multi"), step_rows(one_process_run)
   assert [r["step"] for r in multi_rows] == list(range(1, 11))
   assert [r["target"] for r in multi_rows] == [r["target"] for r in single_rows]
   assert any(r["target"] >= 0 for r in multi_rows)
@@ -40,12 +39,12 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     for key in ("loss", "accuracy", "s_0", "s_1", "d_speed"):
       assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
   (step_m, state_m), (step_s, state_s) = (restore_latest(tmp_path / "multi"),
-                                          restore_latest(tmp_path / "single"))
+                                          restore_latest(one_process_run))
   assert step_m == step_s == 10
   assert_states_close(state_m, state_s, rtol=1e-4, atol=1e-5)
 
   multi = json.loads((tmp_path / "multi" / "summary.json").read_text())
-  single = json.loads((tmp_path / "single" / "summary.json").read_text())
+  single = json.loads((one_process_run / "summary.json").read_text())
   assert multi["test_examples"] == single["test_examples"] == 99  # odd: uneven shards
   for key in ("test_accuracy", "test_biased_accuracy", "best_val_accuracy", "u(m1|m0)"):
     assert multi[key] == pytest.approx(single[key], abs=1e-6), key

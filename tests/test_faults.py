@@ -52,6 +52,11 @@ def _finish(workdir, data_dir, **overrides):
   return out
 
 
+# The tests that compare against the reference run go to one xdist worker (make test's
+# --dist loadgroup), which makes that run once.
+ON_THE_REFERENCE_WORKER = pytest.mark.xdist_group("faults_reference")
+
+
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
   """An uninterrupted run: (steps.jsonl rows, final state)."""
@@ -71,6 +76,7 @@ def _same_trajectory(workdir, reference, rtol=1e-5, atol=1e-6):
   assert_states_close(state, ref_state, rtol=rtol, atol=atol)
 
 
+@ON_THE_REFERENCE_WORKER
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_checkpoints_and_resumes_exactly(sig, data_dir, reference, tmp_path):
   proc = _start(tmp_path, data_dir)
@@ -86,6 +92,7 @@ def test_stop_signal_checkpoints_and_resumes_exactly(sig, data_dir, reference, t
   _same_trajectory(tmp_path, reference)
 
 
+@ON_THE_REFERENCE_WORKER
 def test_sigkill_mid_save_loses_at_most_the_unsaved_steps(data_dir, reference, tmp_path):
   # A checkpoint every step: most kills land inside a save.
   for kill_after_steps, delay in ((4, 0.0), (9, 0.15), (13, 0.3)):
@@ -131,6 +138,7 @@ def test_second_run_on_a_workdir_in_use_stops_at_once(data_dir, tmp_path):
   assert _snapshot(tmp_path) == before
 
 
+@ON_THE_REFERENCE_WORKER
 def test_lock_of_a_killed_run_is_taken_over(data_dir, reference, tmp_path):
   killed = _start(tmp_path, data_dir)
   _wait_for_steps(tmp_path, 3, killed)
@@ -187,6 +195,7 @@ def _two_processes(workdir, data_dir, port, *extra):
       devices=2) for i in range(2)]
 
 
+@ON_THE_REFERENCE_WORKER
 def test_one_process_of_two_killed_then_the_job_resumes(data_dir, reference, tmp_path):
   # The survivor notices its lost peer after 5 s without a heartbeat (instead of 100 s).
   procs = _two_processes(tmp_path, data_dir, free_port(), "--heartbeat_timeout_seconds=5")

@@ -16,10 +16,10 @@ import pytest
 from run_helpers import (
   CONFIG,
   MAIN,
+  ONE_PROCESS_RUN,
   ROOT,
   free_port,
   read_jsonl,
-  run_cli,
   run_module,
   start_module,
   step_rows,
@@ -306,7 +306,9 @@ def test_a_run_whose_lock_was_taken_over_stops_before_it_writes(gcs):
   assert "tpu-vm-7" in _gs_text(f"gs://{BUCKET}/taken/lock.json")
 
 
-def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(gcs, tmp_path):
+@pytest.mark.xdist_group(ONE_PROCESS_RUN)
+def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(
+    gcs, one_process_run, tmp_path):
   """Two hosts (their own caches) of one job, workdir and data dir on the bucket: process 0
   builds and uploads the dataset, process 1 copies it; the job equals a one-process run."""
   port = free_port()
@@ -322,16 +324,12 @@ def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(
   assert "Uploading" in outputs[0][0] and "Copying" in outputs[1][0]
   for cache in caches:
     assert list(cache.glob(f"tfds/*/colored_mnist/*/1.0.0/{'gml_jax_source.json'}"))
-  single = tmp_path / "single"
-  one = run_cli(f"--config={CONFIG}:guided", f"--workdir={single}",
-                *tiny_flags(tmp_path / "tfds"), devices=4, cwd=tmp_path, env=gcs)
-  assert one.returncode == 0, one.stderr[-3000:]
   rows = read_jsonl(f"{workdir}/metrics/steps.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 11))
-  np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in step_rows(single)],
-                             rtol=1e-4)
+  np.testing.assert_allclose([r["loss"] for r in rows],
+                             [r["loss"] for r in step_rows(one_process_run)], rtol=1e-4)
   summary = json.loads(_gs_text(f"{workdir}/summary.json"))
   assert summary["test_accuracy"] == pytest.approx(
-      json.loads((single / "summary.json").read_text())["test_accuracy"], abs=1e-6)
+      json.loads((one_process_run / "summary.json").read_text())["test_accuracy"], abs=1e-6)
   assert "multi/lock.json" not in _blob_names("multi/")
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["host_0", "host_1", "single", "tfds"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["host_0", "host_1"]

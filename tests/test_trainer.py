@@ -60,22 +60,34 @@ def test_cli_trains_and_writes_artifacts(method, data_dir, tmp_path):
     assert set(targets[:5]) == {-1} and set(targets[5:]) & {0, 1}
 
 
-def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
-  config = tiny_config("random", data_dir)  # random: decisions from (seed, step)
-  whole = trainer.train_and_evaluate(config, tmp_path / "whole")
+# The tiny random run (decisions from seed and step), uninterrupted and one step a call, that
+# two tests compare with: on one xdist worker, made once.
+ON_THE_RANDOM_RUN_WORKER = pytest.mark.xdist_group("random_run")
+
+
+@pytest.fixture(scope="module")
+def random_run(data_dir, tmp_path_factory):
+  """(the workdir, the summary) of the tiny random run."""
+  workdir = tmp_path_factory.mktemp("random") / "run"
+  return workdir, trainer.train_and_evaluate(tiny_config("random", data_dir), workdir)
+
+
+@ON_THE_RANDOM_RUN_WORKER
+def test_resume_matches_uninterrupted_run(random_run, data_dir, tmp_path):
+  config = tiny_config("random", data_dir)
+  whole_dir, whole = random_run
   # Interrupted mid-epoch (step 3 of 5), then twice more, then finished.
   for stop in (3, 7):
     assert trainer.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=stop) is None
   resumed = trainer.train_and_evaluate(config, tmp_path / "resumed")
 
-  (s1, state1) = restore_latest(tmp_path / "whole")
+  (s1, state1) = restore_latest(whole_dir)
   (s2, state2) = restore_latest(tmp_path / "resumed")
   assert s1 == s2 == 10
   assert_states_close(state1, state2, rtol=1e-6, atol=1e-7)
   for key in ("test_accuracy", "u(m1|m0)", "u(m0|m1)", "rebalance_share_m0", "best_step"):
     assert whole[key] == pytest.approx(resumed[key], abs=1e-6), key
-  rows = lambda d: step_rows(d)
-  a, b = rows(tmp_path / "whole"), rows(tmp_path / "resumed")
+  a, b = step_rows(whole_dir), step_rows(tmp_path / "resumed")
   assert [r["step"] for r in b] == list(range(1, 11))
   for ra, rb in zip(a, b):
     assert ra["target"] == rb["target"]
@@ -120,17 +132,17 @@ def test_print_config_shows_overrides():
   assert "alpha: 0.2" in result.stdout and "method: random" in result.stdout
 
 
-def test_steps_per_call_gives_the_same_run(data_dir, tmp_path):
-  one = tiny_config("random", data_dir)
+@ON_THE_RANDOM_RUN_WORKER
+def test_steps_per_call_gives_the_same_run(random_run, data_dir, tmp_path):
+  one_dir, a = random_run  # one step a call
   three = tiny_config("random", data_dir)
   three.steps_per_call = 3  # 5 steps per epoch: one 3-step call, then 2 single steps
-  a = trainer.train_and_evaluate(one, tmp_path / "one")
   b = trainer.train_and_evaluate(three, tmp_path / "three")
-  rows_a = step_rows(tmp_path / "one")
+  rows_a = step_rows(one_dir)
   rows_b = step_rows(tmp_path / "three")
   assert [r["step"] for r in rows_b] == list(range(1, 11))
   assert [r["target"] for r in rows_a] == [r["target"] for r in rows_b]
-  assert_states_close(restore_latest(tmp_path / "one")[1], restore_latest(tmp_path / "three")[1])
+  assert_states_close(restore_latest(one_dir)[1], restore_latest(tmp_path / "three")[1])
   assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
 
 
