@@ -42,8 +42,9 @@ def get_config(variant: str = DEFAULT_VARIANT):
   c.data.normalize = "imagenet"
   c.data.hflip = True
   c.model.name = "resnet18"
-  # channels of the first stage; 64 is ResNet-18 (smaller: a narrower net for smoke tests)
-  c.model.resnet18 = config_dict.ConfigDict({"width": 64})
+  # channels of the first stage, 64 is ResNet-18; basic blocks a layer keeps, 2 is ResNet-18
+  # (smaller: a narrower or shallower net for smoke tests)
+  c.model.resnet18 = config_dict.ConfigDict({"width": 64, "max_blocks": 2})
   c.optimizer.learning_rate = 0.1
   c.optimizer.momentum = 0.0
   c.schedule.name = "plateau"  # x0.3, patience 10, threshold 1e-3, floor 1e-6 (common.py)

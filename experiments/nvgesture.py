@@ -36,8 +36,9 @@ def get_config(variant: str = DEFAULT_VARIANT):
   # data.manual_dir: list files and Video_data/ (required). Clips are sized by the builder
   # config; no flips (gestures have a direction).
   c.model.name = "i3d"
-  # channels of the first stage; 64 is I3D (smaller: a narrower net for smoke tests)
-  c.model.i3d = config_dict.ConfigDict({"width": 64})
+  # channels of the first stage, 64 is I3D; Inception modules a stage keeps at most, 4 is I3D
+  # (smaller: a narrower or shallower net for smoke tests)
+  c.model.i3d = config_dict.ConfigDict({"width": 64, "max_blocks": 4})
   # model.pretrained: converted weights per branch (.npz), "" to train from scratch.
   c.optimizer.weight_decay = 1e-4  # SGD lr 0.01 momentum 0.9 (common.py)
   c.schedule.name = "plateau"

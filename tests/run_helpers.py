@@ -58,19 +58,23 @@ def tiny_flags(data_dir, **overrides):
   return [f"--config.{k}={v}" for k, v in fields.items()]
 
 
-# The tiny NVGesture job (8 frames of 32x32, I3D of width 8): the suite's slowest model.
+# The tiny NVGesture job (8 frames of 32x32, I3D of width 8 with one Inception module a
+# stage): the suite's slowest model.
 NVGESTURE_DUMMY = ROOT / "data_prep" / "nvgesture" / "dummy_data"
 NVGESTURE_FLAGS = ["--config.data.builder_config=frames8_32px", "--config.model.i3d.width=8",
+                   "--config.model.i3d.max_blocks=1",
                    "--config.batch_size=4", "--config.eval_batch_size=4",
                    "--config.num_epochs=2", "--config.log_every_steps=1",
                    f"--config.data.manual_dir={NVGESTURE_DUMMY}"]
 
 
-# The tiny ModelNet40 job (two 32x32 views, ResNet-18 of width 8; 12 training objects, batch
+# The tiny ModelNet40 job (two 32x32 views, ResNet-18 of width 8 with one block a layer; 12
+# training objects, batch
 # 4: 3 steps an epoch, one step a call), with the authors' plateau schedule made to act:
 # every epoch after the first is a plateau (threshold 0.99, patience 0).
 MODELNET40_DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
 MODELNET40_FLAGS = ["--config.data.image_size=32", "--config.model.resnet18.width=8",
+                    "--config.model.resnet18.max_blocks=1",
                     "--config.batch_size=4", "--config.eval_batch_size=4",
                     "--config.num_epochs=3", "--config.log_every_steps=1",
                     "--config.steps_per_call=1", "--config.schedule.patience=0",

@@ -7,6 +7,7 @@ import pytest
 from run_helpers import tiny_config
 
 from experiments import colored_mnist, modelnet40, nvgesture
+from gml_jax import models
 from gml_jax.runner import build, clone, names, trainer
 
 
@@ -17,8 +18,8 @@ def test_backbone_options_sit_under_the_backbone_and_reach_it():
   inputs = tuple(np.zeros((1, 28, 28, c), np.float32) for c in (1, 3))
   params = build.model(config, 10).init(jax.random.key(0), inputs, train=False)["params"]
   assert params["branches_0"]["stages_0"]["ConvBNReLU_0"]["Conv_0"]["kernel"].shape[-1] == 8
-  for other in (modelnet40.get_config(), nvgesture.get_config()):  # full width by default
-    assert other.model[other.model.name].to_dict() == {"width": 64}
+  for other in (modelnet40.get_config(), nvgesture.get_config()):  # the full network
+    assert other.model[other.model.name].to_dict() == models.backbone_defaults(other.model.name)
     assert "small_cnn" not in other.model
 
 
@@ -38,11 +39,22 @@ def test_a_narrower_backbone_scales_every_layer(name, width, shape):
     assert full["stages_5/InceptionBlock_0/Unit3D_0/Conv_0"] == 384
 
 
-def _channels(name, width, shape):
+@pytest.mark.parametrize("name,block,shape", [("resnet18", "BasicBlock", (32, 32, 3)),
+                                              ("i3d", "InceptionBlock", (8, 32, 32, 3))])
+def test_a_shallower_backbone_keeps_the_first_block_of_each_stage(name, block, shape):
+  full = _channels(name, 8, shape)
+  shallow = _channels(name, 8, shape, max_blocks=1)
+  first = {k: c for k, c in full.items() if f"{block}_" not in k or f"{block}_0/" in k}
+  assert shallow == first and len(first) < len(full)
+  with pytest.raises(ValueError, match=f"{name}: max_blocks must be at least 1, got 0"):
+    models.backbone(name).stages(max_blocks=0)
+
+
+def _channels(name, width, shape, **options):
   """{conv path: output channels} of one branch of backbone ``name`` at ``width``."""
   import gml_jax
 
-  model = gml_jax.models.build(name, 5, width=width)
+  model = gml_jax.models.build(name, 5, width=width, **options)
   inputs = tuple(np.zeros((1, *shape), np.float32) for _ in range(2))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, train=False))
   flat = jax.tree_util.tree_flatten_with_path(params["params"]["branches_0"])[0]

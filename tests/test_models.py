@@ -76,8 +76,8 @@ def test_backbones_are_found_by_name_from_their_files():
                  if not p.stem.startswith("_"))
   assert gml_jax.models.BACKBONES == tuple(files) == ("i3d", "resnet18", "small_cnn")
   assert gml_jax.models.backbone_options("small_cnn") == ("width",)
-  assert gml_jax.models.backbone_options("resnet18") == ("width",)
-  assert gml_jax.models.backbone_defaults("i3d") == {"width": 64}
+  assert gml_jax.models.backbone_options("resnet18") == ("width", "max_blocks")
+  assert gml_jax.models.backbone_defaults("i3d") == {"width": 64, "max_blocks": 4}
   inputs = [jnp.zeros((1, 28, 28, 1)), jnp.zeros((1, 28, 28, 3))]
   built = _shapes(gml_jax.models.build("small_cnn", 10, width=8, ratio=2), inputs)
   direct = _shapes(gml_jax.fusion_network(

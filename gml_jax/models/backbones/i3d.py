@@ -82,22 +82,28 @@ I3D_BLOCKS = {  # Inception modules of I3D, by name
 }
 
 
-def stages(width: int = 64) -> list[nn.Module]:
+def stages(width: int = 64, max_blocks: int = 4) -> list[nn.Module]:
   """I3D (Inception-v1 inflated to 3-D) as six stages; the last three end in Mixed_4f,
   Mixed_5b and Mixed_5c, where the gesture model fuses.
 
   ``width``: the stem's first channel count; 64 is I3D, and every other channel count
   scales with it (a narrower network of the same shape, e.g. for tests).
+  ``max_blocks``: the most Inception modules a stage keeps, its first ones; 4 is I3D (its
+  stages have 2, 4, 1, 1 and 1), 1 a shallower network that compiles in about half the
+  time, e.g. for tests.
   """
   if width < 1:
     raise ValueError(f"i3d: width must be a positive channel count, got {width}.")
+  if max_blocks < 1:
+    raise ValueError(f"i3d: max_blocks must be at least 1, got {max_blocks}.")
   b = {name: tuple(max(1, round(c * width / 64)) for c in block)
        for name, block in I3D_BLOCKS.items()}
+  blocks = lambda *names: tuple(b[name] for name in names[:max_blocks])
   return [
       I3DStem(width),
-      I3DStage((b["3b"], b["3c"])),
-      I3DStage((b["4b"], b["4c"], b["4d"], b["4e"]), pool=((3, 3, 3), (2, 2, 2))),
-      I3DStage((b["4f"],)),
-      I3DStage((b["5b"],), pool=((2, 2, 2), (2, 2, 2))),
-      I3DStage((b["5c"],)),
+      I3DStage(blocks("3b", "3c")),
+      I3DStage(blocks("4b", "4c", "4d", "4e"), pool=((3, 3, 3), (2, 2, 2))),
+      I3DStage(blocks("4f")),
+      I3DStage(blocks("5b"), pool=((2, 2, 2), (2, 2, 2))),
+      I3DStage(blocks("5c")),
   ]
