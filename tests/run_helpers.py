@@ -69,9 +69,8 @@ NVGESTURE_FLAGS = ["--config.data.builder_config=frames8_32px", "--config.model.
 
 
 # The tiny ModelNet40 job (two 32x32 views, ResNet-18 of width 8 with one block a layer; 12
-# training objects, batch
-# 4: 3 steps an epoch, one step a call), with the authors' plateau schedule made to act:
-# every epoch after the first is a plateau (threshold 0.99, patience 0).
+# training objects, batch 4: 3 steps an epoch, one step a call), with the authors' plateau
+# schedule made to act: every epoch after the first is a plateau (threshold 0.99, patience 0).
 MODELNET40_DUMMY = ROOT / "data_prep" / "modelnet40_views" / "dummy_data"
 MODELNET40_FLAGS = ["--config.data.image_size=32", "--config.model.resnet18.width=8",
                     "--config.model.resnet18.max_blocks=1",

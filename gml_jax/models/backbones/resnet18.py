@@ -58,8 +58,8 @@ def stages(width: int = 64, max_blocks: int = 2) -> list[nn.Module]:
 
   ``width``: the channels of the stem and layer1 (64 is ResNet-18); layer2 ... layer4 have
   2, 4 and 8 times as many (a narrower network of the same shape, e.g. for tests).
-  ``max_blocks``: the basic blocks of each layer; 2 is ResNet-18, 1 a shallower network
-  (ResNet-10) that compiles in about half the time, e.g. for tests.
+  ``max_blocks``: the most basic blocks a layer keeps; 2 is ResNet-18 (its layers have 2),
+  1 a shallower network (ResNet-10), e.g. for tests.
   """
   if width < 1:
     raise ValueError(f"resnet18: width must be a positive channel count, got {width}.")
