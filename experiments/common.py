@@ -6,13 +6,12 @@ own file shows those values.
 
 from ml_collections import config_dict
 
-# The variants (the part after ':' of --config), defined once for the runner and the
-# configs in gml_jax/runner/names.py: one per balancing method of the paper, OGM-GE on the
-# paper's model (per-branch heads and losses) and as its authors run it (`ogm_ge_joint`,
-# docs/ogm_ge.md), and the baselines: each modality alone, late fusion (no MMTM), and the
-# OGM-GE authors' late fusion without modulation (`late_fusion_joint`: one head over both
-# branches' features, one cross-entropy on the fused output).
-from gml_jax.runner.names import BASELINES, DEFAULT_VARIANT, JOINT_HEAD_VARIANTS, VARIANTS
+# The variants (the part after ':' of --config) are the balancing methods' own
+# (gml_jax/runner/methods/): each method's name, and the variants it registers (its
+# controls; vanilla's baselines: each modality alone, late fusion, OGM-GE's authors' late
+# fusion through one joint head).
+from gml_jax.runner import methods
+from gml_jax.runner.names import DEFAULT_VARIANT, VARIANTS
 
 __all__ = ["DEFAULT_VARIANT", "VARIANTS", "base_config"]
 
@@ -20,6 +19,7 @@ __all__ = ["DEFAULT_VARIANT", "VARIANTS", "base_config"]
 def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_dict.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r} of {experiment}; expected one of {VARIANTS}.")
+  method = methods.variant_method(variant)
   c = config_dict.ConfigDict()
   c.experiment = experiment
   c.seed = 0  # initialisation, data order, flips, and the random method's draws
@@ -58,26 +58,13 @@ def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_d
   c.optimizer.momentum = 0.9  # sgd only; 0 for plain SGD
   c.optimizer.weight_decay = 0.0
 
+  # The balancing method (gml_jax/runner/methods/) and, under each method's name, its
+  # options (balance.guided.alpha, balance.ogm_ge.alpha, ...): every method's section is
+  # here, so that a study's overrides and grids reach every run; a run reads its own.
   c.balance = config_dict.ConfigDict()
-  # vanilla, random, guided (the paper's), or ogm_ge (Peng et al., CVPR 2022: docs/ogm_ge.md)
-  c.balance.method = {"ogm_ge_joint": "ogm_ge"}.get(variant, variant)
-  if variant in BASELINES:
-    c.balance.method = "vanilla"
-  c.balance.alpha = 0.01  # threshold on |d_speed| (log10 scale), authors' value
-  c.balance.window = 5  # Q: re-balancing steps per decision, authors' value
-  c.balance.target = 0  # fixed: the modality its windows re-balance
-  c.balance.random_shares = ()  # random: () uniform draws, or a probability per modality
-  c.balance.warmup_epochs = 1  # the authors balance from the second epoch on
-  c.balance.update_mode = "branch"  # branch (paper) or all (authors' code)
-  c.balance.ogm_alpha = 0.8  # ogm_ge: α of the coefficient 1 - tanh(α ρ)
-  c.balance.ogm_noise = True  # ogm_ge: add the generalisation-enhancement noise (GE)
-  c.balance.ogm_continuous = False  # ogm_ge: 1 - tanh(α (ρ - 1)) instead of the paper's α ρ
-  # ogm_ge: what is modulated: "branch" (every parameter of a branch, its head included) or
-  # "encoder_kernels" (a branch encoder's kernels of rank >= 2: the authors' scope).
-  c.balance.ogm_scope = "branch"
-  # ogm_ge: the epochs (first, last) that modulate, both included (the authors' default is
-  # (0, 50) of 100 epochs); (): every epoch. Set it again when changing num_epochs.
-  c.balance.ogm_epochs = ()
+  c.balance.method = method.name
+  for name in methods.names():
+    c.balance[name] = methods.get(name).defaults()
 
   # Learning rate: "constant", or "plateau" (x factor after more than `patience` epochs
   # whose training loss improved by less than `threshold`, relative; not below min_lr).
@@ -107,18 +94,11 @@ def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_d
   # (1.2x); ModelNet40 sets 4.
   c.steps_per_call = 1
 
-  if variant.startswith("fixed_"):  # guided's schedule, its target pinned
-    c.balance.method, c.balance.target = "fixed", int(variant[len("fixed_"):])
-  if variant == "random_matched":  # guided's shares with back-to-back windows
-    c.balance.method = "random"
-    c.balance.random_shares = (c.balance.window / (c.balance.window + 1), 0.0)
-  if variant.startswith("unimodal_"):
-    c.data.modalities = (int(variant[len("unimodal_"):]),)
-  if variant in BASELINES:
-    c.model.fusion = "none"
-  if variant in JOINT_HEAD_VARIANTS:  # late fusion through one head
-    c.model.fusion, c.model.head = "none", "joint"
-  if variant == "ogm_ge_joint":  # the authors' scope and window: their first half of epochs
-    c.balance.ogm_scope = "encoder_kernels"
-    c.balance.ogm_epochs = (0, num_epochs // 2)
+  # Logging beside metrics/ and tensorboard/: Weights & Biases where a project is named
+  # (pip install -e '.[wandb]'); mode "offline" keeps the run in the workdir's wandb/.
+  c.logging = config_dict.ConfigDict()
+  c.logging.wandb = config_dict.ConfigDict({"project": "", "entity": "", "mode": "online"})
+
+  if variant != method.name:
+    method.variants[variant](c)
   return c

@@ -76,6 +76,11 @@ class BalanceState(NamedTuple):
   update_all: jax.Array
   inner_state: Any
 
+  # The step protocol (gml_jax.extras): nothing beyond the gradients; these metrics.
+  NEEDS = ()
+  METRICS = {"speeds": "s_{m}", "mu_main": "mu_main_{m}", "mu_fusion": "mu_fusion_{m}",
+             "d_speed": "d_speed"}
+
   def train_metrics(self) -> dict:
     """What a train step reports of this state: μ per group, the speeds s_k and d_speed
     (NaN while undefined)."""

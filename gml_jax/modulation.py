@@ -43,6 +43,10 @@ class OGMState(NamedTuple):
   coefficients: jax.Array
   inner_state: Any
 
+  # The step protocol (gml_jax.extras): update needs the branches' scores; its metrics.
+  NEEDS = ("scores",)
+  METRICS = {"ogm_ratio": "ogm_ratio_{m}", "ogm_coefficient": "ogm_coefficient_{m}"}
+
   def train_metrics(self) -> dict:
     """What a train step reports of this state: the last update's ratios and coefficients."""
     return {"ogm_ratio": self.ratios, "ogm_coefficient": self.coefficients}

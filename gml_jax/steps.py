@@ -19,6 +19,13 @@ import jax.numpy as jnp
 import optax
 
 from gml_jax.balancing import NORMAL_STEP, StepMode, find_balance_state, keep_frozen
+from gml_jax.extras import (
+  StepPass,
+  extra_args,
+  needs_of,
+  transform_metrics,
+  true_class_scores,  # noqa: F401 (its home before gml_jax.extras; still imported from here)
+)
 from gml_jax.fusion import TRAIN_MEANS
 from gml_jax.labels import Labels
 from gml_jax.protocol import as_functional, check_model, check_outputs
@@ -108,28 +115,6 @@ def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
-def true_class_scores(branch_logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """float[N]: per branch, the batch's sum of the softmax probability of the true class
-  (the ``scores`` of :func:`gml_jax.ogm_ge`).
-
-  Args:
-    branch_logits: float[N, B, C], every branch's logits stacked on a first axis.
-    labels: int[B], the true classes.
-  """
-  if not hasattr(branch_logits, "shape") or jnp.ndim(branch_logits) != 3:
-    got = (f"a {type(branch_logits).__name__}" if not hasattr(branch_logits, "shape")
-           else f"shape {branch_logits.shape}")
-    raise ValueError("true_class_scores: branch_logits must be one array [N, B, C] (the "
-                     f"branches' logits stacked with jnp.stack); got {got}.")
-  if jnp.shape(labels) != jnp.shape(branch_logits)[1:2] or not jnp.issubdtype(
-      jnp.result_type(labels), jnp.integer):
-    raise ValueError(f"true_class_scores: labels must be int[B] with B = "
-                     f"{jnp.shape(branch_logits)[1]}; got {jnp.result_type(labels)} "
-                     f"{jnp.shape(labels)}.")
-  probs = jax.nn.softmax(branch_logits, axis=-1)
-  return jnp.sum(jnp.take_along_axis(probs, labels[None, :, None], axis=-1)[..., 0], axis=-1)
-
-
 def cast_floats(tree: Any, dtype: Any) -> Any:
   """``tree`` with its floating-point arrays cast to ``dtype`` (unchanged when None)."""
   if dtype is None:
@@ -140,24 +125,6 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
 
 # --------------------------------------------------------------------------------------
 # Steps
-
-
-def transform_metrics(opt_state: Any) -> dict:
-  """The metrics of every transform state inside ``opt_state`` that reports its own (a
-  ``train_metrics()`` method: the balancing state's μ, speeds and d_speed; OGM-GE's ratios
-  and coefficients), merged."""
-  reporting = []
-
-  def collect(node) -> bool:  # visits every node; descends everywhere
-    if hasattr(node, "train_metrics"):
-      reporting.append(node)
-    return False
-
-  jax.tree.leaves(opt_state, is_leaf=collect)
-  metrics = {}
-  for state in reporting:
-    metrics |= state.train_metrics()
-  return metrics
 
 
 def make_train_step(
@@ -181,8 +148,10 @@ def make_train_step(
   model; None: the model's own ``labels`` attribute (the library's
   :class:`~gml_jax.FusionNetwork` carries :func:`gml_jax.group_labels`).
   Any other optimizer works too (every step is then a normal step). ``tx.update`` is given
-  ``scores=`` (:func:`true_class_scores`), which :func:`gml_jax.ogm_ge` reads and other
-  transforms ignore.
+  the extra arguments that the transforms in ``tx`` declare they need, and only those
+  (:mod:`gml_jax.extras`: ``scores`` for :func:`gml_jax.ogm_ge`, the loss ``value`` for
+  ``optax.contrib.reduce_on_plateau``, per-loss gradients, mono-modal logits, features);
+  a plain optimizer costs nothing extra.
 
   Metrics: loss, accuracies and the target of every step, and those of every transform in
   ``tx`` that reports its own (:func:`transform_metrics`: μ, s_k and d_speed when ``tx``
@@ -213,9 +182,10 @@ def make_train_step(
     # Read before tx.update: the mode of *this* step (afterwards it is the next step's).
     mode = StepMode(balance.target, balance.update_all) if balancing else None
     target = mode.target if balancing else jnp.full((), NORMAL_STEP, jnp.int32)
-    collections = list(state.model_state)
+    needs = needs_of(state.opt_state)
+    collections = list(state.model_state) + (["intermediates"] if "features" in needs else [])
 
-    def loss_fn(params):
+    def forward(params):  # the step's training-mode forward pass
       outputs, new_model_state = model.apply(
           {"params": cast_floats(params, compute_dtype), **state.model_state},
           cast_floats(tuple(batch["inputs"]), compute_dtype),
@@ -224,15 +194,30 @@ def make_train_step(
           mutable=collections,
       )
       logits, branch_logits = check_outputs(outputs, batch["label"].shape[0], "make_train_step")
-      logits, branch_logits = logits.astype(jnp.float32), branch_logits.astype(jnp.float32)
+      return (logits.astype(jnp.float32), branch_logits.astype(jnp.float32)), new_model_state
+
+    def loss_fn(params):
+      (logits, branch_logits), new_model_state = forward(params)
       losses = jnp.mean(branch_cross_entropy(branch_logits, batch["label"]), axis=-1)
       value = training_loss(loss, logits, losses, batch["label"])
       return value, (new_model_state, logits, branch_logits, losses, value)
 
+    def evaluate(cut):  # an evaluation-mode forward pass with ``cut`` (mono_logits)
+      outputs = model.apply({"params": cast_floats(state.params, compute_dtype),
+                             **state.model_state},
+                            cast_floats(tuple(batch["inputs"]), compute_dtype), train=False,
+                            cut=cut)
+      logits, branch_logits = check_outputs(outputs, batch["label"].shape[0], "make_train_step")
+      return logits.astype(jnp.float32), branch_logits.astype(jnp.float32)
+
     grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
     new_model_state, logits, branch_logits, losses, loss_value = aux
+    new_model_state = dict(new_model_state)
+    step = StepPass(outputs=lambda p: forward(p)[0], logits=logits, branch_logits=branch_logits,
+                    labels=batch["label"], value=loss_value, evaluate=evaluate,
+                    intermediates=new_model_state.pop("intermediates", {}))
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                   scores=true_class_scores(branch_logits, batch["label"]))
+                                   **extra_args(needs, state.params, step))
     params = optax.apply_updates(state.params, updates)
 
     # Each collection is labelled by the same rules as the params.

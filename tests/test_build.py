@@ -93,9 +93,9 @@ def test_every_variant_builds_a_consistent_config():
   # where its windows run back to back (Q / (Q + 1) of the steps after warm-up, all on m0).
   for k in (0, 1):
     fixed = colored_mnist.get_config(f"fixed_{k}").balance
-    assert (fixed.method, fixed.target) == ("fixed", k)
+    assert (fixed.method, fixed.fixed.target) == ("fixed", k)
   matched = colored_mnist.get_config("random_matched").balance
-  assert matched.method == "random" and matched.random_shares == (5 / 6, 0.0)
+  assert matched.method == "random" and matched.random.shares == (5 / 6, 0.0)
   assert "fixed" not in names.VARIANTS  # a variant names its target
   with pytest.raises(ValueError, match="Unknown variant 'greedy'"):
     colored_mnist.get_config("greedy")
@@ -112,11 +112,14 @@ def test_every_variant_builds_a_consistent_config():
      r"config.optimizer.learning_rate=nan is invalid: expected a finite number > 0"),
     ("optimizer.momentum", 1.0, r"config.optimizer.momentum=1.0 is invalid: expected a finite "
      r"number in \[0, 1\)"),
-    ("balance.alpha", -0.5, r"config.balance.alpha=-0.5 is invalid: expected a finite number >= 0"),
-    ("balance.window", 0, r"config.balance.window=0 is invalid: expected an integer >= 1"),
+    ("balance.guided.alpha", -0.5, r"config.balance.guided.alpha=-0.5 is invalid: expected a "
+     "finite number >= 0"),
+    ("balance.guided.window", 0, r"config.balance.guided.window=0 is invalid: expected an "
+     "integer >= 1"),
     ("balance.method", "greedy", r"config.balance.method='greedy' is unknown: expected one of "
      r"\('vanilla', 'random', 'guided', 'fixed', 'ogm_ge'\)"),
-    ("balance.update_mode", "everything", "config.balance.update_mode='everything' is unknown"),
+    ("balance.guided.update_mode", "everything", "config.balance.guided.update_mode='everything' "
+     "is unknown"),
     ("optimizer.name", "lion", "config.optimizer.name='lion' is unknown"),
     ("schedule.name", "cosine", "config.schedule.name='cosine' is unknown"),
     ("model.name", "vgg", "config.model.name='vgg' is unknown"),

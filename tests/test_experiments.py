@@ -9,6 +9,7 @@ import pytest
 from run_helpers import assert_states_close, read_jsonl, restore_latest, tiny_config
 
 from gml_jax.runner import build, pipeline, trainer
+from gml_jax.runner.methods import ogm_ge as ogm_registration
 
 
 def _rows(workdir, name="steps"):
@@ -63,10 +64,10 @@ def test_ogm_ge_run_logs_ratios_and_coefficients_and_resumes_exactly(data_dir, t
     assert r["ogm_ratio_0"] * r["ogm_ratio_1"] == pytest.approx(1, rel=1e-5)
     for k in (0, 1):
       rho = r[f"ogm_ratio_{k}"]
-      expected = 1 - math.tanh(config.balance.ogm_alpha * rho) if rho > 1 else 1.0
+      expected = 1 - math.tanh(config.balance.ogm_ge.alpha * rho) if rho > 1 else 1.0
       assert r[f"ogm_coefficient_{k}"] == pytest.approx(expected, rel=1e-5)
     assert r["target"] == -1 and math.isfinite(r["d_speed"])  # speeds measured, no re-balancing
-  assert (tmp_path / "whole" / "plots" / "modulation.png").exists()
+  assert (tmp_path / "whole" / "plots" / "ogm_ge.png").exists()
   assert math.isfinite(whole["d_util"])
 
   # The noise is a function of (seed, step): a run stopped mid-epoch continues exactly.
@@ -79,11 +80,11 @@ def test_ogm_ge_run_logs_ratios_and_coefficients_and_resumes_exactly(data_dir, t
 
 def test_ogm_ge_joint_run_modulates_inside_its_epochs_only(data_dir, tmp_path):
   """The authors' recipe: one joint head trained on the fused loss, modulation in epoch 0
-  alone (ogm_epochs (0, 0) of 2 epochs of 5 steps); its baseline has the same model."""
+  alone (ogm_ge.epochs (0, 0) of 2 epochs of 5 steps); its baseline has the same model."""
   config = tiny_config("ogm_ge_joint", data_dir)
-  assert (config.model.head, config.model.fusion, config.balance.ogm_scope) == (
+  assert (config.model.head, config.model.fusion, config.balance.ogm_ge.scope) == (
       "joint", "none", "encoder_kernels")
-  config.balance.ogm_epochs = (0, 0)
+  config.balance.ogm_ge.epochs = (0, 0)
   summary = trainer.train_and_evaluate(config, tmp_path)
   _, state = restore_latest(tmp_path)
   assert set(state["params"]) == {"branches_0", "branches_1", "head"}
@@ -94,7 +95,7 @@ def test_ogm_ge_joint_run_modulates_inside_its_epochs_only(data_dir, tmp_path):
     modulating = r["step"] <= 5  # steps 1-5 are epoch 0
     for k in (0, 1):
       rho = r[f"ogm_ratio_{k}"]
-      expected = 1 - math.tanh(config.balance.ogm_alpha * rho) if rho > 1 and modulating else 1
+      expected = 1 - math.tanh(config.balance.ogm_ge.alpha * rho) if rho > 1 and modulating else 1
       assert r[f"ogm_coefficient_{k}"] == pytest.approx(expected, rel=1e-5)
     assert r["target"] == -1 and "d_speed" not in r  # no fusion layers: no speeds
   assert 0 <= summary["test_branch_0_accuracy"] <= 1 and "d_util" not in summary
@@ -105,12 +106,10 @@ def test_ogm_ge_joint_run_modulates_inside_its_epochs_only(data_dir, tmp_path):
 
 def test_ogm_epochs_become_a_window_of_updates():
   config = tiny_config("ogm_ge_joint", "/unused")
-  assert config.balance.ogm_epochs == (0, 5)  # the authors' first half: of 10 epochs here
-  assert build.ogm_window(config, 7) == (0, 42)  # epochs 0-5 included: updates 0-41
-  config.balance.ogm_epochs = (2, 3)
-  assert build.ogm_window(config, 10) == (20, 40)
-  config.balance.ogm_epochs = ()
-  assert build.ogm_window(config, 10) is None
+  assert config.balance.ogm_ge.epochs == (0, 5)  # the authors' first half: of 10 epochs here
+  assert ogm_registration.update_window((0, 5), 7) == (0, 42)  # epochs 0-5: updates 0-41
+  assert ogm_registration.update_window((2, 3), 10) == (20, 40)
+  assert ogm_registration.update_window((), 10) is None
 
 
 @pytest.mark.parametrize("variant,field,value,message", [
@@ -121,26 +120,30 @@ def test_ogm_epochs_become_a_window_of_updates():
     ("vanilla", "data.modalities", (0, 2), r"config.data.modalities=\(0, 2\) is invalid"),
     ("vanilla", "data.modalities", (1, 1), r"config.data.modalities=\(1, 1\) is invalid"),
     ("vanilla", "model.fusion", "early", r"config.model.fusion='early' is unknown"),
-    ("ogm_ge", "balance.ogm_alpha", 0.0, r"config.balance.ogm_alpha=0.0 is invalid"),
+    ("ogm_ge", "balance.ogm_ge.alpha", 0.0, r"config.balance.ogm_ge.alpha=0.0 is invalid"),
     ("ogm_ge_joint", "model.fusion", "mmtm",
      r"config.model.head='joint' .* needs model.fusion='none' and two or more"),
     ("late_fusion_joint", "data.modalities", (0,), r"data.modalities=\(0,\)"),
-    ("ogm_ge", "balance.ogm_epochs", (3, 1), r"config.balance.ogm_epochs=\(3, 1\) is invalid: "
+    ("ogm_ge", "balance.ogm_ge.epochs", (3, 1), r"config.balance.ogm_ge.epochs=\(3, 1\) is "
+     r"invalid: "
      r"expected \(\) \(every epoch\) or \(first, last\)"),
-    ("ogm_ge", "balance.ogm_scope", "heads", r"config.balance.ogm_scope='heads' is unknown"),
+    ("ogm_ge", "balance.ogm_ge.scope", "heads", r"config.balance.ogm_ge.scope='heads' is "
+     "unknown"),
     ("vanilla", "model.head", "shared", r"config.model.head='shared' is unknown"),
-    ("fixed_1", "balance.target", 2, r"config.balance.target=2 is invalid: method 'fixed' "
+    ("fixed_1", "balance.fixed.target", 2, r"config.balance.fixed.target=2 is invalid: method "
+     r"'fixed' "
      r"re-balances a branch, and the model has 2"),
     ("fixed_0", "model.fusion", "none", "config.balance.method='fixed' needs fusion layers"),
-    ("guided", "balance.random_shares", (0.5, 0.5), r"config.balance.random_shares=\(0.5, 0.5\) "
-     r"is invalid: expected \(\) or, with balance.method='random', one share per branch"),
-    ("random", "balance.random_shares", (0.5,), r"random_shares=\(0.5,\) is invalid"),
-    ("random", "balance.random_shares", (0.75, 0.5), r"config.balance.random_shares=\(0.75, 0.5\) "
+    ("guided", "balance.random.shares", (0.5, 0.5), r"config.balance.random.shares=\(0.5, 0.5\) "
+     r"is set, but balance.method='guided' does not read it: set balance.method='random'"),
+    ("random", "balance.random.shares", (0.5,), r"random.shares=\(0.5,\) is invalid: expected "
+     r"\(\) or one share per branch \(2\)"),
+    ("random", "balance.random.shares", (0.75, 0.5), r"config.balance.random.shares=\(0.75, 0.5\) "
      r"is invalid: expected \(\) \(uniform draws\) or one probability in \[0, 1\] per modality"),
 ])
 def test_inconsistent_variants_are_refused(variant, field, value, message, tmp_path):
   config = tiny_config(variant, tmp_path)
-  section, name = field.split(".")
-  config[section][name] = value
+  *sections, name = field.split(".")
+  build.config_field(config, ".".join(sections))[name] = value
   with pytest.raises(ValueError, match=message):
     build.check_config(config)

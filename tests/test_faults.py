@@ -305,8 +305,10 @@ def test_symbolic_links_in_a_workdir_are_not_followed(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config.balance.ogm_alhpa=0.5"], 'Error: --config.balance.ogm_alhpa: unknown config '
-     'field. \'ogm_alhpa\' Did you mean "ogm_alpha" instead of "ogm_alhpa"?'),
+    (["--config.balance.ogm_ge.alhpa=0.5"], 'Error: --config.balance.ogm_ge.alhpa: unknown config '
+     'field. \'alhpa\' Did you mean "alpha" instead of "alhpa"?'),
+    (["--config.balance.ogm_alpha=0.5"], "Error: --config.balance.ogm_alpha: the old layout: a "
+     "method's options now live under its name; use --config.balance.ogm_ge.alpha."),
     (["--config.data.hflip=maybe"], "Error: --config.data.hflip=maybe: expected True or False."),
     (["--config.data.modalities=(True,False)"], "Error: config.data.modalities=(True, False) is "
      "invalid: expected distinct integer indices of colored_mnist's 2 modalities"),

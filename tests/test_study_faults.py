@@ -137,10 +137,13 @@ def test_a_killed_study_takes_its_runs_with_it_and_is_taken_over(data_dir, tmp_p
     ("--seeds=", "Error: --seeds=: '' is not a seed or a range;"),
     ("--seeds=0,0", "Error: --seeds=0,0: seeds [0] are listed more than once"),
     ("--methods=vanilla,vanilla", "Error: --methods=vanilla,vanilla: a method is listed twice."),
-    ("--grid=balance.window=abc", "Error: --grid balance.window=abc: 'abc' is not a value of "
-                                  "balance.window"),
-    ("--grid=balance.window=1,0", "Error: The run balance.window=0, vanilla would fail: "
-                                  "config.balance.window=0 is invalid: expected an integer >= 1."),
+    ("--grid=balance.guided.window=abc", "Error: --grid balance.guided.window=abc: 'abc' is not a "
+                                         "value of balance.guided.window"),
+    ("--grid=batch_size=32,0", "Error: The run batch_size=0, vanilla would fail: "
+                               "config.batch_size=0 is invalid: expected an integer >= 1."),
+    ("--grid=balance.random.window=1,2", "Error: --grid balance.random.window=1,2: no run of "
+                                         "--methods=vanilla reads it: balance.random.* reaches "
+                                         "the runs of method 'random' only."),
     ("--grid=data.modalities=(0,),(7,)", "Error: The run data.modalities=(0,), vanilla would fail"),
 ])
 def test_bad_arguments_are_refused_in_one_line_before_any_run(flag, message, tmp_path):
@@ -157,11 +160,12 @@ def test_seeds_and_grid_values_parse_as_written():
   assert study.split_values("(0,),(1,)") == ["(0,)", "(1,)"]
   assert study.split_values("0.1,'a,b',[1, 2]") == ["0.1", "'a,b'", "[1, 2]"]
   config = colored_mnist.get_config("unimodal_0")
-  points = study.parse_grid(["data.modalities=(0,),(1,)", "balance.alpha=0.1,1e-3"], config)
-  assert points == [(("data.modalities", "(0,)"), ("balance.alpha", "0.1")),
-                    (("data.modalities", "(0,)"), ("balance.alpha", "1e-3")),
-                    (("data.modalities", "(1,)"), ("balance.alpha", "0.1")),
-                    (("data.modalities", "(1,)"), ("balance.alpha", "1e-3"))]
+  points = study.parse_grid(["data.modalities=(0,),(1,)", "balance.guided.alpha=0.1,1e-3"],
+                            config)
+  assert points == [(("data.modalities", "(0,)"), ("balance.guided.alpha", "0.1")),
+                    (("data.modalities", "(0,)"), ("balance.guided.alpha", "1e-3")),
+                    (("data.modalities", "(1,)"), ("balance.guided.alpha", "0.1")),
+                    (("data.modalities", "(1,)"), ("balance.guided.alpha", "1e-3"))]
   assert study.parse_value("(0, 1)", (0,)) == (0, 1)
   assert study.parse_value("True", False) is True and study.parse_value("2", 1.0) == 2.0
   with pytest.raises(ValueError, match="expected a tuple"):

@@ -127,9 +127,10 @@ def test_workdir_of_another_config_is_refused(data_dir, tmp_path):
 
 
 def test_print_config_shows_overrides():
-  result = run_cli(f"--config={CONFIG}:random", "--config.balance.alpha=0.2", "--print_config")
+  result = run_cli(f"--config={CONFIG}:random", "--config.balance.random.window=7",
+                   "--print_config")
   assert result.returncode == 0, result.stderr[-2000:]
-  assert "alpha: 0.2" in result.stdout and "method: random" in result.stdout
+  assert "window: 7" in result.stdout and "method: random" in result.stdout
 
 
 @ON_THE_RANDOM_RUN_WORKER

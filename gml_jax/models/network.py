@@ -149,6 +149,9 @@ class FusionNetwork(nn.Module):
       xs = [b.stage(s, x, train) for b, x in zip(self.branches, xs)]
       if s in fusion_at:
         xs = list(fusion_at[s](xs, train=train, cut=cut, drop=drop))
+    if self.is_mutable_collection("intermediates"):  # the `features` of gml_jax.extras
+      for x in xs:
+        self.sow("intermediates", "features", pooled(x))
     if self.head == "joint":
       return self.joint_head([pooled(x) for x in xs])
     branch_logits = jnp.stack([b.logits(x) for b, x in zip(self.branches, xs)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import pathlib
 
 import jax
@@ -10,10 +9,9 @@ import ml_collections
 import optax
 
 from gml_jax import models
-from gml_jax.balancing import METHODS, UPDATE_MODES, balanced_multimodal
-from gml_jax.modulation import ogm_ge
+from gml_jax.balancing import balanced_multimodal
 from gml_jax.parallel import replicate
-from gml_jax.runner import clone, names, pipeline
+from gml_jax.runner import clone, fields, methods, names, pipeline
 from gml_jax.runner.failure import shorten
 from gml_jax.steps import TrainState, create_train_state
 
@@ -21,34 +19,8 @@ SCHEDULES = ("constant", "plateau")
 OPTIMIZERS = ("sgd", "adam")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 FUSIONS = ("mmtm", "none")
-# What OGM-GE modulates: every parameter of a branch, or its encoder's kernels of rank >= 2
-# (not biases, normalisation or heads: the authors' scope).
-OGM_SCOPES = ("branch", "encoder_kernels")
-
-
-def _integer(low: int):
-  return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
-          f"an integer >= {low}")
-
-
-def _number(test, text: str):
-  return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-          and math.isfinite(v) and test(v), f"a finite number {text}")
-
-
-def _one_of(choices):
-  return (lambda v: v in choices, f"one of {tuple(choices)}")
-
-
-def _shares(v) -> bool:
-  return v == () or (isinstance(v, (tuple, list)) and all(
-      isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in v)
-      and sum(v) <= 1 + 1e-9)
-
-
-def _epoch_window(v) -> bool:
-  return v == () or (isinstance(v, (tuple, list)) and len(v) == 2 and all(
-      isinstance(e, int) and not isinstance(e, bool) for e in v) and 0 <= v[0] <= v[1])
+WANDB_MODES = ("online", "offline", "disabled")
+_integer, _number, _one_of = fields.integer, fields.number, fields.one_of
 
 
 # Every checked config field: (field, (test, what is expected)).
@@ -77,19 +49,6 @@ FIELD_CHECKS = (
     ("optimizer.momentum", _number(lambda v: 0 <= v < 1, "in [0, 1)")),
     ("optimizer.weight_decay", _number(lambda v: v >= 0, ">= 0")),
     ("balance.method", _one_of(names.BALANCE_METHODS)),
-    ("balance.alpha", _number(lambda v: v >= 0, ">= 0")),
-    ("balance.window", _integer(1)),
-    ("balance.target", _integer(0)),
-    ("balance.random_shares", (_shares, "() (uniform draws) or one probability in [0, 1] "
-                               "per modality, summing to at most 1")),
-    ("balance.warmup_epochs", _integer(0)),
-    ("balance.update_mode", _one_of(UPDATE_MODES)),
-    ("balance.ogm_alpha", _number(lambda v: v > 0, "> 0")),
-    ("balance.ogm_noise", (lambda v: isinstance(v, bool), "true or false")),
-    ("balance.ogm_continuous", (lambda v: isinstance(v, bool), "true or false")),
-    ("balance.ogm_scope", _one_of(OGM_SCOPES)),
-    ("balance.ogm_epochs", (_epoch_window, "() (every epoch) or (first, last) epochs, "
-                            "0 <= first <= last")),
     ("schedule.name", _one_of(SCHEDULES)),
     ("schedule.factor", _number(lambda v: 0 < v < 1, "in (0, 1)")),
     ("schedule.patience", _integer(0)),
@@ -110,6 +69,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   names, batch sizes (every device gets an equal share, hence every process too) and
   files. Raises ValueError (FileNotFoundError for files) naming the field, the value and
   what is expected."""
+  _refuse_legacy_fields(config)
   for field, (test, expected) in FIELD_CHECKS:
     value = config_field(config, field)
     if not test(value):
@@ -117,6 +77,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field}={shorten(repr(value))} {what}: expected {expected}.")
   _check_backbone_options(config)
   _check_model_inputs(config)
+  _check_wandb(config)
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % jax.device_count():
       raise ValueError(f"config.{name}={config[name]} is not divisible by the "
@@ -125,6 +86,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if path and not pathlib.Path(path).is_file():
       raise FileNotFoundError(f"Pretrained weights file {path} (config.model.pretrained) "
                               "does not exist.")
+
+
+def _refuse_legacy_fields(config) -> None:
+  """The flat ``balance.*`` fields of the layout before methods were units: one line
+  naming the field that replaced each."""
+  for key in config.get("balance", {}):
+    if key in methods.LEGACY_FIELDS:
+      raise ValueError(f"config.balance.{key} is the old layout: a method's options now live "
+                       f"under its name; use config.{methods.LEGACY_FIELDS[key]}.")
+
+
+def _check_wandb(config) -> None:
+  """``logging.wandb``: a mode of W&B's, and the extra installed where a project is named."""
+  wandb = config.logging.wandb
+  if wandb.mode not in WANDB_MODES:
+    raise ValueError(f"config.logging.wandb.mode={shorten(repr(wandb.mode))} is unknown: "
+                     f"expected one of {WANDB_MODES}.")
+  if wandb.project:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+      raise ValueError(f"config.logging.wandb.project={wandb.project!r} needs Weights & "
+                       "Biases, which is not installed: pip install -e '.[wandb]'.")
 
 
 def _check_backbone_options(config) -> None:
@@ -154,24 +138,26 @@ def _check_model_inputs(config) -> None:
     raise ValueError(f"config.data.modalities={shorten(repr(chosen))} is invalid: expected "
                      f"distinct integer indices of {config.data.name}'s {available} "
                      "modalities, e.g. (0, 1) or (0,).")
-  method, fusion = config.balance.method, config.model.fusion
+  method, fusion = methods.get(config.balance.method), config.model.fusion
   if fusion == "mmtm" and len(chosen) < 2:
     raise ValueError(f"config.model.fusion='mmtm' needs two or more data.modalities, got "
                      f"{tuple(chosen)}; use model.fusion='none' for a uni-modal model.")
-  if method == "fixed" and config.balance.target >= len(chosen):
-    raise ValueError(f"config.balance.target={config.balance.target} is invalid: method "
-                     f"'fixed' re-balances a branch, and the model has {len(chosen)} "
-                     f"(data.modalities={tuple(chosen)}).")
-  shares = config.balance.random_shares
-  if shares and (method != "random" or len(shares) != len(chosen)):
-    raise ValueError(f"config.balance.random_shares={tuple(shares)} is invalid: expected () or, "
-                     f"with balance.method='random', one share per branch ({len(chosen)}); got "
-                     f"method={method!r}.")
-  if method in ("random", "guided", "fixed") and fusion != "mmtm":
-    raise ValueError(f"config.balance.method={method!r} needs fusion layers "
+  for name in methods.names():  # every section's values; the run's method's cross-checks
+    section = config.balance.get(name, {})
+    methods.get(name).check_options(section, len(chosen), cross_checks=name == method.name)
+    changed = [k for k, o in methods.get(name).options.items()
+               if name != method.name and k in section and section[k] != o.default]
+    if changed:
+      raise ValueError(f"config.balance.{name}.{changed[0]}={shorten(repr(section[changed[0]]))} "
+                       f"is set, but balance.method={method.name!r} does not read it: set "
+                       f"balance.method={name!r}, or leave balance.{name} at its defaults.")
+  if method.rebalances and fusion != "mmtm":
+    raise ValueError(f"config.balance.method={method.name!r} needs fusion layers "
                      "(model.fusion='mmtm'): it re-balances through them.")
-  if method == "ogm_ge" and len(chosen) < 2:
-    raise ValueError("config.balance.method='ogm_ge' needs two or more data.modalities.")
+  if len(chosen) < method.min_modalities:
+    count = {2: "two", 3: "three"}.get(method.min_modalities, method.min_modalities)
+    raise ValueError(f"config.balance.method={method.name!r} needs {count} or more "
+                     f"data.modalities; got {tuple(chosen)}.")
   if config.model.head == "joint" and (fusion != "none" or len(chosen) < 2):
     raise ValueError("config.model.head='joint' (one head over every branch's features) "
                      "needs model.fusion='none' and two or more data.modalities; got "
@@ -194,20 +180,12 @@ def loss(config: ml_collections.ConfigDict) -> str:
   return "fused" if config.model.head == "joint" else "branches"
 
 
-def ogm_window(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """``balance.ogm_epochs`` (first, last), both included as in the authors' code, as the
-  transform's window of updates; () (every epoch): None."""
-  if not config.balance.ogm_epochs:
-    return None
-  first, last = config.balance.ogm_epochs
-  return first * steps_per_epoch, (last + 1) * steps_per_epoch
-
-
 def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """The configured optimizer, inside OGM-GE for ``balance.method='ogm_ge'``, inside the
-  balancing transform wherever the model has fusion layers (OGM-GE's runs then measure the
-  speeds too, with normal steps only); its learning rate is a hyperparameter in the
-  optimizer state, so a schedule can change it between steps."""
+  """The configured optimizer wrapped by the method of ``balance.method`` (given its section
+  ``balance.<method>``), inside the balancing transform wherever the model has fusion
+  layers (other methods' runs then measure the speeds too, with normal steps only); its
+  learning rate is a hyperparameter in the optimizer state, so a schedule can change it
+  between steps."""
   o = config.optimizer
 
   def make_inner(learning_rate):
@@ -219,21 +197,18 @@ def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
       inner = optax.chain(optax.add_decayed_weights(o.weight_decay), inner)
     return inner
 
-  b = config.balance
-  tx = optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate)
-  if b.method == "ogm_ge":
-    encoder_kernels = b.ogm_scope == "encoder_kernels"
-    tx = ogm_ge(tx, models.encoder_labels if encoder_kernels else models.group_labels,
-                alpha=b.ogm_alpha, noise=b.ogm_noise, seed=config.seed,
-                continuous=b.ogm_continuous, scope="kernels" if encoder_kernels else "branch",
-                window=ogm_window(config, steps_per_epoch))
-  if config.model.fusion == "none":
+  method = methods.get(config.balance.method)
+  options = method.defaults()
+  options.update(config.balance.get(method.name, {}))
+  context = methods.Context(seed=config.seed, steps_per_epoch=steps_per_epoch,
+                            num_epochs=config.num_epochs,
+                            num_modalities=len(config.data.modalities),
+                            labels=models.group_labels, encoder_labels=models.encoder_labels)
+  tx = method.transform(optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate),
+                        options, context)
+  if config.model.fusion == "none" or method.rebalances:
     return tx
-  return balanced_multimodal(
-      tx, models.group_labels, method=b.method if b.method in METHODS else "vanilla",
-      alpha=b.alpha, window=b.window, warmup_steps=b.warmup_epochs * steps_per_epoch,
-      update=b.update_mode, seed=config.seed, target=b.target,
-      shares=tuple(b.random_shares) or None)
+  return balanced_multimodal(tx, models.group_labels, method="vanilla", seed=config.seed)
 
 
 def initial_state(config, network, tx, example_inputs, mesh) -> TrainState:

@@ -44,7 +44,9 @@ def final_summary(config, model, eval_step, state, split_batches, data_source: s
   summary = {
       "experiment": config.experiment,
       "method": config.balance.method,
-      "update": config.balance.update_mode,
+      # A re-balancing step's update mode: the method's where it has one, else that of the
+      # balancing transform that measures the speeds ("branch", its default).
+      "update": config.balance.get(config.balance.method, {}).get("update_mode", "branch"),
       names.FUSION: config.model.fusion,
       names.MODALITIES: list(modalities),
       "data_source": data_source,

@@ -49,6 +49,12 @@ def _flag_error(error: BaseException, argv: list[str]) -> str:
     key = str(error.args[0].args[0]).split("\n")[0].strip("'") if error.args[0].args else ""
     flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
                  and key and key in a.split("=")[0].split(".")), "--config")
+    from gml_jax.runner.methods import LEGACY_FIELDS
+
+    if flag.startswith("--config.balance.") and flag.count(".") == 2 and (
+        flag.rsplit(".", 1)[1] in LEGACY_FIELDS):
+      return (f"{flag}: the old layout: a method's options now live under its name; use "
+              f"--config.{LEGACY_FIELDS[flag.rsplit('.', 1)[1]]}.")
     return f"{flag}: unknown config field. {one_line(error)}"
   return shorten(one_line(error), 2 * ECHO_LIMIT)
 

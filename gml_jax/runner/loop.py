@@ -9,6 +9,7 @@ import dataclasses
 import time
 from typing import Iterable, Iterator, Sequence
 
+from gml_jax.runner import names
 from gml_jax.runner.logs import step_rows
 
 
@@ -110,8 +111,12 @@ class MetricFetcher:
   a checkpoint, an evaluation or a stop) takes them all.
   """
 
-  def __init__(self, modalities: Sequence[int]):
+  def __init__(self, modalities: Sequence[int], templates: dict[str, str] | None = None):
+    """``templates``: every metric a step returns -> its row key (:func:`step_rows`);
+    default: the step's own and those of every registered method."""
     self.modalities = tuple(modalities)
+    self.templates = (templates if templates is not None
+                      else names.STEP_METRICS | names.method_templates())
     self._pending: list[tuple[dict, int]] = []  # (metrics, steps) per call
 
   def add(self, metrics: dict, steps: int) -> None:
@@ -128,4 +133,4 @@ class MetricFetcher:
                             (self._pending[:-1], self._pending[-1:]))
     if not ready:
       return []
-    return step_rows(ready, step - self.unfetched_steps, self.modalities)
+    return step_rows(ready, step - self.unfetched_steps, self.modalities, self.templates)

@@ -13,22 +13,14 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from gml_jax.balancing import METHODS
+from gml_jax.runner import methods
 
-# ---- Methods (config.balance.method) and config variants (the part after ':' of --config).
-BALANCE_METHODS = (*METHODS, "ogm_ge")  # the transform's, and OGM-GE (docs/ogm_ge.md)
-# Controls for guided's decision: guided's schedule pinned to modality k (no speed test), and
-# random draws at guided's shares where its windows run back to back (Q/(Q+1) of the steps
-# after warm-up re-balance m0, none m1; Q = 5).
-CONTROLS = ("fixed_0", "fixed_1", "random_matched")
-# Baselines: each modality alone, late fusion (no MMTM), and OGM-GE's authors' late fusion
-# without modulation (one joint head, one cross-entropy on the fused output).
-BASELINES = ("unimodal_0", "unimodal_1", "late_fusion", "late_fusion_joint")
-JOINT_HEAD_VARIANTS = ("ogm_ge_joint", "late_fusion_joint")  # OGM-GE's authors' model
-VARIANTS = (*(m for m in BALANCE_METHODS if m != "fixed"), "ogm_ge_joint", *CONTROLS,
-            *BASELINES)
+# ---- Methods (config.balance.method) and config variants (the part after ':' of --config):
+# the registered methods' (gml_jax/runner/methods/), each with its own variants.
+BALANCE_METHODS = methods.names()
+VARIANTS = tuple(methods.variants())
 DEFAULT_VARIANT = "guided"  # of `--config experiments/<name>.py` alone, and of make train
-STUDY_METHODS = ("vanilla", "random", "guided")  # a study's default --methods: the paper's
+STUDY_METHODS = tuple(m for m in BALANCE_METHODS if methods.get(m).in_default_study)
 
 # ---- A step row: one per training step.
 STEP = "step"
@@ -51,34 +43,36 @@ def speed(modality: int) -> str:
   return f"s_{modality}"
 
 
-def mu_main(modality: int) -> str:
-  return f"mu_main_{modality}"
+# A train step's own metrics -> the key of each in a row: a template with {m} for an array
+# over branches (one key per dataset modality), without for a scalar. The transforms' metrics
+# come with their own templates (their states' METRICS: gml_jax.extras).
+STEP_METRICS = {"loss": LOSS, "accuracy": ACCURACY, "target": TARGET,
+                "branch_accuracy": "branch_{m}_accuracy", "branch_loss": "branch_{m}_loss"}
+INTEGER_METRICS = (TARGET,)
 
 
-def mu_fusion(modality: int) -> str:
-  return f"mu_fusion_{modality}"
+def row_key(template: str, modality: int | None = None) -> str:
+  """A template of STEP_METRICS or of a state's METRICS as the key of one value."""
+  return template.format(m=modality) if modality is not None else template
 
 
-def ogm_ratio(modality: int) -> str:
-  return f"ogm_ratio_{modality}"
+def per_modality(template: str) -> bool:
+  return "{m}" in template
 
 
-def ogm_coefficient(modality: int) -> str:
-  return f"ogm_coefficient_{modality}"
+def method_templates() -> dict[str, str]:
+  """Every metric that a registered method's transforms declare -> its template."""
+  return {k: t for name in BALANCE_METHODS for state in methods.get(name).state_types
+          for k, t in state.METRICS.items()}
 
 
-# A train step's scalar metrics -> the key of each in a row (the target is an integer).
-SCALARS = {"loss": LOSS, "accuracy": ACCURACY, "target": TARGET, "d_speed": D_SPEED}
-# A train step's per-branch metrics (arrays over branches) -> the key of each value.
-PER_BRANCH = {"branch_accuracy": branch_accuracy, "branch_loss": branch_loss,
-              "speeds": speed, "mu_main": mu_main, "mu_fusion": mu_fusion,
-              "ogm_ratio": ogm_ratio, "ogm_coefficient": ogm_coefficient}
-
-
-def step_keys(modalities: Sequence[int]) -> list[str]:
-  """Every key a step row may have."""
-  per_branch = [key(m) for m in modalities for key in PER_BRANCH.values()]
-  return [STEP, LOSS, ACCURACY, TARGET, D_SPEED, *per_branch]
+def step_keys(modalities: Sequence[int], templates: dict[str, str] | None = None) -> list[str]:
+  """Every key a step row may have: the step's own metrics and ``templates`` (default:
+  those of every registered method's transforms)."""
+  templates = STEP_METRICS | (method_templates() if templates is None else templates)
+  scalars = [t for t in templates.values() if not per_modality(t)]
+  arrays = [row_key(t, m) for m in modalities for t in templates.values() if per_modality(t)]
+  return [STEP, *scalars, *arrays]
 
 
 def averaged(modalities: Sequence[int]) -> list[str]:
@@ -163,6 +157,21 @@ def rebalance_share(modality: int) -> str:
   return f"rebalance_share_m{modality}"
 
 
+def step_mean(key: str) -> str:
+  """A summary's mean over the run's steps of the step-row ``key`` of a metric that the
+  run's method declares (e.g. ``mean_ogm_coefficient_0``)."""
+  return f"mean_{key}"
+
+
+def method_step_keys(modalities: Sequence[int],
+                     templates: dict[str, str] | None = None) -> list[str]:
+  """The step-row keys of the methods' own metrics (``templates``: default, those of every
+  registered method)."""
+  templates = method_templates() if templates is None else templates
+  own = set(step_keys(modalities, {}))
+  return [k for k in step_keys(modalities, templates) if k not in own]
+
+
 def summary_keys(modalities: Sequence[int]) -> list[str]:
   """Every key a run's summary may have."""
   evaluations = [split(s, k) for s in TEST_SPLITS for k in evaluated(modalities)
@@ -170,7 +179,8 @@ def summary_keys(modalities: Sequence[int]) -> list[str]:
   rates = [utilization(j, k) for j, k in utilization_pairs(modalities)]
   return [*DESCRIPTION, BEST_STEP, BEST_VAL_ACCURACY, *evaluations, *rates, D_UTIL,
           *(rebalance_share(m) for m in modalities), SPEED_UTIL_CORRELATION, STEPS,
-          TRAIN_SECONDS, SAMPLES_PER_S, COMPILE_SECONDS]
+          TRAIN_SECONDS, SAMPLES_PER_S, COMPILE_SECONDS,
+          *(step_mean(k) for k in method_step_keys(modalities))]
 
 
 # ---- A study's aggregate: the summary values it averages over seeds, in table order.

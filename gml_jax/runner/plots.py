@@ -1,4 +1,4 @@
-"""PNG plots of a run: speeds with re-balancing steps, OGM-GE's modulation, accuracies,
+"""PNG plots of a run: speeds with re-balancing steps, the method's own metrics, accuracies,
 utilization rates, and d_speed against d_util over training."""
 
 from __future__ import annotations
@@ -105,39 +105,42 @@ def speed_and_utilization(epoch_rows: list[dict], summary: dict, path: storage.P
   save(fig, path)
 
 
-def modulation(step_rows: list[dict], modalities: Sequence[int], path: storage.Path) -> None:
-  """OGM-GE's discrepancy ratios ρ_k and the coefficients that scaled each branch."""
+def method_metrics(step_rows: list[dict], modalities: Sequence[int],
+                   templates: dict[str, str], title: str, path: storage.Path) -> None:
+  """Every metric a method's transform declares (``templates``: name -> row-key template),
+  one panel each over the steps: a line per modality, or one for a scalar."""
   steps = np.array([r[names.STEP] for r in step_rows])
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-  for i, m in enumerate(modalities):
-    top.plot(steps, [r[names.ogm_ratio(m)] for r in step_rows], color=f"C{i}", lw=0.8,
-             label=f"$\\rho_{m}$")
-    bottom.plot(steps, [r[names.ogm_coefficient(m)] for r in step_rows], color=f"C{i}",
-                lw=0.8, label=f"m{m}")
-  top.axhline(1, color="grey", lw=0.5)
-  top.set_yscale("log")
-  top.set_ylabel("discrepancy ratio (log scale)")
-  top.legend(loc="best")
-  bottom.set_ylabel("gradient coefficient")
-  bottom.set_ylim(0, 1.05)
-  bottom.set_xlabel("step")
-  bottom.legend(loc="best")
-  top.set_title("OGM-GE: discrepancy ratios and the coefficients of each branch's gradients")
+  fig, axes = plt.subplots(len(templates), 1, figsize=(9, 2.5 + 2.2 * len(templates)),
+                           sharex=True, squeeze=False)
+  for ax, (metric, template) in zip(axes[:, 0], templates.items()):
+    keys = ([(names.row_key(template, m), f"m{m}") for m in modalities]
+            if names.per_modality(template) else [(template, None)])
+    for i, (key, label) in enumerate(keys):
+      ax.plot(steps, [r.get(key, np.nan) for r in step_rows], color=f"C{i}", lw=0.8,
+              label=label)
+    ax.set_ylabel(metric)
+    if names.per_modality(template):
+      ax.legend(loc="best", fontsize="small")
+  axes[-1, 0].set_xlabel("step")
+  axes[0, 0].set_title(title)
   fig.tight_layout()
   save(fig, path)
 
 
 def write_run_plots(plot_dir: storage.Path, step_rows: list[dict], epoch_rows: list[dict],
-                    summary: dict) -> None:
-  """accuracy.png of a finished run; speeds.png where it measured speeds, modulation.png
-  where OGM-GE modulated its gradients, utilization.png where it has fusion layers,
-  speed_vs_utilization.png where it measured the utilization at epoch ends."""
+                    summary: dict, method_templates: dict[str, str] | None = None) -> None:
+  """accuracy.png of a finished run; speeds.png where it measured speeds, <method>.png with
+  the metrics its method's transform declares (``method_templates``; e.g. OGM-GE's ratios
+  and coefficients), utilization.png where it has fusion layers, speed_vs_utilization.png
+  where it measured the utilization at epoch ends."""
   plot_dir.mkdir(exist_ok=True)
   modalities = summary[names.MODALITIES]
   if names.D_SPEED in step_rows[0]:
     speeds(step_rows, modalities, plot_dir / "speeds.png")
-  if names.ogm_ratio(modalities[0]) in step_rows[0]:
-    modulation(step_rows, modalities, plot_dir / "modulation.png")
+  if method_templates:
+    method = summary.get("method", "method")
+    method_metrics(step_rows, modalities, method_templates,
+                   f"{method}: its metrics over training", plot_dir / f"{method}.png")
   accuracy(epoch_rows, modalities, plot_dir / "accuracy.png")
   if summary[names.FUSION] == "mmtm":
     utilization(summary, plot_dir / "utilization.png")

@@ -4,7 +4,7 @@ the aggregate (mean ± std over seeds, paired differences with a 95% interval) a
   python -m gml_jax.runner.study --config experiments/colored_mnist.py --seeds 0-4 \
       --workdir runs/study_cm
   python -m gml_jax.runner.study --config experiments/colored_mnist.py --seeds 0-2 \
-      --methods vanilla,guided --grid balance.alpha=0.001,0.01,0.1 --workdir runs/alpha \
+      --methods vanilla,guided --grid balance.guided.alpha=0.001,0.01,0.1 --workdir runs/alpha \
       --config.num_epochs=5
   make study EXP=colored_mnist SEEDS=5 ARGS="--config.data.builder_config=var_0.05"
   make study EXP=colored_mnist SEEDS=5 \
@@ -57,7 +57,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gml_jax.runner import build, failure, names, storage, study_report
+from gml_jax.runner import build, failure, methods, names, storage, study_report
 from gml_jax.runner.workdir import WorkdirInUseError, WorkdirLock, atomic_write, refuse_link
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -66,13 +66,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _METHODS = flags.DEFINE_list(
     "methods", list(names.STUDY_METHODS), "Methods (config variants) to run, some of "
-    f"{list(names.VARIANTS)}: the paper's methods, OGM-GE (on this project's model, and as "
-    "its authors run it), each modality alone, late fusion (mean of logits, or one joint "
-    "head).")
+    f"{list(names.VARIANTS)}: the registered methods (gml_jax/runner/methods/) and their "
+    "variants (controls; vanilla's baselines: each modality alone, late fusion).")
 _SEEDS = flags.DEFINE_string("seeds", "0-4", "Seeds: a range 0-4, a list 0,3,7, or both: 0-2,5.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The study's directory (runs below it).")
 _GRID = flags.DEFINE_multi_string(
-    "grid", [], "An extra axis: field=value,value,... (e.g. balance.alpha=0.001,0.01,0.1; "
+    "grid", [], "An extra axis: field=value,value,... (e.g. balance.guided.alpha=0.001,0.01,0.1: a "
+    "method's options reach only its own runs; "
     "tuples as data.modalities=(0,),(1,)); repeat for several axes (their product is run).")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at once (>= 1), each its own process.")
 _RUN_ARGS = flags.DEFINE_string("run_args", "", "More flags for every run, e.g. "
@@ -255,14 +255,26 @@ def _set_field(config, path: str, value) -> None:
   setattr(config, name, value)
 
 
-def check_every_run_config(config_file: str, methods, points, overrides: dict, seeds) -> None:
-  """Each (method, grid point)'s config through the config's own checks, before any run:
+def for_variant(fields, variant: str) -> list:
+  """The (field, value) pairs that reach a run of ``variant``: every field but the options
+  of the methods it does not run (``balance.<other method>.*``, which its checks refuse),
+  so that a study's overrides and grids of one method's options leave the others alone."""
+  own = methods.variant_method(variant).name
+  other = lambda field: (field.startswith("balance.") and field.count(".") >= 2
+                         and field.split(".")[1] in methods.names()
+                         and field.split(".")[1] != own)
+  return [(field, value) for field, value in fields if not other(field)]
+
+
+def check_every_run_config(config_file: str, variants, points, overrides: dict,
+                           seeds) -> None:
+  """Each (variant, grid point)'s config through the config's own checks, before any run:
   a bad value is refused here, naming the grid point, not found by every run failing."""
-  for method, point in itertools.product(methods, points):
+  for method, point in itertools.product(variants, points):
     config = _load_variant(config_file, method)
-    for field, value in overrides.items():
+    for field, value in for_variant(overrides.items(), method):
       _set_field(config, field, value)
-    for field, text in point:
+    for field, text in for_variant(point, method):
       _set_field(config, field, parse_value(text, build.config_field(config, field)))
     config.seed = seeds[0]
     where = ", ".join(filter(None, [",".join(f"{k}={v}" for k, v in point), method]))
@@ -276,10 +288,13 @@ def check_every_run_config(config_file: str, methods, points, overrides: dict, s
 # Running
 
 
-def run_command(config_file: str, run: Run, overrides: list[str], run_args: str) -> list[str]:
-  point = [f"--config.{k}={v}" for k, v in run.point]
+def run_command(config_file: str, run: Run, overrides: dict, run_args: str) -> list[str]:
+  """The command line of ``run``: the study's overrides and the run's grid point (those of
+  its own method: :func:`for_variant`) as ``--config.<field>=<value>`` flags."""
+  given = [(k, v if isinstance(v, str) else repr(v)) for k, v in overrides.items()]
+  flags = [f"--config.{k}={v}" for k, v in for_variant([*given, *run.point], run.method)]
   return [sys.executable, "-m", "gml_jax.runner.main", f"--config={config_file}:{run.method}",
-          f"--workdir={run.workdir}", *overrides, *point, f"--config.seed={run.seed}",
+          f"--workdir={run.workdir}", *flags, f"--config.seed={run.seed}",
           *shlex.split(run_args)]
 
 
@@ -431,25 +446,44 @@ def write_study(workdir: storage.Path, runs: list[Run], experiment: str, started
       print(f"The plots could not be drawn: {failure.one_line(e)}")
 
 
-def study(argv) -> int:
+@dataclasses.dataclass
+class Plan:
+  """A study's checked arguments and its runs."""
+
+  experiment: str
+  config_file: str
+  overrides: dict
+  workdir: storage.Path
+  process: int
+  runs: list[Run]
+  header: str  # its first console line
+
+
+def plan(argv) -> Plan:
+  """Every argument checked (and every run's config), the runs listed; nothing written."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   config_file = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
-  override_values = config_flags.get_override_values(flags.FLAGS["config"])
-  overrides = [f"--config.{k}={v if isinstance(v, str) else repr(v)}"
-               for k, v in override_values.items()]
-  methods = _METHODS.value
-  unknown = [m for m in methods if m not in names.VARIANTS]
-  if unknown or not methods:
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  variants = _METHODS.value
+  unknown = [m for m in variants if m not in names.VARIANTS]
+  if unknown or not variants:
     raise app.UsageError(f"Unknown methods {unknown}; expected some of {names.VARIANTS}.")
-  if len(set(methods)) != len(methods):
-    raise app.UsageError(f"--methods={','.join(methods)}: a method is listed twice.")
+  if len(set(variants)) != len(variants):
+    raise app.UsageError(f"--methods={','.join(variants)}: a method is listed twice.")
   if _PARALLEL.value < 1:
     raise app.UsageError(f"--parallel={_PARALLEL.value}: expected an integer >= 1.")
   seeds = parse_seeds(_SEEDS.value)
   points = parse_grid(_GRID.value, config)
-  check_every_run_config(config_file, methods, points, override_values, seeds)
+  for axis in _GRID.value:
+    field = axis.partition("=")[0]
+    if not any(for_variant([(field, None)], v) for v in variants):
+      raise app.UsageError(
+          f"--grid {failure.shorten(axis)}: no run of --methods={','.join(variants)} reads it: "
+          f"balance.{field.split('.')[1]}.* reaches the runs of method "
+          f"'{field.split('.')[1]}' only.")
+  check_every_run_config(config_file, variants, points, overrides, seeds)
   workdir = storage.path(_WORKDIR.value)
   process = _process_id(_RUN_ARGS.value)
   runs = []
@@ -457,43 +491,55 @@ def study(argv) -> int:
     base = workdir.joinpath(*[f"{k}={v}" for k, v in point])
     runs += [Run(m, s, point, base / m / f"seed_{s}",
                  log_name=f"run.{process}.log" if process else "run.log")
-             for m in methods for s in seeds]
+             for m in variants for s in seeds]
+  header = (f"Study of {config.experiment}: {len(variants)} methods x {len(seeds)} seeds x "
+            f"{len(points)} grid points = {len(runs)} runs in {workdir}")
+  return Plan(config.experiment, config_file, overrides, workdir, process, runs, header)
+
+
+def study(argv) -> int:
+  p = plan(argv)
+  runs, workdir = p.runs, p.workdir
   workdir.mkdir(parents=True, exist_ok=True)
-  lock = WorkdirLock(workdir, f"study.lock.{process}.json" if process else "study.lock.json",
+  lock = WorkdirLock(workdir, f"study.lock.{p.process}.json" if p.process else "study.lock.json",
                      holder="study")
   lock.acquire()
   try:
-    print(f"Study of {config.experiment}: {len(methods)} methods x {len(seeds)} seeds x "
-          f"{len(points)} grid points = {len(runs)} runs in {workdir}", flush=True)
+    print(p.header, flush=True)
     started = time.perf_counter()
-    writer = process == 0  # the host whose runs write the summaries writes the aggregate
+    writer = p.process == 0  # the host whose runs write the summaries writes the aggregate
     with StopRequest() as stop:
-      execute(runs, lambda run: run_command(config_file, run, overrides, _RUN_ARGS.value),
+      execute(runs, lambda run: run_command(p.config_file, run, p.overrides, _RUN_ARGS.value),
               _PARALLEL.value, stop, writer)
     if writer:
-      write_study(workdir, runs, config.experiment, started)
+      write_study(workdir, runs, p.experiment, started)
     else:
       print("The runs are done; the study of process 0 writes the aggregate.")
-    left_out = [r for r in runs if r.status in ("failed", "unreadable")]
-    for r in left_out:
-      print(f"{r.status.upper()}: {r.name}; {r.problem}")
-    if writer:
-      print(f"\nStudy: {workdir}/study.json, study.md, plots/", flush=True)
-    if stop.signum:
-      stopped = [r.name for r in runs if r.status == "stopped"]
-      waiting = sum(r.status == "not started" for r in runs)
-      print(f"Stopped by {signal.Signals(stop.signum).name}: {len(stopped)} run(s) stopped at "
-            f"their checkpoints ({', '.join(stopped) or 'none'}), {waiting} not started. Run "
-            "the same command to resume.", flush=True)
-      return 128 + stop.signum
-    if left_out:
-      failure.print_error(failure.shorten(
-          f"{len(left_out)} of {len(runs)} runs left out of the study: "
-          + "; ".join(f"{r.name} ({r.problem})" for r in left_out), 1000))
-      return 1
-    return 0
+    return _report_end(runs, workdir, stop, writer)
   finally:
     lock.release()
+
+
+def _report_end(runs: list[Run], workdir, stop: StopRequest, writer: bool) -> int:
+  """The study's last lines and its exit status."""
+  left_out = [r for r in runs if r.status in ("failed", "unreadable")]
+  for r in left_out:
+    print(f"{r.status.upper()}: {r.name}; {r.problem}")
+  if writer:
+    print(f"\nStudy: {workdir}/study.json, study.md, plots/", flush=True)
+  if stop.signum:
+    stopped = [r.name for r in runs if r.status == "stopped"]
+    waiting = sum(r.status == "not started" for r in runs)
+    print(f"Stopped by {signal.Signals(stop.signum).name}: {len(stopped)} run(s) stopped at "
+          f"their checkpoints ({', '.join(stopped) or 'none'}), {waiting} not started. Run "
+          "the same command to resume.", flush=True)
+    return 128 + stop.signum
+  if left_out:
+    failure.print_error(failure.shorten(
+        f"{len(left_out)} of {len(runs)} runs left out of the study: "
+        + "; ".join(f"{r.name} ({r.problem})" for r in left_out), 1000))
+    return 1
+  return 0
 
 
 def main(argv):

@@ -12,18 +12,19 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gml_jax.runner import names, storage  # noqa: E402
+from gml_jax.runner import methods, names, storage  # noqa: E402
 from gml_jax.runner.plots import save  # noqa: E402
 
-# Paired differences over seeds: (method, baseline); the values compared are
-# names.study_paired_metrics. The controls (names.CONTROLS): guided against its schedule
-# with the target pinned (does the decision matter?) and against random draws at its shares
-# (does the timing?); the pinned schedule against those draws (same amount, other times).
-COMPARISONS = (("guided", "vanilla"), ("guided", "random"), ("ogm_ge", "vanilla"),
-               ("guided", "ogm_ge"), ("vanilla", "late_fusion"),
-               ("ogm_ge_joint", "late_fusion_joint"), ("guided", "ogm_ge_joint"),
-               ("guided", "fixed_0"), ("guided", "fixed_1"), ("guided", "random_matched"),
-               ("fixed_0", "random_matched"))
+# Paired differences over seeds: (method, baseline) pairs named by the methods'
+# registrations (gml_jax/runner/methods/: each names its baseline and its controls); the
+# values compared are names.study_paired_metrics.
+COMPARISONS = methods.comparisons()
+
+
+def method_means(summaries) -> list[str]:
+  """The means of the methods' own metrics that any of the summaries holds, in order."""
+  known = [names.step_mean(k) for k in names.method_step_keys(study_modalities(summaries))]
+  return [k for k in known if any(k in s for s in summaries)]
 
 
 def study_modalities(summaries) -> list[int]:
@@ -73,8 +74,9 @@ def aggregate(runs: list[dict]) -> dict:
     by_seed = {m: {r["seed"]: r["summary"] for r in at if r["method"] == m} for m in methods}
     for m in methods:
       summaries = list(by_seed[m].values())
+      keys = [*names.study_metrics(modalities), *method_means(summaries)]
       metrics = {k: mean_std([s.get(k) for s in summaries])
-                 for k in names.study_metrics(modalities) if any(k in s for s in summaries)}
+                 for k in keys if any(k in s for s in summaries)}
       groups.append({"point": point, "method": m, "seeds": sorted(by_seed[m]),
                      "metrics": metrics})
     for method, baseline in COMPARISONS:
@@ -127,6 +129,21 @@ def _cell(stat: dict | None, fmt: str) -> str:
   return text
 
 
+def _method_means_table(groups: list[dict], modalities) -> list[str]:
+  """The methods' own metrics (each run's mean over its steps; mean ± std over seeds), for
+  the groups whose method declares some."""
+  keys = [names.step_mean(k) for k in names.method_step_keys(modalities)]
+  keys = [k for k in keys if any(k in g["metrics"] for g in groups)]
+  rows = [g for g in groups if any(k in g["metrics"] for k in keys)]
+  if not rows:
+    return []
+  lines = ["The methods' own metrics (each run's mean over its steps):", "",
+           "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  lines += [f"| {g['method']} | " + " | ".join(_cell(g["metrics"].get(k), ".3g") for k in keys)
+            + " |" for g in rows]
+  return [*lines, ""]
+
+
 def markdown(result: dict) -> str:
   """Per grid point: mean ± std (n) per method; then the paired differences."""
   lines = [f"# Study: {result['experiment']}", "", f"`{result['command']}`", ""]
@@ -141,6 +158,8 @@ def markdown(result: dict) -> str:
       cells = [_cell(g["metrics"].get(key), fmt) for key, _, fmt in table]
       lines.append(f"| {g['method']} | {n} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines += _method_means_table([g for g in result["groups"] if g["point"] == point],
+                                 result["modalities"])
     tracked = [(g["method"], g["metrics"][names.SPEED_UTIL_CORRELATION])
                for g in result["groups"] if g["point"] == point
                and (g["metrics"].get(names.SPEED_UTIL_CORRELATION) or {}).get("mean") is not None]

@@ -14,8 +14,9 @@ A run leaves in its workdir:
   conditional utilization rates and d_util, share of re-balancing steps per modality,
   wall time and samples/s (all from the best checkpoint);
 * ``plots/``: speeds.png (s_0, s_1, d_speed with re-balancing steps marked),
-  modulation.png (OGM-GE), accuracy.png (per-branch train/validation accuracy),
-  utilization.png (models with fusion layers).
+  <method>.png (the method's own metrics, e.g. OGM-GE's ratios and coefficients),
+  accuracy.png (per-branch train/validation accuracy), utilization.png (models with fusion
+  layers).
 
 Running again with the same workdir resumes from the latest checkpoint: all randomness is
 a function of (seed, step), so the resumed run continues exactly where it stopped; a
@@ -40,7 +41,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from gml_jax.balancing import find_balance_state
+from gml_jax.balancing import BalanceState, find_balance_state
+from gml_jax.extras import metric_keys
 from gml_jax.parallel import compile_eval_step, compile_multi_step, compile_train_step, data_mesh
 from gml_jax.runner import build, names, pipeline, plots, storage
 from gml_jax.runner import dataset as datasets
@@ -110,7 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f"Resuming {workdir} from step {progress.step}.")
     if is_writer:  # only now: a checkpoint of another config has been refused above
       write_config(workdir, config, dataset.used())
-    logs = RunLogs(workdir, progress.step, write=is_writer)
+    logs = RunLogs(workdir, progress.step, write=is_writer, config=config.to_dict())
     cleanup.callback(logs.close)
     run = Run(config, workdir, dataset, spe, mesh, model, train_step=train_step,
               multi_step=multi_step,
@@ -121,20 +123,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if state is None:
       return None
 
-    # ---- Final evaluation with the best checkpoint (chosen on validation accuracy).
-    rebalance_steps = _rebalance_steps(state, len(config.data.modalities))
-    state, _ = checkpoints.restore(checkpoints.best, state)
-    summary = final_summary(config, model, run.eval_step, state, run.split_batches,
-                            dataset.source_name, progress, rebalance_steps)
-    correlation = speed_util_correlation(logs.epochs.rows())
-    if correlation is not None:
-      summary[names.SPEED_UTIL_CORRELATION] = correlation
-    summary[names.COMPILE_SECONDS] = clock.sections["compile"]  # this session's
-    summary["data"] = dataset.used()
-    if is_writer:
-      atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
-      plots.write_run_plots(workdir / "plots", logs.steps.rows(), logs.epochs.rows(), summary)
-    return summary
+    return _finish(run, state, tx_templates=_method_templates(state))
+
+
+def _finish(run: Run, state, tx_templates: dict[str, str]) -> dict:
+  """The final evaluation with the best checkpoint (chosen on validation accuracy): the
+  summary, written with the run's plots by process 0."""
+  config, checkpoints, logs = run.config, run.checkpoints, run.logs
+  rebalance_steps = _rebalance_steps(state, len(config.data.modalities))
+  state, _ = checkpoints.restore(checkpoints.best, state)
+  summary = final_summary(config, run.model, run.eval_step, state, run.split_batches,
+                          run.dataset.source_name, run.progress, rebalance_steps)
+  correlation = speed_util_correlation(logs.epochs.rows())
+  if correlation is not None:
+    summary[names.SPEED_UTIL_CORRELATION] = correlation
+  summary[names.COMPILE_SECONDS] = run.clock.sections["compile"]  # this session's
+  summary |= _step_means(logs.steps.rows(), tx_templates, config.data.modalities)
+  summary["data"] = run.dataset.used()
+  if jax.process_index() == 0:
+    logs.add_summary(summary)
+    atomic_write(run.workdir / "summary.json", json.dumps(summary, indent=2))
+    plots.write_run_plots(run.workdir / "plots", logs.steps.rows(), logs.epochs.rows(),
+                          summary, tx_templates)
+  return summary
 
 
 def _compiled_steps(config, model, tx, loss, state, example, mesh):
@@ -147,6 +158,20 @@ def _compiled_steps(config, model, tx, loss, state, example, mesh):
   multi_step = None if k == 1 else compile_multi_step(make_multi_step(step_fn, k), mesh).lower(
       state, spec(k)).compile()
   return train_step, multi_step
+
+
+def _method_templates(state) -> dict[str, str]:
+  """The metrics the method's own transforms declare (the balancing transform's, which
+  measures the speeds in every run with fusion layers, have speeds.png)."""
+  return {k: t for k, t in metric_keys(state.opt_state).items() if k not in BalanceState.METRICS}
+
+
+def _step_means(rows: list[dict], templates: dict[str, str], modalities) -> dict:
+  """The run's mean over its steps of every metric its method declares (the study's
+  tables and study.json carry them)."""
+  keys = names.method_step_keys(modalities, templates)
+  values = {k: [r[k] for r in rows if k in r] for k in keys}
+  return {names.step_mean(k): float(np.mean(v)) for k, v in values.items() if v}
 
 
 def _rebalance_steps(state, num_modalities: int) -> list[int]:
@@ -221,7 +246,8 @@ def train(run: Run, state, stop_after_steps: int | None):
   checkpoint)."""
   config, progress, clock = run.config, run.progress, run.clock
   total_steps = config.num_epochs * run.steps_per_epoch
-  fetcher = MetricFetcher(config.data.modalities)
+  fetcher = MetricFetcher(config.data.modalities,
+                          names.STEP_METRICS | metric_keys(state.opt_state))
   bar = tqdm(total=total_steps, initial=progress.step, unit="step", desc=config.experiment,
              disable=jax.process_index() != 0)
   clock.start(progress.train_seconds)

@@ -34,6 +34,7 @@ def check_workdir_config(workdir: storage.Path, config: ml_collections.ConfigDic
     if not isinstance(saved, dict):
       raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a config; it was "
                        "edited. Restore it, or use a new --workdir.")
+    _refuse_old_layout(saved, workdir)
     saved_data, current_data = saved.pop("data_used", None), current.pop("data_used", None)
     if saved != current:
       saved, current = _flatten(saved), _flatten(current)
@@ -47,6 +48,20 @@ def check_workdir_config(workdir: storage.Path, config: ml_collections.ConfigDic
       raise ValueError(
           f"Workdir {workdir} holds a run on other data: it trained on {describe_data(saved_data)},"
           f" this config's data is {describe_data(current_data)}. Use a new --workdir.")
+
+
+def _refuse_old_layout(saved: dict, workdir: storage.Path) -> None:
+  """A workdir made before methods were units (flat ``balance.*`` fields) cannot resume:
+  its checkpoints carry that config's digest."""
+  from gml_jax.runner.methods import LEGACY_FIELDS
+
+  balance = saved.get("balance")
+  old = sorted(set(balance) & set(LEGACY_FIELDS)) if isinstance(balance, dict) else []
+  if old:
+    raise ValueError(
+        f"Workdir {workdir} was made before 0.4 (flat config fields balance.{old[0]}, "
+        "...): this version keeps a method's options under its name and cannot resume it. "
+        "Finish it with the version that made it (git checkout 0f8ed95), or use a new --workdir.")
 
 
 def resolved_config(config: ml_collections.ConfigDict, data_used: dict | None) -> dict:
