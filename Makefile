@@ -1,7 +1,7 @@
 # gml_jax: `make demo` runs the main job, `make test` runs the tests. Both install first.
 # `make train EXP=colored_mnist METHOD=guided` runs any experiment of experiments/; the method
-# and variant names are those of gml_jax/runner/names.py (METHOD and METHODS default to none:
-# the config's default variant, and the study's default methods).
+# and variant names are those of the registered methods (gml_jax/runner/methods/). METHOD and
+# METHODS default to none: the config's default variant, and the study's default methods.
 #
 # The virtual environment uses python3.12 when one runs here (it takes current JAX
 # releases), else python3 (3.11 takes JAX 0.10.x); override with `make PYTHON=...`.

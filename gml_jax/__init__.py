@@ -5,7 +5,8 @@ transform (``modulation``), the label language of both (``labels``), the cut for
 and MMTM fusion (``fusion``; NNX twins in ``gml_jax.nnx``), fusion networks and their
 backbones (``models``), pure train and eval steps (``steps``) for any model that follows
 the model protocol (``protocol``), data parallelism for them (``parallel``: mesh,
-replication, batch sharding, compilation), and the conditional utilization rate
+replication, batch sharding, compilation), the step protocol by which a transform says what
+its update needs from the step (``extras``), and the conditional utilization rate
 (``utilization``). It needs only jax, flax, optax and numpy. The experiment runner (CLI,
 trainer, input pipeline, plots) is ``gml_jax.runner``, installed with the ``experiments``
 extra and run from a clone.
@@ -31,6 +32,7 @@ from gml_jax.balancing import (
     step_mode,
     update_mask,
 )
+from gml_jax.extras import EXTRA_ARGS, StepPass, extra_args, needs_of
 from gml_jax.fusion import MMTM, CrossModalCut
 from gml_jax.labels import label_rules, parse_label, path_string
 from gml_jax.models import (
@@ -85,6 +87,8 @@ __all__ = [
     # steps and the model protocol
     "MultiModalModel", "TrainState", "create_train_state", "make_train_step",
     "make_eval_step", "true_class_scores",
+    # the step protocol (extras): what a transform needs from the step
+    "EXTRA_ARGS", "needs_of", "extra_args", "StepPass",
     # data parallelism (parallel)
     "data_mesh", "replicate", "shard_batch", "compile_train_step", "compile_eval_step",
     # utilization

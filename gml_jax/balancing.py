@@ -602,7 +602,7 @@ def describe_speeds(d_speed: Any, alpha: float = 0.01) -> dict:
   0, 1 if < 0); ``sign_agreement``, the share of steps whose sign matches the last one (low
   values: the decision follows noise); and ``alpha_for_half``, the median of |d_speed|, the
   α at which half the steps would re-balance, a starting point for a sweep
-  (``--grid balance.alpha=...`` in a study).
+  (``--grid balance.guided.alpha=...`` in a study).
 
   >>> r = describe_speeds([0.30, 0.20, 0.25, 0.35], alpha=0.01)
   >>> r["favoured"], r["share_above_alpha"], round(r["alpha_for_half"], 3)

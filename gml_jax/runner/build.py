@@ -58,7 +58,7 @@ FIELD_CHECKS = (
 
 
 def config_field(config, path: str):
-  """The value of a dotted field path, e.g. ``balance.alpha``."""
+  """The value of a dotted field path, e.g. ``balance.guided.alpha``."""
   for part in path.split("."):
     config = config[part]
   return config

@@ -3,7 +3,7 @@ r"""Trains and evaluates one experiment config.
   python -m gml_jax.runner.main --config experiments/colored_mnist.py:guided \
       --workdir runs/cm_guided
   python -m gml_jax.runner.main --config experiments/colored_mnist.py:vanilla --workdir runs/cm_v \
-      --config.num_epochs=20 --config.balance.update_mode=all
+      --config.num_epochs=20 --config.balance.guided.update_mode=all
 
 --config is a Python file with get_config(variant); every field can be overridden with
 --config.<field>=<value> (an unknown field is an error); the fields, their defaults and
@@ -20,13 +20,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gml_jax.runner import dataset, failure, trainer
+from gml_jax.runner import dataset, failure, names, trainer
 from gml_jax.runner import workdir as workdir_lib
 from gml_jax.runner.evaluation import format_summary
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: path/to/config.py[:variant], e.g. "
-    "experiments/colored_mnist.py:guided (variants: vanilla, random, guided).",
+    f"experiments/colored_mnist.py:guided (variants: {', '.join(names.VARIANTS)}; a method's "
+    "options are balance.<method>.<option>, e.g. --config.balance.guided.alpha=0.05).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for the run's config, metrics, checkpoints, summary and "

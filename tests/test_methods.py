@@ -1,0 +1,119 @@
+"""Every registered method, as the runner builds it: every metric its train step returns
+reaches steps.jsonl (under its declared key), TensorBoard and the study's aggregate."""
+
+import json
+import struct
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from run_helpers import read_jsonl, tiny_config
+
+import gml_jax
+from gml_jax.extras import metric_keys
+from gml_jax.runner import build, logs, methods, names, study_report
+from gml_jax.runner.loop import MetricFetcher
+from gml_jax.runner.trainer import _method_templates, _step_means
+from gml_jax.steps import create_train_state, make_train_step
+
+# Each method's first variant (a method whose name is no variant, fixed, runs as fixed_0).
+VARIANTS = {v: m for v, m in reversed(methods.variants().items())}
+FIRST = {m: v for v, m in VARIANTS.items()}
+
+
+class TinyBranch(nn.Module):
+  def setup(self):
+    self.stem, self.head = nn.Dense(4), nn.Dense(3)
+
+
+class TinyFusion(nn.Module):
+  """The layout of gml_jax's FusionNetwork (what the runner's labels read), in a few dense
+  layers: two branches, a fusion layer with a shared squeeze, an excitation and a cut per
+  branch. It compiles in a second; the metrics and logs do not depend on the backbone."""
+
+  def setup(self):
+    self.branches = [TinyBranch() for _ in range(2)]  # Linen names them branches_<k>
+    self.fusion_0 = TinyExcite()
+
+  def __call__(self, inputs, *, train, cut=-1, drop=None):
+    h = [b.stem(x) for b, x in zip(self.branches, inputs)]
+    fused = self.fusion_0(h, train=train, cut=cut, drop=drop)
+    z = jnp.stack([b.head(f) for b, f in zip(self.branches, fused)])
+    return jnp.mean(z, axis=0), z
+
+
+class TinyExcite(nn.Module):
+  @nn.compact
+  def __call__(self, h, *, train, cut, drop):
+    squeezed = nn.Dense(2, name="squeeze")(jnp.concatenate(h, axis=-1))
+    return [x * gml_jax.CrossModalCut(branch=k, name=f"cut_{k}")(
+        nn.Dense(4, name=f"excite_{k}")(squeezed), train=train, cut=cut, drop=drop)
+            for k, x in enumerate(h)]
+
+
+def tensorboard_scalars(folder) -> dict[str, list[float]]:
+  """tag -> values of the event files in ``folder`` (TFRecord framing, Event protos)."""
+  from tensorboardX.proto import event_pb2
+
+  scalars = {}
+  for path in folder.iterdir():
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append(value.simple_value)
+  return scalars
+
+
+@pytest.mark.parametrize("method", methods.names())
+def test_every_metric_of_a_method_reaches_the_logs_and_the_study(method, tmp_path):
+  config = tiny_config(FIRST[method], tmp_path)
+  model = TinyFusion()
+  tx = build.optimizer(config, steps_per_epoch=5)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": tuple(rng.random((8, 5), np.float32) for _ in range(2)),
+           "label": rng.integers(0, 3, 8).astype(np.int32)}
+  state = create_train_state(model, tx, batch["inputs"])
+  step = jax.jit(make_train_step(model, tx, labels=gml_jax.group_labels,
+                                 loss=build.loss(config)))
+  templates = names.STEP_METRICS | metric_keys(state.opt_state)
+  fetcher = MetricFetcher(config.data.modalities, templates)
+  for _ in range(2):
+    state, metrics = step(state, batch)
+    fetcher.add(metrics, 1)
+  run_logs = logs.RunLogs(tmp_path, 0, write=True, config=config.to_dict())
+  run_logs.add_steps(fetcher.fetch(step=2, sync=True))
+  run_logs.close()
+
+  rows = read_jsonl(tmp_path / "metrics" / "steps.jsonl")
+  expected = {names.row_key(templates[k], m) if names.per_modality(templates[k])
+              else templates[k] for k in metrics for m in config.data.modalities}
+  assert [r["step"] for r in rows] == [1, 2] and all(set(r) == {"step"} | expected
+                                                      for r in rows)
+  tensorboard = tensorboard_scalars(tmp_path / "tensorboard")
+  assert {f"train/{k}" for k in expected} <= set(tensorboard)
+  # The study: the method's own metrics (not the step's or the speeds') as run means.
+  own = _method_templates(state)
+  summary = {names.MODALITIES: list(config.data.modalities)} | _step_means(
+      rows, own, config.data.modalities)
+  assert set(summary) - {names.MODALITIES} == {
+      names.step_mean(k) for k in names.method_step_keys(config.data.modalities, own)}
+  (group,) = study_report.aggregate([{"method": method, "seed": 0, "point": "",
+                                      "summary": summary}])["groups"]
+  assert set(summary) - {names.MODALITIES} <= set(group["metrics"])
+  json.dumps(group)  # study.json holds it as it is
+
+
+def test_registered_methods_declare_what_their_states_report():
+  for name in methods.names():
+    method = methods.get(name)
+    assert method.state_types, name
+    for state in method.state_types:
+      assert set(getattr(state, "NEEDS", ())) <= set(__import__("gml_jax").EXTRA_ARGS)
+      assert all(isinstance(t, str) for t in state.METRICS.values())
+    for variant, baseline in method.comparisons:
+      assert variant in VARIANTS and baseline in VARIANTS, (name, variant, baseline)
