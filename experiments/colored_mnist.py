@@ -4,9 +4,9 @@ Two small CNN branches (m_0 gray digit, m_1 colored digit), MMTM after stages 2 
 In training the stroke color follows the class, so a greedy model leans on m_1's color;
 ``test`` colors digits independently of the label, ``test_biased`` by their class.
 
-Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
-``ogm_ge_joint``, the controls ``fixed_0``, ``fixed_1``, ``random_matched``, ``unimodal_0``,
-``unimodal_1``, ``late_fusion``, ``late_fusion_joint`` (README.md, "Experiments").
+Variants (the part after ':'): every registered balancing method (gml_jax/runner/methods/)
+and the variants it registers, ``guided`` the default (experiments/README.md; ``--helpfull``
+lists them).
 
 Launch:
 

@@ -6,9 +6,9 @@ for validation; clips of the annotated gesture, 32 frames at 112x112 by default
 (builder config ``frames64_224px`` for 64 frames at 224x224). Manual download only
 (data_prep/nvgesture/README.md).
 
-Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
-``ogm_ge_joint``, ``unimodal_0``, ``unimodal_1``, ``late_fusion``, ``late_fusion_joint``
-(README.md, "Experiments").
+Variants (the part after ':'): every registered balancing method (gml_jax/runner/methods/)
+and the variants it registers, ``guided`` the default (experiments/README.md; ``--helpfull``
+lists them).
 
 Launch (on a GPU or TPU machine holding the dataset):
 

@@ -117,3 +117,25 @@ def test_registered_methods_declare_what_their_states_report():
       assert all(isinstance(t, str) for t in state.METRICS.values())
     for variant, baseline in method.comparisons:
       assert variant in VARIANTS and baseline in VARIANTS, (name, variant, baseline)
+
+
+def test_the_flat_fields_of_the_old_layout_are_refused_naming_the_new_field(tmp_path):
+  from gml_jax.runner import workdir
+
+  config = tiny_config("ogm_ge", tmp_path)
+  config.balance.ogm_alpha = 0.5  # a config file of the old layout
+  with pytest.raises(ValueError, match=r"^config.balance.ogm_alpha is the old layout: a "
+                                       r"method's options now live under its name; use "
+                                       r"config.balance.ogm_ge.alpha.$"):
+    build.check_config(config)
+  # A workdir that a run of the old layout made: refused, saying how to go on.
+  config = tiny_config("guided", tmp_path)
+  saved = workdir.resolved_config(config, None)
+  saved["balance"] = {"method": "guided", "alpha": 0.01, "window": 5, "update_mode": "branch"}
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match=r"was made before 0.4 \(flat config fields "
+                                       r"balance.alpha, ...\): this version keeps a method's "
+                                       r"options under its name and cannot resume it. Finish "
+                                       r"it with the version that made it"):
+    workdir.check_workdir_config(tmp_path, config)
+  assert json.loads((tmp_path / "config.json").read_text()) == saved  # left as it was
