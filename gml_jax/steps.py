@@ -185,16 +185,21 @@ def make_train_step(
     needs = needs_of(state.opt_state)
     collections = list(state.model_state) + (["intermediates"] if "features" in needs else [])
 
-    def forward(params):  # the step's training-mode forward pass
-      outputs, new_model_state = model.apply(
+    def apply(params, *, train: bool, cut, mutable=False):
+      """(logits, branch_logits) in float32 and the updated collections (or {})."""
+      outputs = model.apply(
           {"params": cast_floats(params, compute_dtype), **state.model_state},
           cast_floats(tuple(batch["inputs"]), compute_dtype),
-          train=True,
-          cut=target,
-          mutable=collections,
+          train=train,
+          cut=cut,
+          mutable=mutable,
       )
+      outputs, new_model_state = outputs if mutable is not False else (outputs, {})
       logits, branch_logits = check_outputs(outputs, batch["label"].shape[0], "make_train_step")
       return (logits.astype(jnp.float32), branch_logits.astype(jnp.float32)), new_model_state
+
+    # The step's training-mode forward pass.
+    forward = lambda params: apply(params, train=True, cut=target, mutable=collections)
 
     def loss_fn(params):
       (logits, branch_logits), new_model_state = forward(params)
@@ -202,19 +207,12 @@ def make_train_step(
       value = training_loss(loss, logits, losses, batch["label"])
       return value, (new_model_state, logits, branch_logits, losses, value)
 
-    def evaluate(cut):  # an evaluation-mode forward pass with ``cut`` (mono_logits)
-      outputs = model.apply({"params": cast_floats(state.params, compute_dtype),
-                             **state.model_state},
-                            cast_floats(tuple(batch["inputs"]), compute_dtype), train=False,
-                            cut=cut)
-      logits, branch_logits = check_outputs(outputs, batch["label"].shape[0], "make_train_step")
-      return logits.astype(jnp.float32), branch_logits.astype(jnp.float32)
-
     grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
     new_model_state, logits, branch_logits, losses, loss_value = aux
     new_model_state = dict(new_model_state)
     step = StepPass(outputs=lambda p: forward(p)[0], logits=logits, branch_logits=branch_logits,
-                    labels=batch["label"], value=loss_value, evaluate=evaluate,
+                    labels=batch["label"], value=loss_value,
+                    evaluate=lambda cut: apply(state.params, train=False, cut=cut)[0],
                     intermediates=new_model_state.pop("intermediates", {}))
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                    **extra_args(needs, state.params, step))
