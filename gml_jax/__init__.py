@@ -12,6 +12,7 @@ extra and run from a clone.
 """
 
 import importlib
+import sys
 
 from gml_jax.balancing import (
     METHODS,
@@ -23,9 +24,11 @@ from gml_jax.balancing import (
     check_masking,
     describe_speeds,
     find_balance_state,
+    group_sizes,  # noqa: F401 (see __all__)
     keep_frozen,
     modality_speeds,
     rebalance_target,
+    set_hyperparams,  # noqa: F401 (see __all__)
     speed_gap,
     speed_warnings,
     step_mode,
@@ -68,6 +71,8 @@ from gml_jax.utilization import Utilization, conditional_utilization, training_m
 
 __version__ = "0.3.0"
 
+# group_sizes and set_hyperparams are importable from here; they join __all__ with their row
+# in the README's Public API table (test_packaging checks that the two agree).
 __all__ = [
     # the balancing transform (balancing)
     "balanced_multimodal", "BalanceState", "METHODS", "UPDATE_MODES", "rebalance_target",
@@ -90,6 +95,24 @@ __all__ = [
     # utilization
     "conditional_utilization", "training_means", "Utilization",
 ]
+
+
+class _RunnerFromAClone:
+  """Where ``gml_jax.runner`` is not installed (the wheel holds the library alone), its
+  import fails with one line saying where the runner comes from, not a bare
+  ModuleNotFoundError. Last on ``sys.meta_path``: asked only when no other finder has it."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name == "gml_jax.runner" or name.startswith("gml_jax.runner."):
+      raise ModuleNotFoundError(
+          "gml_jax.runner is not installed: the wheel holds the library alone. The experiment "
+          "runner runs from a clone of the repository, with the 'experiments' extra: "
+          "pip install -e '.[experiments]' in the clone (or: make install).", name=name)
+    return None
+
+
+if not any(type(f).__name__ == "_RunnerFromAClone" for f in sys.meta_path):
+  sys.meta_path.append(_RunnerFromAClone())
 
 
 def __getattr__(name):
