@@ -907,10 +907,12 @@ def check_masking(tx: optax.GradientTransformation, params: Any, labels: Labels,
     return jax.tree.unflatten(treedef, [
         jnp.asarray(rng.normal(size=jnp.shape(x)), jnp.result_type(x)) for x in leaves])
 
-  update = lambda g, s, p: tx.update(g, s, p, **extra_args)  # eager: a few small steps
   # An accumulation around the transform (the right order: the transform refuses one
   # inside) legitimately emits zero updates between its applying steps.
   accumulates_around = bool(_accumulating(start))
+  update = lambda g, s, p: tx.update(g, s, p, **extra_args)
+  if accumulates_around:  # its lax.cond compiles at every eager call: compile once instead
+    update = jax.jit(update)
   mode = "all" if bool(balance.update_all) else "branch"
   problems = []
   state, current = start, params
