@@ -202,7 +202,7 @@ def conditional_utilization(
   notes = _shared_cut_notes(prints)
   for note in notes:
     warnings.warn(note, stacklevel=2)
-  return Utilization(accuracy, branch_accuracy, ablated, rates, notes)
+  return Utilization(accuracy, branch_accuracy, ablated, rates, tuple(notes))
 
 
 def _shared_cut_notes(prints: list[np.ndarray]) -> list[str]:
