@@ -269,6 +269,14 @@ def balanced_multimodal(
   from {normal, re-balance modality 0, ..., N-1} (reproducible from ``seed``).
   ``method="vanilla"``: normal steps only (speeds are still measured).
 
+  **N > 2 modalities** (``docs/n_modalities.md``): d_speed is the spread
+  :math:`\max_k s_k - \min_k s_k`, never negative; guided compares it with α and, when it
+  is larger, re-balances the modality with the largest s_k (ties: the lowest index), even if
+  the second largest is a hair behind. "random" draws from N + 1 choices, "fixed" pins
+  ``target`` whatever the speeds. For N = 2 this is the paper's rule exactly (|s_0 − s_1| >
+  α, k = 0 if s_0 > s_1). :func:`describe_speeds` on the [T, N] speeds of a vanilla run
+  shows how often each modality leads and by what margin.
+
   Two controls for guided's decision: ``method="fixed"`` runs guided's schedule as if every
   speed test passed (after warm-up: one normal step, then ``window`` re-balancing steps, and
   again) with the target pinned to modality ``target``; ``method="random"`` with ``shares``
@@ -290,8 +298,11 @@ def balanced_multimodal(
   optax.add_decayed_weights(1e-4))``, moves the parameters that a re-balancing step
   freezes. Gradient clipping *before* it (``optax.chain(optax.clip_by_global_norm(1.0),
   balanced_multimodal(...))``) and ``optax.MultiSteps`` around it are fine, but μ is then
-  measured on the clipped or accumulated gradient. :func:`check_masking` tests a ``tx`` in
-  one call.
+  measured on the clipped or accumulated gradient; ``optax.MultiSteps`` *inside* it is
+  refused (it would mix the gradients of steps of different modes). :func:`check_masking`
+  tests a ``tx`` in one call. The numeric options are Python numbers fixed when the
+  transform is built (``optax.inject_hyperparams`` around it is refused): inject the
+  learning rate into ``inner`` and change it with :func:`set_hyperparams`.
 
   The decision follows the sign of d_speed, and μ = ‖g‖²/‖θ‖² depends on the scale of each
   group's inputs and weights: standardise the inputs, and beware fusion layers initialised
