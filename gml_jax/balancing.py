@@ -912,7 +912,7 @@ def check_masking(tx: optax.GradientTransformation, params: Any, labels: Labels,
   parsed = resolve_labels(labels, params)
   paths = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   leaves, treedef = jax.tree.flatten(params)
-  rng = np.random.default_rng(seed)
+  rng = np.random.default_rng((seed, 0x6D61736B))  # a stream of its own, not the usual (0)
 
   def random_grads():  # drawn on the host: no device program per draw
     return jax.tree.unflatten(treedef, [
