@@ -157,10 +157,16 @@ def conditional_utilization(
 ) -> Utilization:
   """Measures u(m_j | m_k) for every pair of modalities (spec §4).
 
+  With N > 2 modalities each source needs its own cut: a cut on a signal computed from
+  several modalities (e.g. a projection of the concatenated neighbours) is dropped when any
+  of them is, so u(m_i|m_k) = u(m_j|m_k) by construction. That is detected (dropping m_i
+  and m_j give branch k the very same outputs) and reported in ``Utilization.notes`` and
+  with ``warnings.warn``.
+
   Args:
     model: a Linen or NNX model following :mod:`gml_jax.protocol` (its call takes
-      ``drop``), whose fusion layers drop through :class:`gml_jax.CrossModalCut` pieces or
-      MMTM.
+      ``drop``; ``cut`` is not needed here), whose fusion layers drop through
+      :class:`gml_jax.CrossModalCut` pieces or MMTM.
     variables: the trained model's variables (params and statistics, e.g.
       ``TrainState.variables``).
     train_batches: the training split (for the mean squeeze vectors).
