@@ -476,3 +476,16 @@ def test_replicate_copies_so_a_donating_step_leaves_the_given_state_usable():
   assert not any(x.is_deleted() for x in jax.tree.leaves(state))  # deleted before the copy
   np.testing.assert_array_equal(state["w"], np.arange(8.0))
   np.testing.assert_array_equal(new["w"], np.arange(8.0) + 1)
+
+
+def test_set_hyperparams_sets_an_nnx_optimizer_rate_in_place():
+  model = NNXFiLM(nnx.Rngs(0))
+  tx = gml_jax.balanced_multimodal(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+                                   LABELS, method="vanilla")
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  gml_jax.set_hyperparams(optimizer.opt_state, learning_rate=0.025)
+  before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  update = nnx.jit(lambda m, o: o.update(m, jax.tree.map(jnp.ones_like, nnx.state(m, nnx.Param))))
+  update(model, optimizer)
+  after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a - b, -0.025, atol=1e-6), after, before)
