@@ -13,6 +13,7 @@ extra and run from a clone.
 """
 
 import importlib
+import sys
 
 from gml_jax.balancing import (
     METHODS,
@@ -24,9 +25,11 @@ from gml_jax.balancing import (
     check_masking,
     describe_speeds,
     find_balance_state,
+    group_sizes,
     keep_frozen,
     modality_speeds,
     rebalance_target,
+    set_hyperparams,
     speed_gap,
     speed_warnings,
     step_mode,
@@ -76,7 +79,7 @@ __all__ = [
     "modality_speeds", "speed_gap", "balance_state", "find_balance_state", "update_mask",
     # a hand-written step, checks and guidance
     "StepMode", "step_mode", "keep_frozen", "check_masking", "speed_warnings",
-    "describe_speeds",
+    "describe_speeds", "group_sizes", "set_hyperparams",
     # labels
     "label_rules", "parse_label", "path_string", "group_labels",
     # OGM-GE (modulation)
@@ -94,6 +97,24 @@ __all__ = [
     # utilization
     "conditional_utilization", "training_means", "Utilization",
 ]
+
+
+class _RunnerFromAClone:
+  """Where ``gml_jax.runner`` is not installed (the wheel holds the library alone), its
+  import fails with one line saying where the runner comes from, not a bare
+  ModuleNotFoundError. Last on ``sys.meta_path``: asked only when no other finder has it."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name == "gml_jax.runner" or name.startswith("gml_jax.runner."):
+      raise ModuleNotFoundError(
+          "gml_jax.runner is not installed: the wheel holds the library alone. The experiment "
+          "runner runs from a clone of the repository, with the 'experiments' extra: "
+          "pip install -e '.[experiments]' in the clone (or: make install).", name=name)
+    return None
+
+
+if not any(type(f).__name__ == "_RunnerFromAClone" for f in sys.meta_path):
+  sys.meta_path.append(_RunnerFromAClone())
 
 
 def __getattr__(name):

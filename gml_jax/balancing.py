@@ -189,6 +189,56 @@ def _select_param_state(moves: list[jax.Array], param_def, new_state, old_state)
 
 
 # --------------------------------------------------------------------------------------
+# What the transform refuses
+
+
+def _check_static(**values) -> None:
+  """The numeric options are Python numbers: they shape the state machine when the
+  transform is built. ``optax.inject_hyperparams(balanced_multimodal)`` passes arrays
+  (tracers inside ``jit``) and would fail with a raw ``TracerBoolConversionError``."""
+  arrays = [name for name, v in values.items() if isinstance(v, (jax.Array, np.ndarray))]
+  if arrays:
+    raise TypeError(
+        f"balanced_multimodal's {', '.join(arrays)} must be Python numbers, fixed when the "
+        "transform is built; got arrays (is balanced_multimodal wrapped in "
+        "optax.inject_hyperparams?). To change the learning rate (or any optimizer "
+        "hyperparameter) during a run, inject it into the inner optimizer instead: "
+        "balanced_multimodal(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3), "
+        "labels), then opt_state = gml_jax.set_hyperparams(opt_state, learning_rate=...).")
+
+
+_ACCUMULATING = ("MultiStepsState", "ApplyEvery")
+
+
+def _accumulating(tree: Any) -> list[str]:
+  """The gradient accumulations (``optax.MultiSteps``, its state, ``apply_every``'s) in
+  ``tree``, by type name."""
+  found = []
+
+  def visit(node) -> bool:
+    if type(node).__name__ in _ACCUMULATING or isinstance(node, optax.MultiSteps):
+      found.append(type(node).__name__)
+    return False
+
+  jax.tree.leaves(tree, is_leaf=visit)
+  return found
+
+
+def _check_not_accumulating(tree: Any) -> None:
+  """Refuses an inner optimizer (or its state) that does not apply every update: inside the
+  transform, ``optax.MultiSteps`` sums masked and unmasked gradients over steps of
+  different modes and emits them on its own schedule."""
+  found = _accumulating(tree)
+  if found:
+    raise ValueError(
+        f"balanced_multimodal wraps an optimizer that does not apply every update "
+        f"({found[0]}: gradient accumulation). Inside the transform it mixes the gradients of "
+        "normal and re-balancing steps, and branches stop moving. Put the accumulation "
+        "around the transform instead: optax.MultiSteps(balanced_multimodal(inner, labels), "
+        "every_k_schedule=k).")
+
+
+# --------------------------------------------------------------------------------------
 # The transform
 
 
@@ -224,6 +274,14 @@ def balanced_multimodal(
   from {normal, re-balance modality 0, ..., N-1} (reproducible from ``seed``).
   ``method="vanilla"``: normal steps only (speeds are still measured).
 
+  **N > 2 modalities** (``docs/n_modalities.md``): d_speed is the spread
+  :math:`\max_k s_k - \min_k s_k`, never negative; guided compares it with α and, when it
+  is larger, re-balances the modality with the largest s_k (ties: the lowest index), even if
+  the second largest is a hair behind. "random" draws from N + 1 choices, "fixed" pins
+  ``target`` whatever the speeds. For N = 2 this is the paper's rule exactly (|s_0 − s_1| >
+  α, k = 0 if s_0 > s_1). :func:`describe_speeds` on the [T, N] speeds of a vanilla run
+  shows how often each modality leads and by what margin.
+
   Two controls for guided's decision: ``method="fixed"`` runs guided's schedule as if every
   speed test passed (after warm-up: one normal step, then ``window`` re-balancing steps, and
   again) with the target pinned to modality ``target``; ``method="random"`` with ``shares``
@@ -245,8 +303,11 @@ def balanced_multimodal(
   optax.add_decayed_weights(1e-4))``, moves the parameters that a re-balancing step
   freezes. Gradient clipping *before* it (``optax.chain(optax.clip_by_global_norm(1.0),
   balanced_multimodal(...))``) and ``optax.MultiSteps`` around it are fine, but μ is then
-  measured on the clipped or accumulated gradient. :func:`check_masking` tests a ``tx`` in
-  one call.
+  measured on the clipped or accumulated gradient; ``optax.MultiSteps`` *inside* it is
+  refused (it would mix the gradients of steps of different modes). :func:`check_masking`
+  tests a ``tx`` in one call. The numeric options are Python numbers fixed when the
+  transform is built (``optax.inject_hyperparams`` around it is refused): inject the
+  learning rate into ``inner`` and change it with :func:`set_hyperparams`.
 
   The decision follows the sign of d_speed, and μ = ‖g‖²/‖θ‖² depends on the scale of each
   group's inputs and weights: standardise the inputs, and beware fusion layers initialised
@@ -294,6 +355,8 @@ def balanced_multimodal(
   References:
     Wu, Jastrzębski, Cho, Geras, ICML 2022, https://arxiv.org/abs/2202.05306
   """
+  _check_static(alpha=alpha, window=window, warmup_steps=warmup_steps, seed=seed, target=target)
+  _check_not_accumulating(inner)
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
   if update not in UPDATE_MODES:
@@ -318,6 +381,8 @@ def balanced_multimodal(
 
   def init_fn(params):
     n = num_modalities(labels, params)
+    inner_state = inner.init(params)
+    _check_not_accumulating(inner_state)
     if method == "fixed" and target >= n:
       raise ValueError(f"target={target} names no modality: the labels have {n}.")
     if shares is not None and len(shares) != n:
@@ -337,7 +402,7 @@ def balanced_multimodal(
         accum_fusion_low=zeros(),
         rebalance_steps=jnp.zeros((n,), jnp.int32),
         update_all=jnp.asarray(update == "all"),
-        inner_state=inner.init(params),
+        inner_state=inner_state,
     )
 
   def next_mode(state: BalanceState, rebalancing, speeds, n):
@@ -442,8 +507,28 @@ def balance_state(opt_state: Any) -> BalanceState:
   """The :class:`BalanceState` inside an optimizer state (plain optax or ``nnx.Optimizer``)."""
   found = find_balance_state(opt_state)
   if found is None:
-    raise ValueError("Expected one balanced_multimodal state in the optimizer state, found 0.")
+    hint = ""
+    if _holds_bare_fields(opt_state, BalanceState._fields):
+      hint = (" It holds a BalanceState's fields as a plain dict: a checkpoint restored without "
+              "a target loses the state's types. Restore with the state as target, e.g. orbax's "
+              "ckptr.restore(path, args=ocp.args.StandardRestore(tx_state_template)) or "
+              "flax.serialization.from_state_dict(template, restored).")
+    raise ValueError(
+        f"Expected one balanced_multimodal state in the optimizer state, found 0.{hint}")
   return found
+
+
+def _holds_bare_fields(tree: Any, fields: Sequence[str]) -> bool:
+  """Whether ``tree`` has a dict (anywhere) keyed by the given NamedTuple fields."""
+  found = []
+
+  def visit(node) -> bool:
+    if isinstance(node, dict) and set(fields) <= set(node):
+      found.append(node)
+    return False
+
+  jax.tree.leaves(tree, is_leaf=visit)
+  return bool(found)
 
 
 def find_balance_state(opt_state: Any) -> BalanceState | None:
@@ -516,13 +601,18 @@ def step_mode(opt_state: Any) -> StepMode:
   pass returned::
 
     mode = gml_jax.step_mode(opt_state)
-    (logits, branch_logits), new_stats = model.apply(variables, x, train=True,
-                                                     cut=mode.target, mutable=[...])
+    (logits, branch_logits), new_stats = model.apply(
+        {"params": params, **stats}, x, train=True, cut=mode.target,
+        mutable=["batch_stats", "fusion_stats"])
     ...
     updates, opt_state = tx.update(grads, opt_state, params)
-    stats = gml_jax.keep_frozen(mode, labels, new_stats, old_stats)
+    stats = gml_jax.keep_frozen(mode, labels, new_stats, stats)
 
-  The library's :func:`gml_jax.make_train_step` does all of this.
+  ``new_stats`` is the dict of collections that ``mutable`` returns; ``labels`` (rules over
+  module paths) label each collection. The library's :func:`gml_jax.make_train_step` does
+  all of this. For NNX, whose state is read live from the model, use
+  :func:`gml_jax.nnx.stats` and :func:`gml_jax.nnx.keep_frozen` (``docs/n_modalities.md``
+  has the whole step).
   """
   state = balance_state(opt_state)
   return StepMode(target=state.target, update_all=state.update_all)
@@ -533,13 +623,22 @@ def keep_frozen(mode: StepMode, labels: Labels, new: Any, old: Any) -> Any:
 
   For model state that the forward pass updates outside the optimizer: BatchNorm
   statistics, the running means of :class:`gml_jax.CrossModalCut`. ``labels`` labels
-  ``new`` like the parameters (the same rules apply to every collection).
+  ``new`` like the parameters (the same rules apply to every collection). ``new`` may be
+  one collection or the dict of collections that Linen's ``mutable=[...]`` returns: when a
+  label function does not match the whole dict, each collection is labelled on its own.
+
+  ``old`` must be the values *before* the forward pass. An ``nnx.State`` read with
+  ``nnx.state(model)`` holds live variables: read after the forward pass, or the same
+  object as ``new``, it already holds the new values and nothing would be kept. Passing
+  the same variables as ``new`` and ``old`` is refused; an ``old`` read too late cannot be
+  detected: take a copy before the forward pass (:func:`gml_jax.nnx.stats`) or use
+  :func:`gml_jax.nnx.keep_frozen`, which does both.
 
   Args:
     mode: the :class:`StepMode` read with :func:`step_mode` before ``tx.update``.
     labels: a label tree or function (see :mod:`gml_jax.labels`).
     new: the state after the forward pass.
-    old: the state before it (same structure).
+    old: the state before it (same structure; values, not the same live variables).
   """
   if not isinstance(mode, StepMode):
     raise TypeError(
@@ -550,10 +649,41 @@ def keep_frozen(mode: StepMode, labels: Labels, new: Any, old: Any) -> Any:
     raise ValueError("keep_frozen: `new` and `old` model state differ in structure.\n"
                      f"  new: {str(jax.tree.structure(new))[:300]}\n"
                      f"  old: {str(jax.tree.structure(old))[:300]}")
-  parsed = resolve_labels(labels, new)
+  _check_not_aliased(new, old)
+  try:
+    parsed = resolve_labels(labels, new)
+  except ValueError as whole_error:
+    if not (callable(labels) and isinstance(new, dict) and new):
+      raise
+    try:  # the dict of collections that `mutable=[...]` returns: each labelled on its own
+      # (in jax.tree's leaf order: a dict's keys sorted)
+      parsed = [p for name in sorted(new) for p in resolve_labels(labels, new[name])]
+    except ValueError as collection_error:
+      if set(new) & _COLLECTIONS:  # it is a dict of collections: the error inside one counts
+        raise collection_error from None
+      raise whole_error from None
   moves = _masks(parsed, mode.target, mode.update_all)
   kept = [jnp.where(m, n, o) for m, n, o in zip(moves, jax.tree.leaves(new), jax.tree.leaves(old))]
   return jax.tree.unflatten(jax.tree.structure(new), kept)
+
+
+_COLLECTIONS = {"params", "batch_stats", "fusion_stats", "train_means", "nnx_other", "cache"}
+"""Collection names by which keep_frozen recognises Linen's dict of collections."""
+
+
+def _check_not_aliased(new: Any, old: Any) -> None:
+  """Refuses ``new`` and ``old`` that are, or hold, the same live NNX variables."""
+  is_variable = lambda x: hasattr(x, "get_value") and hasattr(x, "set_value")
+  shared = new is old or any(
+      n is o and is_variable(n) for n, o in zip(jax.tree.leaves(new, is_leaf=is_variable),
+                                                jax.tree.leaves(old, is_leaf=is_variable)))
+  if shared:
+    raise ValueError(
+        "keep_frozen: `new` and `old` are the same live variables (nnx.state(model) returns "
+        "references, which the forward pass updates), so nothing could be kept frozen. Copy "
+        "the state before the forward pass: old = gml_jax.nnx.stats(model) (or "
+        "nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))), and after tx.update call "
+        "gml_jax.nnx.keep_frozen(mode, labels, model, old).")
 
 
 # --------------------------------------------------------------------------------------
@@ -564,108 +694,318 @@ def _group_names(n: int) -> list[str]:
   return [f"main:{k}" for k in range(n)] + [f"fusion:{k}" for k in range(n)]
 
 
-def speed_warnings(opt_state: Any) -> list[str]:
+def group_sizes(params: Any, labels: Labels) -> dict[str, int]:
+  """The number of parameters (array elements) under each label of ``labels``, e.g.
+  ``{"main:0": 120, "fusion:shared": 30, "other": 12}``: how much of the model each group
+  holds, and how much is labelled ``other`` (never measured, and frozen in
+  ``update="branch"`` re-balancing steps)."""
+  sizes: dict[str, int] = {}
+  for (kind, k), x in zip(resolve_labels(labels, params), jax.tree.leaves(params)):
+    name = "other" if kind == "other" else ("fusion:shared" if kind == "shared" else f"{kind}:{k}")
+    sizes[name] = sizes.get(name, 0) + int(np.size(x))
+  return sizes
+
+
+def speed_warnings(opt_state: Any, params: Any = None, labels: Labels | None = None) -> list[str]:
   """Reasons not to trust the conditional learning speeds of ``opt_state``, as sentences
   (an empty list when there are none).
 
   Reported: a group whose ‖θ‖² at the last step is zero or below
   :data:`TINY_PARAMETERS` of the largest group's (μ = ‖g‖²/‖θ‖² is then huge and follows
-  the denominator: a fusion layer initialised at zero does this), and undefined speeds (a
-  group that has had no gradient yet).
+  the denominator: a fusion layer initialised at zero does this); a group whose μ or M is
+  NaN or infinite (NaN gradients or parameters, e.g. float16 overflow: the speed is NaN
+  for good, and guided never re-balances again); undefined speeds (a group that has had no
+  gradient yet). With ``params`` and ``labels``: the share of parameters labelled
+  ``other`` (unmeasured, and frozen in ``update="branch"`` re-balancing steps).
   """
   state = balance_state(opt_state)
-  sizes = np.concatenate([np.asarray(state.param_sq_main), np.asarray(state.param_sq_fusion)])
-  if int(state.step) == 0:
-    return ["No step taken yet: the speeds are undefined."]
   warnings = []
-  largest = float(np.max(sizes))
-  for name, size in zip(_group_names(len(state.param_sq_main)), sizes):
-    if size <= TINY_PARAMETERS * largest:
+  if params is not None and labels is not None:
+    sizes = group_sizes(params, labels)
+    total = sum(sizes.values())
+    if sizes.get("other", 0):
+      warnings.append(
+          f"{sizes['other']} of {total} parameters ({sizes['other'] / total:.1%}) are labelled "
+          "'other': no speed measures them, and update='branch' re-balancing steps freeze them.")
+  if int(state.step) == 0:
+    return ["No step taken yet: the speeds are undefined."] + warnings
+  n = len(state.param_sq_main)
+  sizes = np.concatenate([np.asarray(state.param_sq_main), np.asarray(state.param_sq_fusion)])
+  mus = np.concatenate([np.asarray(state.mu_main), np.asarray(state.mu_fusion)])
+  main_sum, fusion_sum = (np.asarray(x) for x in accumulated(state))
+  sums = np.concatenate([main_sum, fusion_sum])
+  finite = sizes[np.isfinite(sizes)]
+  largest = float(np.max(finite)) if finite.size else 0.0
+  for name, size, mu, total_mu in zip(_group_names(n), sizes, mus, sums):
+    if not (np.isfinite(size) and np.isfinite(mu) and np.isfinite(total_mu)):
+      warnings.append(
+          f"Group {name} is NaN or infinite (‖θ‖² = {size:.3g}, μ = {mu:.3g} at the last step, "
+          f"M = {total_mu:.3g}): NaN gradients or parameters (float16 overflow or underflow? "
+          "train in float32, or bfloat16 through make_train_step's compute_dtype). Its speed "
+          "stays NaN, and guided never re-balances again.")
+    elif size <= TINY_PARAMETERS * largest:
       warnings.append(
           f"Group {name} has ‖θ‖² = {size:.3g} against {largest:.3g} for the largest group: "
           "its μ = ‖g‖²/‖θ‖² is dominated by the near-zero denominator (a zero-initialised "
           "fusion layer?), so the speeds and the re-balancing decision follow its scale.")
-  speeds = np.asarray(speeds_from_accumulators(*accumulated(state)))
-  for k in np.flatnonzero(~np.isfinite(speeds)):
-    warnings.append(f"s_{k} is undefined: main:{k} or fusion:{k} has had no gradient yet.")
+  for k in range(n):
+    pair = (main_sum[k], fusion_sum[k])
+    if not all(np.isfinite(pair)):
+      continue  # reported above, as NaN
+    if min(pair) <= 0:
+      empty = [g for g, m in zip((f"main:{k}", f"fusion:{k}"), pair) if m <= 0]
+      warnings.append(f"s_{k} is undefined: {' and '.join(empty)} has had no gradient yet.")
   return warnings
 
 
-def describe_speeds(d_speed: Any, alpha: float = 0.01) -> dict:
-  """Where d_speed sits against α, from a run's d_speed per step (typically a short
-  ``method="vanilla"`` run past its warm-up; 2 modalities).
+def _lead_margins(speeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per step: the modality with the largest speed (guided's pick) and its lead over the
+  second largest, from speeds [T, N] without NaN."""
+  order = np.argsort(-speeds, axis=1, kind="stable")
+  top = np.take_along_axis(speeds, order[:, :2], axis=1)
+  return order[:, 0], top[:, 0] - top[:, 1]
+
+
+def _describe_run(values: np.ndarray, alpha: float) -> dict:
+  """describe_speeds of one run: d_speed [T] or speeds [T, N]."""
+  if values.ndim == 1:
+    d_speed, speeds = values, None
+  else:
+    speeds = values[np.all(np.isfinite(values), axis=1)]
+    d_speed = (values[:, 0] - values[:, 1] if values.shape[1] == 2  # speed_gap, in float64
+               else values.max(axis=1) - values.min(axis=1))
+  steps = d_speed.size
+  d_speed = d_speed[np.isfinite(d_speed)]
+  if d_speed.size == 0:
+    raise ValueError("describe_speeds needs at least one step with finite speeds.")
+  last = d_speed[-1]
+  out = {
+      "mean": float(d_speed.mean()), "std": float(d_speed.std()),
+      "min": float(d_speed.min()), "max": float(d_speed.max()),
+      "share_above_alpha": float(np.mean(np.abs(d_speed) > alpha)),
+      "favoured": int(last < 0),
+      "sign_agreement": float(np.mean(np.sign(d_speed) == np.sign(last))),
+      "alpha_for_half": float(np.median(np.abs(d_speed))),
+      "undefined_steps": int(steps - d_speed.size),
+  }
+  if speeds is None:
+    return out
+  n = speeds.shape[1]
+  leader, margin = _lead_margins(speeds)
+  out["favoured"] = int(leader[-1])
+  out["lead_agreement"] = float(np.mean(leader == leader[-1]))
+  out["modalities"] = [{
+      "modality": k,
+      "mean_speed": float(speeds[:, k].mean()),
+      "leads": float(np.mean(leader == k)),
+      "margin": float(margin[leader == k].mean()) if np.any(leader == k) else None,
+  } for k in range(n)]
+  if n > 2:  # the spread is never negative: its sign says nothing
+    del out["sign_agreement"]
+  return out
+
+
+def describe_speeds(speeds: Any, alpha: float = 0.01) -> dict:
+  """Where the speeds of a run sit against α (typically a short ``method="vanilla"`` run
+  past its warm-up, where the speeds are measured and not acted on).
+
+  ``speeds`` is one of:
+
+  * d_speed per step, [T] (two modalities: s_0 − s_1; N > 2: the spread);
+  * the speeds s_k of every modality per step, [T, N] (the ``speeds`` metric of the steps);
+  * several runs (seeds) of the latter: a list of [T_i, N] arrays, or an array [S, T, N].
 
   Returns a dict: ``mean``, ``std``, ``min``, ``max`` of d_speed; ``share_above_alpha``,
   the share of steps with |d_speed| > α (each such normal step would start a window of Q
   re-balancing steps: near 1, guided runs back-to-back windows, a fixed schedule);
-  ``favoured``, the modality that guided would re-balance at the last step (0 if d_speed >
-  0, 1 if < 0); ``sign_agreement``, the share of steps whose sign matches the last one (low
-  values: the decision follows noise); and ``alpha_for_half``, the median of |d_speed|, the
-  α at which half the steps would re-balance, a starting point for a sweep
-  (``--grid balance.guided.alpha=...`` in a study).
+  ``favoured``, the modality that guided would re-balance at the last step (the largest
+  s_k; from d_speed alone: 0 if > 0, 1 if < 0); ``sign_agreement`` (d_speed or N = 2), the
+  share of steps whose sign matches the last one (low values: the decision follows
+  noise); ``alpha_for_half``, the median of |d_speed|, the α at which half the steps would
+  re-balance, a starting point for a sweep (``--grid balance.guided.alpha=...``
+  in a study);
+  ``undefined_steps``, steps whose d_speed is NaN (left out of the rest: no gradient yet,
+  or NaN gradients: see :func:`speed_warnings`).
+
+  From [T, N] speeds, also: ``lead_agreement``, the share of steps whose leader (largest
+  s_k) is the last step's; and ``modalities``, per modality k: ``mean_speed``, ``leads``
+  (the share of steps where s_k is the largest, i.e. where guided would pick k) and
+  ``margin`` (the mean lead of s_k over the second largest speed on those steps; None if it
+  never leads). With N > 2 the spread, not the margin, is what α is compared with: a
+  margin far below the spread means the speed test passes while the choice of modality
+  is close.
+
+  From several runs: ``runs``, the dict above for each run; ``favoured`` per run;
+  ``stable``, whether every run favours the same modality at its end; and ``leads`` and
+  ``share_above_alpha`` averaged over the runs.
 
   >>> r = describe_speeds([0.30, 0.20, 0.25, 0.35], alpha=0.01)
   >>> r["favoured"], r["share_above_alpha"], round(r["alpha_for_half"], 3)
   (0, 1.0, 0.275)
+  >>> r = describe_speeds([[0.1, 0.5, 0.45], [0.2, 0.4, 0.5]], alpha=0.01)
+  >>> r["favoured"], [m["leads"] for m in r["modalities"]], round(r["modalities"][2]["margin"], 3)
+  (2, [0.0, 0.5, 0.5], 0.1)
   """
-  values = np.asarray(d_speed, np.float64).ravel()
-  values = values[np.isfinite(values)]
-  if values.size == 0:
-    raise ValueError("describe_speeds needs at least one finite d_speed value.")
-  last = values[-1]
+  runs = None
+  if isinstance(speeds, (list, tuple)) and speeds and all(np.ndim(r) == 2 for r in speeds):
+    runs = [np.asarray(r, np.float64) for r in speeds]
+  elif np.ndim(speeds) == 3:
+    runs = list(np.asarray(speeds, np.float64))
+  if runs is None:
+    values = np.asarray(speeds, np.float64)
+    if values.ndim not in (1, 2) or (values.ndim == 2 and values.shape[1] < 2):
+      raise ValueError("describe_speeds takes d_speed [T], speeds [T, N] with N >= 2, or "
+                       f"several runs [S, T, N]; got shape {values.shape}.")
+    return _describe_run(values, alpha)
+  if len({r.shape[1] for r in runs}) != 1 or runs[0].shape[1] < 2:
+    raise ValueError("describe_speeds: every run must have speeds [T_i, N] with the same N >= 2;"
+                     f" got shapes {[r.shape for r in runs]}.")
+  each = [_describe_run(r, alpha) for r in runs]
+  favoured = [r["favoured"] for r in each]
+  n = runs[0].shape[1]
   return {
-      "mean": float(values.mean()), "std": float(values.std()),
-      "min": float(values.min()), "max": float(values.max()),
-      "share_above_alpha": float(np.mean(np.abs(values) > alpha)),
-      "favoured": int(last < 0),
-      "sign_agreement": float(np.mean(np.sign(values) == np.sign(last))),
-      "alpha_for_half": float(np.median(np.abs(values))),
+      "runs": each,
+      "favoured": favoured,
+      "stable": len(set(favoured)) == 1,
+      "leads": [float(np.mean([r["modalities"][k]["leads"] for r in each])) for k in range(n)],
+      "share_above_alpha": float(np.mean([r["share_above_alpha"] for r in each])),
   }
 
 
-def check_masking(tx: optax.GradientTransformation, params: Any, labels: Labels,
-                  seed: int = 0, **extra_args) -> None:
-  """Checks that ``tx`` keeps frozen parameters in place in re-balancing steps.
+def _forced(state: Any, target: int) -> Any:
+  """``state`` with its BalanceState forced into a step for ``target`` (-1: normal)."""
+  window = 0 if target < 0 else 1
+  return jax.tree.map(
+      lambda s: s._replace(target=jnp.int32(target), window_left=jnp.int32(window))
+      if isinstance(s, BalanceState) else s,
+      state, is_leaf=lambda s: isinstance(s, BalanceState))
 
-  Runs one re-balancing step for every modality on random gradients (from ``tx.init``'s
-  state, forced into that step) and raises if any parameter that the step must freeze
-  moved: the sign that something after :func:`balanced_multimodal` in an optax chain
-  changes updates (weight decay, say). Returns None when ``tx`` is safe.
+
+def check_masking(tx: optax.GradientTransformation, params: Any, labels: Labels,
+                  seed: int = 0, normal_steps: int = 3, rebalance_steps: int = 2,
+                  **extra_args) -> None:
+  """Checks that ``tx`` keeps frozen parameters in place in re-balancing steps, also after
+  the state that earlier steps built up (momentum, Adam moments).
+
+  On random gradients (a new draw every step), for every modality k: ``normal_steps``
+  normal steps, then ``rebalance_steps`` re-balancing steps for k (the state forced into
+  each mode), applying every update. Raises if
+
+  * a normal step moved no parameter at all: ``tx`` wraps an optimizer that does not apply
+    every update (``optax.MultiSteps`` inside the transform; the right order is
+    ``optax.MultiSteps(balanced_multimodal(inner, labels), k)``);
+  * a parameter that a re-balancing step must freeze moved: something after
+    :func:`balanced_multimodal` in an optax chain changes updates (weight decay, or a
+    ``optax.trace``/``scale_by_adam`` whose momentum from the normal steps carries on).
+
+  Returns None when ``tx`` is safe.
 
   Args:
     tx: the optimizer as it will be used; it must contain one ``balanced_multimodal``.
     params: the model's parameters (their values matter: weight decay reads them).
     labels: the labels given to the transform.
     seed: seed of the random gradients.
+    normal_steps: normal steps before the re-balancing ones (>= 1).
+    rebalance_steps: re-balancing steps checked per modality (>= 1).
     **extra_args: passed on to ``tx.update`` (e.g. ``scores=`` for :func:`gml_jax.ogm_ge`).
   """
+  if normal_steps < 1 or rebalance_steps < 1:
+    raise ValueError(f"check_masking needs normal_steps >= 1 and rebalance_steps >= 1; got "
+                     f"{normal_steps} and {rebalance_steps}.")
   tx = optax.with_extra_args_support(tx)
-  state = tx.init(params)
-  balance = balance_state(state)
+  start = tx.init(params)
+  balance = balance_state(start)
   parsed = resolve_labels(labels, params)
   paths = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  grads = jax.tree.unflatten(treedef, [
-      jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)])
+  rng = np.random.default_rng((seed, 0x6D61736B))  # a stream of its own, not the usual (0)
+
+  def random_grads():  # drawn on the host: no device program per draw
+    return jax.tree.unflatten(treedef, [
+        jnp.asarray(rng.normal(size=jnp.shape(x)), jnp.result_type(x)) for x in leaves])
+
+  # An accumulation around the transform (the right order: the transform refuses one
+  # inside) legitimately emits zero updates between its applying steps.
+  accumulates_around = bool(_accumulating(start))
+  update = lambda g, s, p: tx.update(g, s, p, **extra_args)
+  if accumulates_around:  # its lax.cond compiles at every eager call: compile once instead
+    update = jax.jit(update)
   mode = "all" if bool(balance.update_all) else "branch"
   problems = []
+  state, current = start, params
+  for t in range(normal_steps):
+    updates, state = update(random_grads(), _forced(state, -1), current)
+    if not accumulates_around and not any(bool(jnp.any(u != 0))
+                                          for u in jax.tree.leaves(updates)):
+      raise ValueError(
+          f"check_masking: normal step {t} moved no parameter on random gradients: tx does "
+          "not apply every update (optax.MultiSteps or another gradient accumulation inside "
+          "balanced_multimodal?). Accumulate around the transform: "
+          "optax.MultiSteps(balanced_multimodal(inner, labels), every_k_schedule=k).")
+    current = optax.apply_updates(current, updates)
+  normal_state, normal_params = state, current
   for target in range(balance.accum_main.shape[0]):
-    forced = jax.tree.map(
-        lambda s, target=target: s._replace(target=jnp.int32(target), window_left=jnp.int32(1))
-        if isinstance(s, BalanceState) else s,
-        state, is_leaf=lambda s: isinstance(s, BalanceState))
-    updates, _ = tx.update(grads, forced, params, **extra_args)
-    moves = _masks(parsed, jnp.int32(target), balance.update_all)
-    for path, (kind, k), frozen, u in zip(paths, parsed, moves, jax.tree.leaves(updates)):
-      if not bool(frozen) and bool(jnp.any(u != 0)):
-        label = "other" if kind == "other" else ("fusion:shared" if kind == "shared"
-                                                 else f"{kind}:{k}")
-        problems.append(f"{path!r} ({label}) in a step for modality {target}")
+    state, current = normal_state, normal_params  # every modality from the same history
+    for t in range(rebalance_steps):
+      updates, state = update(random_grads(), _forced(state, target), current)
+      moves = _masks(parsed, jnp.int32(target), balance.update_all)
+      for path, (kind, k), may, u in zip(paths, parsed, moves, jax.tree.leaves(updates)):
+        if not bool(may) and bool(jnp.any(u != 0)):
+          label = "other" if kind == "other" else ("fusion:shared" if kind == "shared"
+                                                   else f"{kind}:{k}")
+          problem = f"{path!r} ({label}) in a step for modality {target}"
+          if not any(p.startswith(problem) for p in problems):  # each once, at its first step
+            problems.append(problem + (f" (re-balancing step {t + 1})" if t else ""))
+      current = optax.apply_updates(current, updates)
   if problems:
     raise ValueError(
         f"Parameters that a re-balancing step (update={mode!r}) must freeze moved: "
         f"{', '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}. Something after "
         "balanced_multimodal in the optax chain changes updates (e.g. "
-        "optax.add_decayed_weights): put it inside, balanced_multimodal(optax.chain(..., "
+        "optax.add_decayed_weights, or optax.trace / scale_by_adam, whose momentum from "
+        "normal steps carries on): put it inside, balanced_multimodal(optax.chain(..., "
         "optimizer), labels), so that the transform is outermost.")
+
+
+def set_hyperparams(opt_state: Any, **values) -> Any:
+  """``opt_state`` with hyperparameters injected by ``optax.inject_hyperparams`` set to
+  ``values`` (e.g. ``learning_rate=1e-4``), wherever they sit in the state: the way to
+  change the inner optimizer's learning rate during a run::
+
+    tx = gml_jax.balanced_multimodal(
+        optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3), labels)
+    ...
+    opt_state = gml_jax.set_hyperparams(opt_state, learning_rate=1e-4)
+
+  The new values keep the dtype of the old ones. Raises if a name is injected nowhere.
+  (``balanced_multimodal``'s own α, Q and warm-up are fixed when it is built.)
+  """
+  found = set()
+  is_injected = lambda x: hasattr(x, "hyperparams") and hasattr(x, "_replace")
+
+  def set_in(node):
+    if not is_injected(node):
+      return node
+    hyperparams = dict(node.hyperparams)
+    for name, value in values.items():
+      if name in hyperparams:
+        found.add(name)
+        old = hyperparams[name]
+        cast = jnp.asarray(value, jnp.result_type(_unwrap(old)))
+        if hasattr(old, "set_value"):  # an nnx.Optimizer's state: its variables, in place
+          old.set_value(cast)
+        else:
+          hyperparams[name] = cast
+    return node._replace(hyperparams=hyperparams)
+
+  new_state = jax.tree.map(set_in, opt_state, is_leaf=is_injected)
+  missing = sorted(set(values) - found)
+  if missing:
+    names = set()
+    jax.tree.leaves(opt_state, is_leaf=lambda x: bool(
+        is_injected(x) and names.update(x.hyperparams)) or is_injected(x))
+    raise ValueError(
+        f"set_hyperparams: {missing} injected nowhere in the optimizer state (injected: "
+        f"{sorted(names) or 'none'}). Wrap the optimizer that has them with "
+        "optax.inject_hyperparams, e.g. optax.inject_hyperparams(optax.adamw)(learning_rate=...).")
+  return new_state

@@ -139,7 +139,14 @@ def label_rules(rules: Sequence[tuple[str, str]] | Mapping[str, str],
     )
 
   def labels(tree: Any) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda path, _: label_of(path_string(path)), tree)
+    if not jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
+      return jax.tree_util.tree_map_with_path(lambda path, _: label_of(path_string(path)), tree)
+    raise ValueError(
+        f"The label rules got a single {type(tree).__name__}, not a tree of parameters. (Was "
+        "the label function called as a schedule? optax.inject_hyperparams calls its callable "
+        "arguments with the step count: do not wrap balanced_multimodal or ogm_ge in it; "
+        "inject the hyperparameters into the inner optimizer and change them with "
+        "gml_jax.set_hyperparams.)")
 
   return labels
 

@@ -9,6 +9,24 @@
   -> ``params``, ``nnx.BatchStat`` -> ``batch_stats``, :class:`FusionStat` ->
   ``fusion_stats``, :class:`TrainMean` -> ``train_means``, anything else -> ``nnx_other``.
 
+* :func:`stats` and :func:`keep_frozen`: a hand-written NNX train step that keeps the
+  model state of frozen branches (BatchNorm statistics, the cuts' running means) in
+  re-balancing steps. ``nnx.state(model)`` holds live variables, which the forward pass
+  updates: the values before it must be copied first. The recipe::
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+      mode = gml_jax.step_mode(optimizer.opt_state)       # before the update
+      before = gml_jax.nnx.stats(model)                   # a copy, before the forward pass
+
+      def loss_fn(model):
+        logits, branch_logits = model(batch["inputs"], train=True, cut=mode.target)
+        ...
+      optimizer.update(model, nnx.grad(loss_fn)(model))
+      gml_jax.nnx.keep_frozen(mode, labels, model, before)  # frozen branches' state back
+
+  (``docs/n_modalities.md`` has it whole and tested.)
+
 An NNX model in these steps is called as ``model(inputs, *, train, cut, drop)`` (see
 :mod:`gml_jax.protocol`); ``train`` selects batch statistics (pass
 ``use_running_average=not train`` to ``nnx.BatchNorm``).
@@ -16,12 +34,14 @@ An NNX model in these steps is called as ``model(inputs, *, train, cut, drop)`` 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gml_jax import balancing
 from gml_jax.fusion import FUSION_STATS, TRAIN_MEANS, check_switches, substitute
 
 
@@ -103,6 +123,12 @@ class NNXModel:
 
   def __init__(self, module: nnx.Module):
     self.module_type = type(module)
+    try:
+      parameters = inspect.signature(type(module).__call__).parameters
+      self._takes_cut = "cut" in parameters or any(
+          p.kind is p.VAR_KEYWORD for p in parameters.values())
+    except (TypeError, ValueError):
+      self._takes_cut = True
     self.graphdef, *states = nnx.split(module, *(t for _, t in COLLECTIONS))
     self._templates = dict(zip((name for name, _ in COLLECTIONS), states))
 
@@ -136,7 +162,13 @@ class NNXModel:
       for _, m in nnx.iter_modules(module):
         if isinstance(m, CrossModalCut):
           m.capture_signals = True
-    kwargs = {"train": train, "cut": cut} | ({} if drop is None else {"drop": drop})
+    kwargs = {"train": train} | ({} if drop is None else {"drop": drop})
+    if self._takes_cut:
+      kwargs["cut"] = cut
+    elif not (isinstance(cut, int) and cut == -1):  # only a step that re-balances cuts
+      raise TypeError(f"{self.module_type.__name__}.__call__ takes no `cut`, which a train step "
+                      "that re-balances passes; add `cut=-1` to its keyword arguments and pass "
+                      "it to every gml_jax.nnx.CrossModalCut.")
     out = module(tuple(inputs), **kwargs)
     if mutable is False:
       return out
@@ -154,3 +186,44 @@ def wrap(module: nnx.Module) -> NNXModel:
   if not isinstance(module, nnx.Module):
     raise TypeError(f"gml_jax.nnx.wrap takes an nnx.Module; got {type(module).__name__}.")
   return NNXModel(module)
+
+
+# --------------------------------------------------------------------------------------
+# A hand-written NNX step
+
+STATS = nnx.Any(nnx.BatchStat, FusionStat)
+"""The model state that a training forward pass updates and a re-balancing step keeps
+frozen for the other branches: BatchNorm statistics and the cuts' running means."""
+
+
+def stats(model: nnx.Module, which: Any = STATS) -> dict:
+  """A copy of ``model``'s state of the kinds ``which`` (default :data:`STATS`) as a pure
+  dict of arrays: read it *before* the forward pass, for :func:`keep_frozen`.
+
+  (``nnx.state(model)`` would hold the live variables, which the forward pass updates.)
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"gml_jax.nnx.stats takes the nnx.Module; got {type(model).__name__}.")
+  return nnx.to_pure_dict(nnx.state(model, which))
+
+
+def keep_frozen(mode: balancing.StepMode, labels: Any, model: nnx.Module, before: dict,
+                which: Any = STATS) -> None:
+  """Puts the state of ``model`` that the step of ``mode`` freezes back to ``before``, in
+  place: BatchNorm statistics and the cuts' running means of the branches that a
+  re-balancing step does not train (see :func:`gml_jax.keep_frozen`).
+
+  Args:
+    mode: :func:`gml_jax.step_mode` of the optimizer state, read before the update.
+    labels: the label rules of the model's parameters (they label every collection).
+    model: the model after the forward pass (and the optimizer's update).
+    before: :func:`stats` of the model, read before the forward pass.
+    which: the kinds of state, as given to :func:`stats`.
+  """
+  if not isinstance(before, dict):
+    raise TypeError("gml_jax.nnx.keep_frozen: `before` must be gml_jax.nnx.stats(model) read "
+                    f"before the forward pass (a dict of arrays); got {type(before).__name__}.")
+  state = nnx.state(model, which)
+  kept = balancing.keep_frozen(mode, labels, nnx.to_pure_dict(state), before)
+  nnx.replace_by_pure_dict(state, kept)
+  nnx.update(model, state)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -28,8 +29,16 @@ def data_mesh(devices=None) -> Mesh:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places ``tree`` on every device of ``mesh``."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  """A copy of ``tree`` on every device of ``mesh``.
+
+  Always a copy (never ``tree``'s own buffers): a compiled train step donates the state it
+  is given (:func:`compile_train_step`), which deletes the replicated state's buffers but
+  leaves ``tree`` usable.
+  """
+  # A copy first: device_put to several devices may reuse the buffer already on one of them
+  # (may_alias=False does not prevent it there).
+  copied = jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
+  return jax.device_put(copied, NamedSharding(mesh, PartitionSpec()), may_alias=False)
 
 
 def _place_batches(tree: Any, mesh: Mesh, batch_axis: int) -> Any:
@@ -71,7 +80,14 @@ def _jit_step(step: Callable, mesh: Mesh, batch_axis: int) -> Callable:
 
 
 def compile_train_step(train_step: Callable, mesh: Mesh) -> Callable:
-  """``jax.jit`` of a train step: state replicated (and donated), batch sharded on ``data``."""
+  """``jax.jit`` of a train step: state replicated (and donated), batch sharded on ``data``.
+
+  The state passed in is donated: its buffers are reused for the new state and deleted,
+  so after ``state, metrics = step(state, batch)`` only the returned state may be used
+  (reading the old one raises "Array has been deleted"). Keep a copy first if you need it
+  (``jax.tree.map(jnp.copy, state)``); the tree given to :func:`replicate` is not
+  affected, as it copies.
+  """
   return _jit_step(train_step, mesh, batch_axis=0)
 
 
@@ -81,8 +97,9 @@ def stack_batches(batches: list[dict]) -> dict:
 
 
 def compile_multi_step(multi_step: Callable, mesh: Mesh) -> Callable:
-  """``jax.jit`` of a multi-step: state replicated (and donated), batches sharded on
-  ``data`` along their second axis."""
+  """``jax.jit`` of a multi-step: state replicated (and donated, as in
+  :func:`compile_train_step`: use only the returned state), batches sharded on ``data``
+  along their second axis."""
   return _jit_step(multi_step, mesh, batch_axis=1)
 
 

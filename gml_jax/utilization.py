@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -33,7 +34,8 @@ def _weight(batch: dict) -> jax.Array:
 
 class _Passes(NamedTuple):
   batch_sums: Callable  # (variables, batch) -> (sums of the droppable signals, weight)
-  correct: Callable  # (variables, batch, drop) -> (hits of ŷ, hits per branch, weight)
+  correct: Callable  # (variables, batch, drop) -> (hits of ŷ, hits per branch, weight,
+  #                                                  fingerprint of each branch's logits)
 
 
 def _make_passes(model) -> _Passes:
@@ -54,7 +56,10 @@ def _make_passes(model) -> _Passes:
         batch["label"].shape[0], "conditional_utilization")
     w = _weight(batch)
     hit = lambda z: (jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32)
-    return jnp.sum(hit(logits) * w), jnp.sum(hit(branch_logits) * w, axis=-1), jnp.sum(w)
+    # A fingerprint of every branch's logits: equal for two drops that change the same thing.
+    prints = jnp.sum(branch_logits.astype(jnp.float32) * w[None, :, None], axis=(1, 2))
+    return (jnp.sum(hit(logits) * w), jnp.sum(hit(branch_logits) * w, axis=-1), jnp.sum(w),
+            prints)
 
   return _Passes(batch_sums, correct)
 
@@ -109,12 +114,15 @@ class Utilization:
     ablated_accuracy: float[N, N], entry [j, k] = A(f_k^{-j}): branch k with modality j's
       squeeze replaced by its training mean (diagonal: NaN).
     rates: float[N, N], entry [j, k] = u(m_j | m_k) (diagonal: NaN).
+    notes: warnings about the measurement (also issued with ``warnings.warn``): two rates
+      of a branch that are equal because one cut carries both sources.
   """
 
   accuracy: float
   branch_accuracy: np.ndarray
   ablated_accuracy: np.ndarray
   rates: np.ndarray
+  notes: Sequence[str] = ()
 
   @property
   def d_util(self) -> float:
@@ -149,10 +157,16 @@ def conditional_utilization(
 ) -> Utilization:
   """Measures u(m_j | m_k) for every pair of modalities (spec §4).
 
+  With N > 2 modalities each source needs its own cut: a cut on a signal computed from
+  several modalities (e.g. a projection of the concatenated neighbours) is dropped when any
+  of them is, so u(m_i|m_k) = u(m_j|m_k) by construction. That is detected (dropping m_i
+  and m_j give branch k the very same outputs) and reported in ``Utilization.notes`` and
+  with ``warnings.warn``.
+
   Args:
     model: a Linen or NNX model following :mod:`gml_jax.protocol` (its call takes
-      ``drop``), whose fusion layers drop through :class:`gml_jax.CrossModalCut` pieces or
-      MMTM.
+      ``drop``; ``cut`` is not needed here), whose fusion layers drop through
+      :class:`gml_jax.CrossModalCut` pieces or MMTM.
     variables: the trained model's variables (params and statistics, e.g.
       ``TrainState.variables``).
     train_batches: the training split (for the mean squeeze vectors).
@@ -172,20 +186,44 @@ def conditional_utilization(
   correct = _passes(model).correct
 
   def accuracies(drop):
-    fused, branches, count = 0.0, np.zeros(n), 0.0
+    fused, branches, count, prints = 0.0, np.zeros(n), 0.0, []
     for batch in test_batches:
-      f, b, c = correct(with_means, batch, drop)
+      f, b, c, p = correct(with_means, batch, drop)
       fused, branches, count = fused + float(f), branches + np.asarray(b), count + float(c)
-    return fused / count, branches / count
+      prints.append(np.asarray(p))
+    return fused / count, branches / count, np.stack(prints)
 
   if baseline is None:
-    accuracy, branch_accuracy = accuracies(jnp.zeros(n, bool))
+    accuracy, branch_accuracy, _ = accuracies(jnp.zeros(n, bool))
   else:
     accuracy, branch_accuracy = float(baseline[0]), np.asarray(baseline[1], np.float64)
   ablated = np.full((n, n), np.nan)
+  prints = []
   for j in range(n):
-    _, without_j = accuracies(jnp.arange(n) == j)
+    _, without_j, fingerprint = accuracies(jnp.arange(n) == j)
     ablated[j] = np.where(np.arange(n) == j, np.nan, without_j)
+    prints.append(fingerprint)
   with np.errstate(divide="ignore", invalid="ignore"):
     rates = (branch_accuracy[None, :] - ablated) / branch_accuracy[None, :]
-  return Utilization(accuracy, branch_accuracy, ablated, rates)
+  notes = _shared_cut_notes(prints)
+  for note in notes:
+    warnings.warn(note, stacklevel=2)
+  return Utilization(accuracy, branch_accuracy, ablated, rates, tuple(notes))
+
+
+def _shared_cut_notes(prints: list[np.ndarray]) -> list[str]:
+  """Sentences for pairs of rates u(m_i|m_k) = u(m_j|m_k) that are equal because dropping
+  m_i or m_j gave branch k the very same logits (``prints[j]``: [batches, N] fingerprints of
+  every branch's logits with m_j dropped)."""
+  n, notes = len(prints), []
+  for k in range(n):
+    for i in range(n):
+      for j in range(i + 1, n):
+        if k not in (i, j) and np.array_equal(prints[i][:, k], prints[j][:, k]):
+          notes.append(
+              f"u(m{i}|m{k}) and u(m{j}|m{k}) are equal because dropping m{i} or m{j} gives "
+              f"branch {k} the very same outputs: one cut carries both (a CrossModalCut over "
+              f"a signal computed from several modalities, dropped when any source is). To "
+              f"measure each source, compute its signal apart and give it its own cut with "
+              f"sources=({i},), sources=({j},).")
+  return notes

@@ -394,3 +394,185 @@ def test_accumulated_speed_stays_exact_over_many_steps():
   assert np.max(np.abs(naive / exact_main - 1)) > 1e-5  # what the compensation removes
   speeds = np.log10(exact_fusion / exact_main)
   np.testing.assert_allclose(gml_jax.modality_speeds(state), speeds, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Silent pitfalls made loud (issue 36)
+
+
+def _two_modality_problem(seed=0):
+  shapes, labels = _problem(2)
+  return _tree(np.random.default_rng(seed), shapes), labels
+
+
+@pytest.mark.parametrize("after", ["trace", "scale_by_adam"])
+def test_check_masking_catches_momentum_built_up_by_normal_steps(after):
+  params, labels = _two_modality_problem()
+  tail = {"trace": lambda: optax.trace(0.9), "scale_by_adam": optax.scale_by_adam}[after]
+  tx = optax.chain(gml_jax.balanced_multimodal(optax.sgd(0.1), labels), tail())
+  # The silent behaviour: from a fresh state a forced re-balancing step keeps m1_w in place
+  # (what the one-step check saw), but after normal steps the momentum moves it.
+  rng = np.random.default_rng(1)
+  force = lambda s, t: (s[0]._replace(target=jnp.int32(t), window_left=jnp.int32(1)),) + s[1:]
+  fresh, _ = tx.update(_tree(rng, _problem(2)[0]), force(tx.init(params), 0), params)
+  assert np.all(np.asarray(fresh["m1_w"]) == 0)
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(_tree(rng, _problem(2)[0]), force(state, -1), params)
+  updates, _ = tx.update(_tree(rng, _problem(2)[0]), force(state, 0), params)
+  assert np.max(np.abs(np.asarray(updates["m1_w"]))) > 1e-4  # frozen, yet it moves
+  with pytest.raises(ValueError, match=r"'m1_w' \(main:1\) in a step for modality 0.*"
+                                       r"optax.trace / scale_by_adam.*outermost"):
+    gml_jax.check_masking(tx, params, labels)
+  inside = gml_jax.balanced_multimodal(optax.chain(optax.sgd(0.1), tail()), labels)
+  assert gml_jax.check_masking(inside, params, labels) is None
+
+
+def test_accumulation_inside_the_transform_is_refused_with_the_right_order():
+  params, labels = _two_modality_problem()
+  right_order = r"optax.MultiSteps\(balanced_multimodal\(inner, labels\), every_k_schedule=k\)"
+  with pytest.raises(ValueError, match=r"\(MultiSteps: gradient accumulation\).*" + right_order):
+    gml_jax.balanced_multimodal(optax.MultiSteps(optax.adamw(1e-3), 2), labels)
+  inner = optax.MultiSteps(optax.adamw(1e-3), 2).gradient_transformation()
+  tx = gml_jax.balanced_multimodal(inner, labels)  # only its state shows it
+  with pytest.raises(ValueError, match=r"MultiStepsState.*" + right_order):
+    tx.init(params)
+  with pytest.raises(ValueError, match=right_order):
+    gml_jax.check_masking(tx, params, labels)
+  # Any other transform that applies no update on a normal step is caught by check_masking.
+  silent = optax.chain(gml_jax.balanced_multimodal(optax.sgd(0.1), labels), optax.scale(0.0))
+  with pytest.raises(ValueError, match=r"normal step 0 moved no parameter.*" + right_order):
+    gml_jax.check_masking(silent, params, labels)
+  around = optax.MultiSteps(gml_jax.balanced_multimodal(optax.sgd(0.1), labels), 2)
+  assert gml_jax.check_masking(around.gradient_transformation(), params, labels) is None
+
+
+def test_inject_hyperparams_is_refused_and_set_hyperparams_changes_the_inner_rate():
+  params, labels = _two_modality_problem()
+  injected = optax.inject_hyperparams(gml_jax.balanced_multimodal, static_args=("labels",))
+  with pytest.raises(TypeError, match=r"alpha, window, warmup_steps, seed, target must be "
+                                      r"Python numbers.*gml_jax.set_hyperparams"):
+    injected(optax.sgd(0.1), labels, alpha=0.01).init(params)
+  rules = gml_jax.label_rules([(r"m(\d)_.*", r"main:\1"), (r"f(\d)", r"fusion:\1"),
+                               ("sq", "fusion:shared"), ("extra", "other")])
+  with pytest.raises(ValueError, match=r"called as a schedule\?.*inject_hyperparams"):
+    optax.inject_hyperparams(gml_jax.balanced_multimodal)(optax.sgd(0.1), rules).init(params)
+  # The way: inject into the inner optimizer, then set it. A normal sgd step is -lr * g.
+  tx = gml_jax.balanced_multimodal(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+                                   labels, method="vanilla")
+  state = tx.init(params)
+  grads = _tree(np.random.default_rng(2), _problem(2)[0])
+  state = gml_jax.set_hyperparams(state, learning_rate=0.025)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  for name in params:
+    np.testing.assert_allclose(updates[name], -0.025 * np.asarray(grads[name]), rtol=1e-6)
+  assert state.inner_state.hyperparams["learning_rate"].dtype == jnp.float32
+  with pytest.raises(ValueError, match=r"\['momentum'\] injected nowhere.*\['learning_rate'\]"):
+    gml_jax.set_hyperparams(state, momentum=0.9)
+
+
+def test_a_nan_group_is_reported_as_nan_not_as_no_gradient():
+  params, labels = _two_modality_problem()
+  tx = gml_jax.balanced_multimodal(optax.sgd(0.1), labels, alpha=0.0)
+  state = tx.init(params)
+  grads = _tree(np.random.default_rng(3), _problem(2)[0])
+  grads["m0_w"] = grads["m0_w"].at[0, 0].set(jnp.nan)  # e.g. a float16 overflow
+  _, state = tx.update(grads, state, params)
+  assert np.isnan(np.asarray(gml_jax.modality_speeds(state))[0])
+  assert int(gml_jax.rebalance_target(state)) == -1  # guided stops re-balancing
+  warnings = gml_jax.speed_warnings(state)
+  assert any(w.startswith("Group main:0 is NaN or infinite") and "never re-balances" in w
+             for w in warnings), warnings
+  assert not any("no gradient" in w for w in warnings)
+  # A group without any gradient is still told so.
+  fresh = tx.init(params)
+  _, fresh = tx.update(jax.tree.map(jnp.zeros_like, grads), fresh, params)
+  assert "s_0 is undefined: main:0 and fusion:0 has had no gradient yet." in (
+      gml_jax.speed_warnings(fresh))
+  report = gml_jax.describe_speeds([np.nan, 0.2, np.nan, 0.3])
+  assert report["undefined_steps"] == 2 and report["mean"] == pytest.approx(0.25)
+
+
+def test_the_share_labelled_other_is_reported():
+  params, labels = _two_modality_problem()
+  sizes = {}
+  for name, label in labels.items():  # by hand
+    sizes[label] = sizes.get(label, 0) + int(np.prod(SHAPES[name]))
+  assert gml_jax.group_sizes(params, labels) == sizes
+  total = sum(sizes.values())
+  state = gml_jax.balanced_multimodal(optax.sgd(0.1), labels).init(params)
+  warnings = gml_jax.speed_warnings(state, params, labels)
+  assert (f"7 of {total} parameters ({7 / total:.1%}) are labelled 'other': no speed measures "
+          "them, and update='branch' re-balancing steps freeze them.") in warnings
+  no_other = {k: v for k, v in labels.items() if v != "other"}
+  assert not any("'other'" in w for w in gml_jax.speed_warnings(
+      state, {k: params[k] for k in no_other}, no_other))
+
+
+def test_a_state_restored_without_its_types_is_named():
+  import flax.serialization
+
+  params, labels = _two_modality_problem()
+  tx = gml_jax.balanced_multimodal(optax.adam(0.1), labels)
+  state = tx.init(params)
+  restored = flax.serialization.msgpack_restore(flax.serialization.to_bytes(state))
+  with pytest.raises(ValueError, match=r"found 0\. It holds a BalanceState's fields as a plain "
+                                       r"dict.*restored without a target.*from_state_dict"):
+    gml_jax.balance_state(restored)
+  typed = flax.serialization.from_state_dict(state, restored)  # the fix the message names
+  assert int(gml_jax.balance_state(typed).target) == -1
+
+
+def _lead_by_hand(speeds):
+  """Leader and margin per step with plain loops (independent of describe_speeds)."""
+  leaders, margins = [], []
+  for row in speeds:
+    best = max(range(len(row)), key=lambda k: (row[k], -k))
+    leaders.append(best)
+    margins.append(row[best] - max(row[j] for j in range(len(row)) if j != best))
+  return np.array(leaders), np.array(margins)
+
+
+def test_describe_speeds_of_three_modalities_matches_numpy_by_hand():
+  rng = np.random.default_rng(7)
+  runs = [rng.normal(size=(40, 3)) * [0.05, 0.05, 0.05] + [0.30, 0.28, 0.10] for _ in range(3)]
+  runs[1][5] = np.nan  # an undefined step is left out
+  alpha = 0.15
+  report = gml_jax.describe_speeds(runs, alpha=alpha)
+  for run, got in zip(runs, report["runs"]):
+    defined = run[~np.isnan(run).any(axis=1)]
+    spread = defined.max(axis=1) - defined.min(axis=1)
+    leaders, margins = _lead_by_hand(defined)
+    assert got["undefined_steps"] == len(run) - len(defined)
+    assert got["mean"] == pytest.approx(spread.mean())
+    assert got["share_above_alpha"] == pytest.approx(np.mean(spread > alpha))
+    assert got["alpha_for_half"] == pytest.approx(np.median(spread))
+    assert got["favoured"] == leaders[-1]
+    assert got["lead_agreement"] == pytest.approx(np.mean(leaders == leaders[-1]))
+    assert "sign_agreement" not in got  # the spread has no sign
+    for k, m in enumerate(got["modalities"]):
+      assert m["leads"] == pytest.approx(np.mean(leaders == k))
+      assert m["mean_speed"] == pytest.approx(defined[:, k].mean())
+      if np.any(leaders == k):
+        assert m["margin"] == pytest.approx(margins[leaders == k].mean())
+      else:
+        assert m["margin"] is None
+  favoured = [int(_lead_by_hand(r[~np.isnan(r).any(axis=1)])[0][-1]) for r in runs]
+  assert report["favoured"] == favoured and report["stable"] == (len(set(favoured)) == 1)
+  assert report["leads"] == pytest.approx([np.mean([np.mean(
+      _lead_by_hand(r[~np.isnan(r).any(axis=1)])[0] == k) for r in runs]) for k in range(3)])
+  stacked = gml_jax.describe_speeds(np.stack([np.nan_to_num(r, nan=0.2) for r in runs]), alpha)
+  assert len(stacked["runs"]) == 3
+  with pytest.raises(ValueError, match=r"speeds \[T, N\] with N >= 2.*got shape \(4, 1\)"):
+    gml_jax.describe_speeds(np.zeros((4, 1)))
+
+
+def test_describe_speeds_of_two_modalities_is_unchanged():
+  rng = np.random.default_rng(8)
+  speeds = rng.normal(size=(30, 2))
+  d_speed = speeds[:, 0] - speeds[:, 1]
+  from_speeds, from_d = gml_jax.describe_speeds(speeds), gml_jax.describe_speeds(d_speed)
+  for key, value in from_d.items():
+    assert from_speeds[key] == pytest.approx(value), key
+  assert from_d["favoured"] == int(d_speed[-1] < 0)
+  assert from_speeds["lead_agreement"] == pytest.approx(from_d["sign_agreement"])

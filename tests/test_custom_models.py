@@ -340,3 +340,152 @@ def test_undefined_and_untrustworthy_speeds_are_reported():
   warnings = gml_jax.speed_warnings(state)
   assert any("fusion:0 has ‖θ‖² = 0" in w and "zero-initialised" in w for w in warnings)
   assert any("s_0 is undefined" in w for w in warnings)
+
+
+# --------------------------------------------------------------------------------------
+# A hand-written step with BatchNorm, Linen and NNX; silent pitfalls made loud (issue 36)
+
+BN_LABELS = gml_jax.label_rules([(r"(?:enc|bn|head)_(\d)", r"main:\1"),
+                                 (r"(?:film|cut)_(\d)", r"fusion:\1")])
+
+
+class NNXBatchNormFiLM(NNXFiLM):
+  """NNXFiLM with a BatchNorm after each encoder."""
+
+  def __init__(self, rngs):
+    super().__init__(rngs)
+    self.bn_0, self.bn_1 = (nnx.BatchNorm(WIDTH, rngs=rngs) for _ in range(2))
+
+  def __call__(self, inputs, *, train, cut=-1, drop=None):
+    h = [nnx.relu(bn(enc(x), use_running_average=not train)) for enc, bn, x in
+         zip((self.enc_0, self.enc_1), (self.bn_0, self.bn_1), inputs)]
+    films, cuts, heads = (self.film_0, self.film_1), (self.cut_0, self.cut_1), (self.head_0,
+                                                                                self.head_1)
+    logits = [heads[k](h[k] * (1 + film[:, :WIDTH]) + film[:, WIDTH:]) for k, film in
+              ((k, cuts[k](films[k](h[1 - k]), train=train, cut=cut, drop=drop)) for k in (0, 1))]
+    branch_logits = jnp.stack(logits)
+    return branch_logits.mean(0), branch_logits
+
+
+def _fixed_tx():  # step 0 normal, steps 1-2 re-balance modality 1, step 3 normal, ...
+  return gml_jax.balanced_multimodal(optax.sgd(0.05, momentum=0.9), BN_LABELS, method="fixed",
+                                     target=1, window=2)
+
+
+def test_nnx_keep_frozen_refuses_live_state_and_the_recipe_equals_the_library_step():
+  batch = _batch(0)
+  model = NNXBatchNormFiLM(nnx.Rngs(0))
+  # The silent behaviour: nnx.state() holds live variables; read before the forward pass,
+  # it holds the new statistics after it, so keep_frozen compared a state with itself.
+  live, snapshot = nnx.state(model, nnx.BatchStat), gml_jax.nnx.stats(model, nnx.BatchStat)
+  model.bn_0(jnp.ones((4, WIDTH)))  # what the forward pass does to branch 0's statistics
+  assert not np.allclose(nnx.to_pure_dict(live)["bn_0"]["mean"], snapshot["bn_0"]["mean"])
+  mode = gml_jax.StepMode(jnp.int32(1), jnp.asarray(False))
+  with pytest.raises(ValueError, match=r"same live variables.*gml_jax.nnx.stats\(model\).*"
+                                       r"gml_jax.nnx.keep_frozen\(mode, labels, model, old\)"):
+    gml_jax.keep_frozen(mode, BN_LABELS, nnx.state(model, nnx.BatchStat), live)
+
+  # The recipe of docs/n_modalities.md and gml_jax.nnx's docstring.
+  model = NNXBatchNormFiLM(nnx.Rngs(0))
+  library = gml_jax.create_train_state(NNXBatchNormFiLM(nnx.Rngs(0)), _fixed_tx(),
+                                       batch["inputs"])
+  library_step = jax.jit(gml_jax.make_train_step(NNXBatchNormFiLM(nnx.Rngs(0)), _fixed_tx(),
+                                                 BN_LABELS))
+  optimizer = nnx.Optimizer(model, _fixed_tx(), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    mode = gml_jax.step_mode(optimizer.opt_state)  # before the update
+    before = gml_jax.nnx.stats(model)  # a copy, before the forward pass
+
+    def loss_fn(model):
+      _, branch_logits = model(batch["inputs"], train=True, cut=mode.target)
+      ce = jax.vmap(optax.softmax_cross_entropy_with_integer_labels, (0, None))
+      return jnp.sum(jnp.mean(ce(branch_logits, batch["label"]), axis=-1))
+
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+    gml_jax.nnx.keep_frozen(mode, BN_LABELS, model, before)
+
+  for t in range(4):
+    target = int(gml_jax.rebalance_target(optimizer.opt_state))
+    assert target == (1 if t in (1, 2) else -1)
+    before = gml_jax.nnx.stats(model)
+    step(model, optimizer, _batch(t))
+    library, _ = library_step(library, _batch(t))
+    after = gml_jax.nnx.stats(model)
+    for path, old, new in zip(*(jax.tree_util.tree_flatten_with_path(s)[0]
+                                for s in (before, before, after))):
+      name = gml_jax.path_string(path[0])
+      frozen = target == 1 and not name.startswith(("bn_1", "cut_1"))
+      assert np.array_equal(old[1], new[1]) == frozen or "cut_1" in name, (t, name)
+    mine = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), **{
+        c: v for c, v in (("batch_stats", nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))),
+                          ("fusion_stats", nnx.to_pure_dict(
+                              nnx.state(model, gml_jax.nnx.FusionStat))))}}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 mine, library.variables)
+
+
+def test_linen_keep_frozen_takes_the_dict_that_mutable_returns():
+  batch = _batch(0)
+  model = LinenFiLM()
+  variables = model.init(jax.random.key(0), batch["inputs"], train=False)
+  stats = {"fusion_stats": variables["fusion_stats"]}
+  _, new_stats = model.apply(variables, batch["inputs"], train=True, cut=-1,
+                             mutable=["fusion_stats"])
+  mode = gml_jax.StepMode(jnp.int32(0), jnp.asarray(False))
+  kept = gml_jax.keep_frozen(mode, LABELS, new_stats, stats)  # a label error before
+  by_collection = gml_jax.keep_frozen(mode, LABELS, new_stats["fusion_stats"],
+                                      stats["fusion_stats"])
+  jax.tree.map(np.testing.assert_array_equal, kept["fusion_stats"], by_collection)
+  # cut_0 feeds branch 0 (fusion:0, frozen in a step for 0); cut_1 is fusion:1, frozen too
+  # under update="branch": both keep their old running means.
+  jax.tree.map(np.testing.assert_array_equal, kept, stats)
+  with pytest.raises(ValueError, match=r"No label rule matches 'extra'"):
+    gml_jax.keep_frozen(mode, LABELS, {"fusion_stats": {"extra": jnp.ones(2)}},
+                        {"fusion_stats": {"extra": jnp.ones(2)}})
+
+
+class NNXFiLMWithoutCut(NNXFiLM):
+  """A model for the utilization rate only: its call takes no `cut`."""
+
+  def __call__(self, inputs, *, train, drop=None):
+    return super().__call__(inputs, train=train, drop=drop)
+
+
+def test_conditional_utilization_of_an_nnx_model_without_cut():
+  batches = [_batch(s) for s in range(2)]
+  with_cut, without = NNXFiLM(nnx.Rngs(1)), NNXFiLMWithoutCut(nnx.Rngs(1))
+  variables = gml_jax.nnx.wrap(with_cut).init()
+  expected = gml_jax.conditional_utilization(with_cut, variables, batches, batches)
+  got = gml_jax.conditional_utilization(without, variables, batches, batches)  # a TypeError before
+  np.testing.assert_array_equal(got.rates, expected.rates)
+  with pytest.raises(TypeError, match=r"does not take cut"):
+    gml_jax.make_train_step(without, _tx(), LABELS)
+
+
+def test_replicate_copies_so_a_donating_step_leaves_the_given_state_usable():
+  state = {"w": jnp.arange(8.0), "step": jnp.zeros((), jnp.int32)}
+  mesh = gml_jax.data_mesh()  # 8 devices (tests/conftest.py)
+  step = gml_jax.compile_train_step(
+      lambda s, batch: (jax.tree.map(lambda x: x + 1, s), {"x": jnp.sum(batch["x"])}), mesh)
+  batch = gml_jax.shard_batch({"x": jnp.ones(8)}, mesh)
+  replicated = gml_jax.replicate(state, mesh)
+  new, _ = step(replicated, batch)
+  assert all(x.is_deleted() for x in jax.tree.leaves(replicated))  # donated, as documented
+  assert not any(x.is_deleted() for x in jax.tree.leaves(state))  # deleted before the copy
+  np.testing.assert_array_equal(state["w"], np.arange(8.0))
+  np.testing.assert_array_equal(new["w"], np.arange(8.0) + 1)
+
+
+def test_set_hyperparams_sets_an_nnx_optimizer_rate_in_place():
+  model = NNXFiLM(nnx.Rngs(0))
+  tx = gml_jax.balanced_multimodal(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+                                   LABELS, method="vanilla")
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  gml_jax.set_hyperparams(optimizer.opt_state, learning_rate=0.025)
+  before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  update = nnx.jit(lambda m, o: o.update(m, jax.tree.map(jnp.ones_like, nnx.state(m, nnx.Param))))
+  update(model, optimizer)
+  after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a - b, -0.025, atol=1e-6), after, before)

@@ -1,6 +1,7 @@
 """The library installs and imports light; the runner is an extra; the wheel holds the library
 alone (the runner works from a clone)."""
 
+import os
 import pathlib
 import re
 import shutil
@@ -97,3 +98,23 @@ def test_runner_without_the_extra_says_which_extra_to_install():
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("ImportError: gml_jax.runner needs the 'experiments' extra")
   assert "pip install -e '.[experiments]'" in last and "tensorflow_datasets" in last
+
+
+def test_runner_import_from_the_library_alone_says_where_the_runner_is(tmp_path):
+  # The wheel's gml_jax: the package without gml_jax/runner (copied: no wheel build here).
+  shutil.copytree(ROOT / "gml_jax", tmp_path / "gml_jax",
+                  ignore=shutil.ignore_patterns("runner", "__pycache__"))
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path)}
+  # Without the clone's editable-install finder, which would find the clone's runner.
+  code = textwrap.dedent("""
+      import sys
+      sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", "")]
+      import gml_jax.runner.main
+      """)
+  result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=env)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]  # a bare "No module named ..." before
+  assert last.startswith("ModuleNotFoundError: gml_jax.runner is not installed: the wheel "
+                         "holds the library alone"), last
+  assert "pip install -e '.[experiments]'" in last

@@ -1,5 +1,8 @@
 """Conditional utilization rate on a hand-built model whose answer is derived by hand."""
 
+import re
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -111,3 +114,52 @@ def test_a_measured_baseline_replaces_the_unablated_pass():
   other = gml_jax.conditional_utilization(model, variables, train, test, baseline=(0.5, [0.5, 1.0]))
   np.testing.assert_allclose(other.rates[1, 0], (0.5 - 5 / 8) / 0.5)
   np.testing.assert_array_equal(other.branch_accuracy, [0.5, 1.0])
+
+
+class ThreeModalities(nn.Module):
+  """Three encoders; each branch gets a projection of its neighbours. ``shared``: one cut
+  on the projection of the concatenated neighbours (sources: both); else one projection
+  and one cut per source, summed."""
+
+  shared: bool
+
+  @nn.compact
+  def __call__(self, inputs, *, train, cut=-1, drop=None):
+    h = [nn.relu(nn.Dense(4, name=f"enc_{k}")(x)) for k, x in enumerate(inputs)]
+    logits = []
+    for k in range(3):
+      others = [j for j in range(3) if j != k]
+      if self.shared:
+        signal = nn.Dense(4, name=f"proj_{k}")(jnp.concatenate([h[j] for j in others], -1))
+        cross = gml_jax.CrossModalCut(branch=k, name=f"cut_{k}")(signal, train=train, cut=cut,
+                                                                 drop=drop)
+      else:
+        cross = sum(gml_jax.CrossModalCut(branch=k, sources=(j,), name=f"cut_{k}_{j}")(
+            nn.Dense(4, name=f"proj_{k}_{j}")(h[j]), train=train, cut=cut, drop=drop)
+            for j in others)
+      logits.append(nn.Dense(3, name=f"head_{k}")(h[k] + cross))
+    branch_logits = jnp.stack(logits)
+    return branch_logits.mean(0), branch_logits
+
+
+def test_equal_rates_from_one_cut_over_several_sources_are_warned_about():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 24).astype(np.int32)
+  batch = {"inputs": tuple(rng.normal(size=(24, 2)).astype(np.float32) + labels[:, None] * s
+                           for s in (1.0, 0.5, 0.2)), "label": labels}
+  shared = ThreeModalities(shared=True)
+  variables = shared.init(jax.random.key(0), batch["inputs"], train=False)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    u = gml_jax.conditional_utilization(shared, variables, [batch], [batch])
+  assert [str(w.message) for w in caught] == list(u.notes)
+  assert re.match(r"u\(m1\|m0\) and u\(m2\|m0\) are equal because dropping m1 or m2.*"
+                  r"one cut carries both.*sources=\(1,\), sources=\(2,\)", u.notes[0])
+  assert u.ablated_accuracy[1, 0] == u.ablated_accuracy[2, 0]  # the silent equality
+  assert len(u.notes) == 3  # one per branch: each has one cut over its two neighbours
+  separate = ThreeModalities(shared=False)
+  variables = separate.init(jax.random.key(0), batch["inputs"], train=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    u = gml_jax.conditional_utilization(separate, variables, [batch], [batch])
+  assert u.notes == ()
