@@ -74,7 +74,8 @@ def test_network_rejects_bad_layouts():
 def test_backbones_are_found_by_name_from_their_files():
   files = sorted(p.stem for p in pathlib.Path(gml_jax.models.backbones.__path__[0]).glob("*.py")
                  if not p.stem.startswith("_"))
-  assert gml_jax.models.BACKBONES == tuple(files) == ("i3d", "resnet18", "small_cnn")
+  assert gml_jax.models.BACKBONES == tuple(files) == (
+      "av_resnet18", "i3d", "mlp", "resnet18", "small_cnn")
   assert gml_jax.models.backbone_options("small_cnn") == ("width",)
   assert gml_jax.models.backbone_options("resnet18") == ("width", "max_blocks")
   assert gml_jax.models.backbone_defaults("i3d") == {"width": 64, "max_blocks": 4}
