@@ -83,17 +83,17 @@ def spectrogram(samples: np.ndarray) -> np.ndarray:
   return np.log(np.abs(spectrum) + 1e-7).astype(np.float32)
 
 
-def frame_indices(count: int, fps: float, total: int) -> list[int]:
-  """0-based indices of the frames at 1 fps: the ``round((k + 1/2) fps)``-th frame (1-based)
-  for k < ``count``; one past the clip's ``total`` frames, the frames of its last second
-  again, in turn (as the reference's extraction)."""
+def frame_indices(seconds, fps: float, total: int) -> list[int]:
+  """0-based indices of the frames at 1 fps of the given ``seconds``: for second k the
+  ``round((k + 1/2) fps)``-th frame (1-based); one past the clip's ``total`` frames, the
+  frames of its last second again, in turn (as the reference's extraction)."""
   if total < 1:
     raise ValueError("frame_indices: the clip has no frames.")
   per_second = max(1, round(fps))
   last = total % per_second or per_second
   last_start = total - min(last, total)
   out = []
-  for k in range(count):
+  for k in seconds:
     i = max(round((k + 0.5) * fps) - 1, 0)
     if i >= total:
       i = last_start + (i - last_start) % (total - last_start)
@@ -101,9 +101,9 @@ def frame_indices(count: int, fps: float, total: int) -> list[int]:
   return out
 
 
-def clip_frames(path, count: int, size: int) -> np.ndarray:
-  """``count`` frames at 1 fps (:func:`frame_indices`) of a video file, RGB, resized to
-  ``size`` x ``size`` (PIL bilinear): uint8[count, size, size, 3]."""
+def clip_frames(path, seconds, size: int) -> np.ndarray:
+  """The frames at 1 fps of the given ``seconds`` (:func:`frame_indices`) of a video file,
+  RGB, resized to ``size`` x ``size`` (PIL bilinear): uint8[len(seconds), size, size, 3]."""
   av = _av()
   from PIL import Image
 
@@ -118,7 +118,7 @@ def clip_frames(path, count: int, size: int) -> np.ndarray:
       fps = float(stream.average_rate or stream.guessed_rate or 0)
       if not fps > 0:
         raise ClipError(f"{path} has no frame rate")
-      wanted = set(frame_indices(count, fps, 1 << 30))  # before the length is known
+      wanted = set(frame_indices(seconds, fps, 1 << 30))  # before the length is known
       kept, tail, total = {}, collections.deque(maxlen=math.ceil(fps) + 1), 0
       for frame in container.decode(stream):
         if total in wanted:
@@ -131,7 +131,7 @@ def clip_frames(path, count: int, size: int) -> np.ndarray:
     raise ClipError(f"{path} holds no video frames")
   tail = dict(tail)
   images = []
-  for i in frame_indices(count, fps, total):
+  for i in frame_indices(seconds, fps, total):
     image = kept.get(i) or tail[i].to_image()
     images.append(np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR)))
   return np.stack(images)

@@ -70,11 +70,11 @@ def test_spectrogram_equals_scipys_stft():
 def test_frame_indices_follow_the_reference_extraction():
   # 30 fps, 75 frames (2.5 s): middles of seconds 0, 1, 2 are the 15th, 45th, 75th frames;
   # past the end, the reference's 1-based 61 + (p - 61) mod 15 for p = 105, 135: 75 twice
-  assert av_media.frame_indices(5, 30, 75) == [14, 44, 74, 74, 74]
+  assert av_media.frame_indices(range(5), 30, 75) == [14, 44, 74, 74, 74]
   # 10 fps, 23 frames: positions 5, 15, then 25, 35, 45 -> 21 + (p - 21) mod 3 = 22, 23, 21
-  assert av_media.frame_indices(5, 10, 23) == [4, 14, 21, 22, 20]
+  assert av_media.frame_indices(range(5), 10, 23) == [4, 14, 21, 22, 20]
   # 25 fps: Python's round (the reference's too) halves to even: 12.5 -> 12, 37.5 -> 38
-  assert av_media.frame_indices(3, 25, 250) == [11, 37, 61]
+  assert av_media.frame_indices(range(3), 25, 250) == [11, 37, 61]
 
 
 def test_reference_split_lists():

@@ -83,7 +83,7 @@ def check_manual_dir(directory) -> None:
 def decode_clip(manual_dir: pathlib.Path, name: str, frames: int, size: int) -> dict:
   """The example features of clip ``name`` (raises ClipError naming what is wrong)."""
   audio = av_media.spectrogram(av_media.load_audio(manual_dir / "AudioWAV" / f"{name}.wav"))
-  visual = av_media.clip_frames(manual_dir / "VideoFlash" / f"{name}.flv", frames, size)
+  visual = av_media.clip_frames(manual_dir / "VideoFlash" / f"{name}.flv", range(frames), size)
   return {"audio": audio[..., None], "visual": visual}
 
 

@@ -320,7 +320,12 @@ class Dataset:
 
   @property
   def num_classes(self) -> int:
-    return self.builder.info.features["label"].num_classes
+    """The label feature's classes, or the class list a build recorded in its metadata
+    (``classes``: Kinetics-Sounds, whose list is known at build time only)."""
+    label = self.builder.info.features["label"]
+    if hasattr(label, "num_classes"):
+      return label.num_classes
+    return len(self.builder.info.metadata["classes"])
 
   @property
   def source_name(self) -> str:
