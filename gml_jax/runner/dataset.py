@@ -329,8 +329,10 @@ class Dataset:
 
   @property
   def source_name(self) -> str:
-    """What the data was built from (Colored MNIST records it; the others are manual)."""
-    return (self.builder.info.metadata or {}).get("mnist_source", "manual")
+    """What the data was built from (Colored MNIST and mfeat record it; the others are
+    manual)."""
+    metadata = self.builder.info.metadata or {}
+    return metadata.get("mnist_source") or metadata.get("source", "manual")
 
   def used(self) -> dict:
     """The data a run uses: source, manual files and their hash, examples per split."""
