@@ -93,7 +93,8 @@ def test_three_views_build_an_mmtm_model_that_takes_a_train_step(splits):
   step = jax.jit(gml_jax.make_train_step(network, tx))
   new, metrics = step(state, batch)
   assert np.isfinite(float(metrics["loss"]))
-  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, new.params)
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), state.params,
+                       new.params)
   assert all(jax.tree.leaves(moved["branches_2"]))  # every weight of the mor branch moved
 
 
