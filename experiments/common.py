@@ -67,13 +67,15 @@ def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_d
     c.balance[name] = methods.get(name).defaults()
 
   # Learning rate: "constant", or "plateau" (x factor after more than `patience` epochs
-  # whose training loss improved by less than `threshold`, relative; not below min_lr).
+  # whose training loss improved by less than `threshold`, relative; not below min_lr), or
+  # "step" (x factor every `step_epochs` epochs: the audio-visual references' recipe).
   c.schedule = config_dict.ConfigDict()
   c.schedule.name = "constant"
   c.schedule.factor = 0.3
   c.schedule.patience = 10
   c.schedule.threshold = 1e-3
   c.schedule.min_lr = 1e-6
+  c.schedule.step_epochs = 70  # "step": x factor every step_epochs epochs (PyTorch's StepLR)
   # Stop once the training accuracy has been 100% in this many epochs (0: never).
   c.early_stop_full_train_accuracy_epochs = 0
 

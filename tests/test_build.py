@@ -75,7 +75,9 @@ def test_bad_backbone_options_are_named(option, value, message):
 
 
 def test_datasets_are_the_folders_of_data_prep_and_declare_their_modalities():
-  assert clone.datasets() == ("colored_mnist", "modelnet40_views", "nvgesture")
+  assert clone.datasets() == ("colored_mnist", "cremad", "kinetics_sounds", "mfeat",
+                              "modelnet40_views", "nvgesture")
+  assert clone.dataset_modalities("mfeat") == ("fac", "fou", "kar", "mor", "pix", "zer")
   assert clone.dataset_modalities("colored_mnist") == ("gray", "colored")
   assert clone.dataset_modalities("nvgesture") == ("rgb", "depth")
   with pytest.raises(ValueError, match=r"Unknown dataset 'mnist': expected a builder package "

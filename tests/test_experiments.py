@@ -147,3 +147,23 @@ def test_inconsistent_variants_are_refused(variant, field, value, message, tmp_p
   build.config_field(config, ".".join(sections))[name] = value
   with pytest.raises(ValueError, match=message):
     build.check_config(config)
+
+
+@pytest.mark.parametrize("experiment", ["cremad", "kinetics_sounds", "mfeat"])
+def test_the_field_datasets_configs_are_consistent_in_every_variant(experiment):
+  import importlib
+
+  from gml_jax.runner import build, names
+
+  module = importlib.import_module(f"experiments.{experiment}")
+  for variant in names.VARIANTS:
+    if variant == "random_matched" or variant.startswith("fixed_"):
+      continue  # two-branch controls, checked on Colored MNIST
+    build.check_config(module.get_config(variant))
+  config = module.get_config()
+  if experiment != "mfeat":  # the reference's recipe
+    assert (config.optimizer.learning_rate, config.optimizer.weight_decay) == (1e-3, 1e-4)
+    assert (config.schedule.name, config.schedule.step_epochs, config.schedule.factor,
+            config.batch_size, config.num_epochs) == ("step", 70, 0.1, 64, 100)
+    assert config.data.builder_config == {"cremad": "frames_1",
+                                          "kinetics_sounds": "frames_3"}[experiment]

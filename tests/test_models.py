@@ -74,7 +74,8 @@ def test_network_rejects_bad_layouts():
 def test_backbones_are_found_by_name_from_their_files():
   files = sorted(p.stem for p in pathlib.Path(gml_jax.models.backbones.__path__[0]).glob("*.py")
                  if not p.stem.startswith("_"))
-  assert gml_jax.models.BACKBONES == tuple(files) == ("i3d", "resnet18", "small_cnn")
+  assert gml_jax.models.BACKBONES == tuple(files) == (
+      "av_resnet18", "i3d", "mlp", "resnet18", "small_cnn")
   assert gml_jax.models.backbone_options("small_cnn") == ("width",)
   assert gml_jax.models.backbone_options("resnet18") == ("width", "max_blocks")
   assert gml_jax.models.backbone_defaults("i3d") == {"width": 64, "max_blocks": 4}
@@ -86,3 +87,30 @@ def test_backbones_are_found_by_name_from_their_files():
   assert jax.tree.map(lambda x: x.shape, built) == jax.tree.map(lambda x: x.shape, direct)
   with pytest.raises(ValueError, match="Unknown backbone 'vgg'.*small_cnn"):
     gml_jax.models.build("vgg", 10)
+
+
+def test_av_resnet18_pools_frames_over_time_and_reads_a_one_channel_spectrogram():
+  model = gml_jax.models.build("av_resnet18", 6, 2, fusion=False, width=4, max_blocks=1)
+  rng = np.random.default_rng(0)
+  audio = jnp.asarray(rng.normal(size=(4, 17, 12, 1)), jnp.float32)
+  a, b = (jnp.asarray(rng.normal(size=(2, 1, 16, 16, 3)), jnp.float32) for _ in range(2))
+  clips = jnp.concatenate([jnp.concatenate([a, b], 1)] * 2)  # 4 clips of 2 frames
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))([audio, clips])
+  assert variables["params"]["branches_0"]["stages_0"]["stage"]["ConvBNReLU_0"]["Conv_0"][
+      "kernel"].shape == (7, 7, 1, 4)  # one input channel on the spectrogram
+  logits = jax.jit(lambda frames: model.apply(variables, [audio, frames], train=False)[1][1])
+  # every frame goes through the same 2-D net and the head is linear after a mean over
+  # time and space: a two-frame clip's logits are the mean of each frame's alone
+  alone = logits(jnp.concatenate([a, b]))  # 4 clips of 1 frame: a's two, then b's two
+  np.testing.assert_allclose(logits(clips)[:2], (alone[:2] + alone[2:]) / 2, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_av_resnet18_has_torchvisions_resnet18_per_branch_and_mmtm_after_layers_2_to_4():
+  model = gml_jax.models.build("av_resnet18", 6, 2)
+  params = _shapes(model, [jnp.zeros((1, 257, 188, 1)), jnp.zeros((1, 2, 64, 64, 3))])["params"]
+  trunk = 11_689_512 - 513_000  # torchvision's resnet18 without its fc
+  assert _count(params["branches_1"]) == trunk + 512 * 6 + 6
+  assert _count(params["branches_0"]) == trunk - 7 * 7 * 2 * 64 + 512 * 6 + 6  # 1 channel in
+  for i, c in enumerate((128, 256, 512)):
+    assert params[f"fusion_{i}"]["squeeze"]["kernel"].shape == (2 * c, c)

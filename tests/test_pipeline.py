@@ -88,3 +88,21 @@ def test_eval_batches_arrive_placed_and_padded():
                                 [1] * 40 + [0] * 8)
   labels = np.concatenate([np.asarray(b["label"]) for b in batches])[:40]
   np.testing.assert_array_equal(labels, np.arange(40) % 4)
+
+
+def test_float_features_pass_as_stored_and_only_images_flip():
+  # A spectrogram or feature vector (float32) is a model input as stored: not scaled by
+  # 1/255, not ImageNet-normalised, not resized, not flipped; the uint8 image beside it is.
+  ramp = np.tile(np.arange(4, dtype=np.uint8)[None, :, None] * 60, (4, 1, 3))
+  spectrogram = np.arange(12, dtype=np.float32).reshape(3, 4, 1) - 5
+  example = {"image": ramp, "spec": spectrogram, "label": 1}
+  prep = Preprocess(("image", "spec"), image_size=2, normalize="imagenet", hflip=True)
+  resized = prep.resize(example)
+  assert resized["image"].shape == (2, 2, 3) and resized["spec"] is spectrogram
+  draws = [prep.flip(example, np.random.default_rng(s)) for s in range(20)]
+  assert any(np.array_equal(d["image"], ramp[:, ::-1]) for d in draws)
+  assert all(d["spec"] is spectrogram for d in draws)
+  batch = prep.batch({k: np.stack([v]) for k, v in example.items()})
+  np.testing.assert_array_equal(batch["inputs"][1][0], spectrogram)
+  expected = (ramp / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(batch["inputs"][0][0], expected, rtol=1e-5)

@@ -44,3 +44,24 @@ def test_early_stop_after_epochs_at_full_training_accuracy(data_dir, tmp_path):
   assert end(1, 1.0) == (state, False)
   assert end(2, 0.9) == (state, False)
   assert end(3, 1.0) == (state, True)
+
+
+def test_step_schedule_multiplies_the_rate_every_step_epochs():
+  # PyTorch's StepLR(step_size=2, gamma=0.1) stepped once an epoch: epochs 1-2 train at
+  # 0.1, 3-4 at 0.01, 5 at 0.001; the rate changes after epochs 2 and 4.
+  import optax
+
+  from gml_jax.parallel import data_mesh
+  from gml_jax.steps import TrainState
+
+  config = tiny_config("vanilla", "unused")
+  config.schedule.update(name="step", step_epochs=2, factor=0.1)
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  state = TrainState(params={}, model_state={}, opt_state=tx.init({}))
+  rates = []
+  for epoch in range(1, 6):
+    rates.append(schedule.learning_rate(state.opt_state))
+    state, stop = schedule.end_of_epoch(
+        config, state, {"epoch": epoch, "train_accuracy": 0.5}, Progress(), data_mesh())
+    assert not stop
+  np.testing.assert_allclose(rates, [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)

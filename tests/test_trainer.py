@@ -175,6 +175,8 @@ def test_make_data_builds_then_checks_without_training(tmp_path):
   version_dir = tmp_path / "tfds" / "colored_mnist" / "var_0.02" / "1.0.0"
   assert f"colored_mnist/var_0.02: {version_dir}" in again.stdout
   assert "built from manual files" in again.stdout
+  size = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
+  assert f"  {'on disk':12} {size / 1e6:>8,.1f} MB" in again.stdout
   for split, count in (("train", 189), ("validation", 21), ("test", 99), ("test_biased", 99)):
     assert f"  {split:12} {count:>8,} examples" in again.stdout
   other = prepare("--config.data.manual_dir=")  # a build from manual files is not the default

@@ -1,7 +1,8 @@
 """Intermediate-fusion networks and the backbones they are built from.
 
 :func:`build` makes the network of a backbone by name (the modules of
-``gml_jax/models/backbones/``: ``small_cnn``, ``resnet18``, ``i3d``); the trainer, the
+``gml_jax/models/backbones/``: ``small_cnn``, ``resnet18``, ``i3d``, ``mlp`` for feature
+vectors, ``av_resnet18`` for a spectrogram and frames); the trainer, the
 benchmarks and the tests all go through it.
 """
 

