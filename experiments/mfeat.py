@@ -15,7 +15,7 @@ of 2 to 6 views: ``--config.data.modalities='(0,1,3)'``. Variants (the part afte
 ``late_fusion_joint``; ``unimodal_0`` and ``unimodal_1`` train the first or the second of
 the default views alone (another view alone: ``:late_fusion`` with
 ``--config.data.modalities='(k,)'``). With three or more views, ``random_matched`` (its
-shares are per branch, for two) needs ``--config.balance.random_shares``.
+shares are per branch, for two) needs ``--config.balance.random.shares``.
 
 Launch (CPU is enough: an epoch of the pair is a second or two):
 
