@@ -135,6 +135,21 @@ def test_a_run_on_a_bucket_stops_resumes_and_equals_a_local_run(gcs, data_dir, t
   assert again.returncode == 0, err[-3000:]
   assert "test accuracy" in out and f"Summary: {workdir}/summary.json" in out
   assert _blob_names("run/") == names
+
+  # Without its config.json, another config is not shown the finished run's summary: the
+  # digest saved with its checkpoint differs. Nothing is written.
+  from gml_jax.runner import storage
+
+  storage.path(f"{workdir}/config.json").unlink()
+  other = _run(workdir, data_dir, cwd, gcs, batch_size=64, num_epochs=2)
+  out, err = other.communicate(timeout=300)
+  assert other.returncode == 1
+  assert (out + err).rstrip("\n").split("\n")[-1].startswith(
+      f"Error: Workdir {workdir} holds a finished run of another config or on other data (its "
+      f"config.json is missing; the config digest saved with {workdir}/checkpoints/latest/20 "
+      "differs from this config's)")
+  assert "test accuracy" not in out
+  assert _blob_names("run/") == [n for n in names if n != "run/config.json"]
   assert list(cwd.iterdir()) == []
 
 
@@ -164,6 +179,15 @@ def test_a_second_run_on_a_bucket_workdir_is_refused_and_a_stale_lock_taken_over
   assert last.startswith(f"Error: Workdir {workdir} is in use by another run (host tpu-vm-7, "
                          "pid 4242, started 2026-12-01T10:00:00)"), last
   assert "not renewed for 300 s is taken over" in last
+  assert _blob_names("locked/") == ["locked/lock.json"]  # no error.log in the other's workdir
+  _hold_lock(f"gs://{BUCKET}/busy_study/study.lock.json")
+  study = run_module("gml_jax.runner.study", f"--config={CONFIG}", "--methods=vanilla",
+                     "--seeds=0", f"--workdir=gs://{BUCKET}/busy_study", *tiny_flags(data_dir),
+                     cwd=tmp_path, env=gcs)
+  assert study.returncode == 1
+  assert study.stderr.strip().splitlines()[-1].startswith(
+      f"Error: Workdir gs://{BUCKET}/busy_study is in use by another study (host tpu-vm-7, ")
+  assert _blob_names("busy_study/") == ["busy_study/study.lock.json"]
   # The holder stopped renewing (killed): after the lease, the next run takes the lock over.
   time.sleep(max(0.0, held + 3 - time.time()))  # the 2 s lease below has run out
   taken = _run(workdir, data_dir, tmp_path, gcs | {"GML_JAX_LOCK_LEASE_SECONDS": "2"},
