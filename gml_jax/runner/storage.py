@@ -162,7 +162,7 @@ def with_retries(p: Path, what: str, attempt: Callable[[int], T], after: Callabl
   ``echo``; other errors, and any on a local disk, are raised at once. When the retries are
   spent, a :class:`StorageUnavailableError` naming the bucket, what failed (``what``) and
   ``after()`` (what is intact and how to go on)."""
-  retries, seconds = None, 0.0
+  retries, seconds, first_failure = None, 0.0, 0.0
   tried = 0
   while True:
     try:
@@ -172,11 +172,12 @@ def with_retries(p: Path, what: str, attempt: Callable[[int], T], after: Callabl
       if reason is None:
         raise
       if retries is None:
-        retries, seconds = retry_policy()
+        retries, seconds, first_failure = *retry_policy(), time.monotonic()
       if tried == retries:
         raise StorageUnavailableError(
             f"The bucket {bucket_of(p)} cannot be reached ({reason}): {what} failed "
-            f"{tried + 1} times over {tried * seconds:g} s. {after()}") from e
+            f"{tried + 1} times in {time.monotonic() - first_failure:.0f} s ({retries} "
+            f"retries, {seconds:g} s apart). {after()}") from e
       tried += 1
       _RETRIED.append(what)
       echo(f"The bucket {bucket_of(p)} cannot be reached ({reason}): {what}, retry {tried} "
