@@ -23,8 +23,9 @@ exits with status 1.
 Every argument is checked before any run starts (seeds, methods, ``--parallel``, and each
 grid point against the config's own checks). One study holds a directory at a time
 (``study.lock.json``, taken over after a killed study). SIGINT or SIGTERM to the study asks
-its running runs to stop at their next checkpoint, waits for them, says what stopped and
-exits with 128 + the signal's number; a second signal kills them. Runs run in their own
+its running runs to stop at their next checkpoint, waits for them, says what happened to
+each (stopped at its checkpoint of step N, or killed, with the step of its last checkpoint)
+and exits with 128 + the signal's number; a second signal kills them. Runs run in their own
 session (a Ctrl-C at the terminal reaches the study alone) and die with a killed study, so
 no run outlives it holding its workdir; the same command resumes them.
 
