@@ -22,9 +22,10 @@ a function of (seed, step), so the resumed run continues exactly where it stoppe
 finished run is not run again (its summary is returned, no file changes), once its
 config.json, or without one the config digest saved with its checkpoint, confirms that it is
 this config's run (otherwise one line says why, and nothing is written). A run locks its
-workdir (``lock.json``): a second run on it stops at once, writing nothing there. SIGTERM or SIGINT stops a run at
-the next metrics fetch with a checkpoint; a diverged (NaN/inf) loss stops it without one,
-keeping the last good checkpoint.
+workdir (``lock.json``): a second run on it stops at once, writing nothing there. SIGTERM
+or SIGINT stops a run at the next metrics fetch with a checkpoint; a diverged (NaN/inf) loss
+stops it without one, keeping the last good checkpoint. On a bucket that cannot be reached,
+a save is retried (:func:`~gml_jax.runner.storage.with_retries`; docs/faults.md).
 """
 
 from __future__ import annotations
