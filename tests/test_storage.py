@@ -439,3 +439,43 @@ def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(
       json.loads((one_process_run / "summary.json").read_text())["test_accuracy"], abs=1e-6)
   assert "multi/lock.json" not in _blob_names("multi/")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["host_0", "host_1"]
+
+
+def test_with_retries_retries_only_an_unreachable_bucket(monkeypatch):
+  from gml_jax.runner import storage
+
+  monkeypatch.setenv("GML_JAX_STORAGE_RETRIES", "3")
+  monkeypatch.setenv("GML_JAX_STORAGE_RETRY_SECONDS", "0")
+  bucket, lines, calls = storage.path("gs://b/run"), [], []
+
+  def flaky(tried, failures=2, error=None):
+    calls.append(tried)
+    if tried < failures:
+      raise OSError("upload failed") from (error or ConnectionRefusedError(111,
+                                                                          "Connection refused"))
+    return "saved"
+
+  assert storage.with_retries(bucket, "saving", flaky, lambda: "", lines.append) == "saved"
+  assert calls == [0, 1, 2] and lines == [
+      f"The bucket gs://b cannot be reached ([Errno 111] Connection refused): saving, retry {i} "
+      "of 3 in 0 s." for i in (1, 2)]
+  calls.clear()
+  with pytest.raises(storage.StorageUnavailableError,
+                     match=r"^The bucket gs://b cannot be reached \(\[Errno 111\] Connection "
+                           r"refused\): saving failed 4 times in 0 s \(3 retries, 0 s apart\)\. "
+                           r"Resume later\.$"):
+    storage.with_retries(bucket, "saving", lambda t: flaky(t, failures=9), lambda: "Resume later.",
+                         lines.append)
+  assert calls == [0, 1, 2, 3]
+  calls.clear()
+  # A missing file, or any error on a local disk, is not retried.
+  with pytest.raises(OSError, match="upload failed"):
+    storage.with_retries(bucket, "saving", lambda t: flaky(t, error=FileNotFoundError("x")),
+                         lambda: "", lines.append)
+  with pytest.raises(OSError, match="upload failed"):
+    storage.with_retries(storage.path("/tmp/run"), "saving", flaky, lambda: "", lines.append)
+  assert calls == [0, 0]
+  monkeypatch.setenv("GML_JAX_STORAGE_RETRIES", "-1")
+  with pytest.raises(ValueError, match=r"GML_JAX_STORAGE_RETRIES=-1, "
+                                       r"GML_JAX_STORAGE_RETRY_SECONDS=0: expected an integer"):
+    storage.with_retries(bucket, "saving", flaky, lambda: "", lines.append)
