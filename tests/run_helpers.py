@@ -203,6 +203,10 @@ class Forked:
       raise subprocess.TimeoutExpired(self.args, timeout)
     return self.returncode
 
+  def output_so_far(self) -> str:
+    """What it has written to its standard output so far."""
+    return self._out.read_text(errors="replace") if self._output is None else self._output[0]
+
   def _collect(self):
     """Once it has ended: its output read, its folder removed."""
     if self._output is None:

@@ -125,8 +125,10 @@ def test_second_run_on_a_workdir_in_use_stops_at_once(data_dir, tmp_path):
   last = second.stderr.strip().splitlines()[-1]
   assert last.startswith(f"Error: Workdir {tmp_path} is in use by another run (host ")
   assert f"pid {first.pid}, started " in last
+  assert "(details:" not in last  # nothing written into the other run's workdir
   out, err = first.communicate(timeout=300)
   assert first.returncode == 0, err[-3000:]
+  assert not (tmp_path / "error.log").exists()  # the finished run does not look failed
   assert [r["step"] for r in step_rows(tmp_path)] == list(range(1, 21))  # each step once
   epochs = epoch_rows(tmp_path)
   assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
@@ -136,6 +138,31 @@ def test_second_run_on_a_workdir_in_use_stops_at_once(data_dir, tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert f"test accuracy             {summary['test_accuracy']:.4f}" in again
   assert _snapshot(tmp_path) == before
+
+  # Without its config.json, the finished run is shown only to the config whose digest its
+  # checkpoint holds; another config is told so in one line, and nothing is written.
+  (tmp_path / "config.json").unlink()
+  before = _snapshot(tmp_path)
+  other = run_cli(*cli_args("random", tmp_path, data_dir, **(RUN | dict(batch_size=64,
+                                                                         num_epochs=2))))
+  assert other.returncode == 1
+  assert _last_console_line(other) == (
+      f"Error: Workdir {tmp_path} holds a finished run of another config or on other data "
+      f"(its config.json is missing; the config digest saved with "
+      f"{tmp_path / 'checkpoints' / 'latest' / '20'} differs from this config's): its summary "
+      "is not shown as this config's result. Use a new --workdir, or the config that made it.")
+  assert "test accuracy" not in other.stdout and _snapshot(tmp_path) == before
+  confirmed = _finish(tmp_path, data_dir)  # the same config: its digest confirms it
+  assert f"test accuracy             {summary['test_accuracy']:.4f}" in confirmed
+  shutil.rmtree(tmp_path / "checkpoints")
+  before = _snapshot(tmp_path)
+  unconfirmed = run_cli(*cli_args("random", tmp_path, data_dir, **RUN))
+  assert unconfirmed.returncode == 1
+  assert _last_console_line(unconfirmed) == (
+      f"Error: Workdir {tmp_path} holds a finished run whose config cannot be confirmed (its "
+      "config.json is missing, and no checkpoint holds its config's digest): its summary is "
+      "not shown as this config's result. Restore its config.json, or use a new --workdir.")
+  assert "test accuracy" not in unconfirmed.stdout and _snapshot(tmp_path) == before
 
 
 @ON_THE_REFERENCE_WORKER
@@ -304,6 +331,22 @@ def test_symbolic_links_in_a_workdir_are_not_followed(data_dir, tmp_path):
   assert outside.read_text() == "keep me"
 
 
+def test_linked_folders_of_a_workdir_are_not_written_through(data_dir, tmp_path):
+  for folder in ("metrics", "checkpoints", "plots", "tensorboard"):
+    outside = tmp_path / f"outside_{folder}"
+    outside.mkdir()
+    workdir = tmp_path / folder / "run"
+    workdir.mkdir(parents=True)
+    (workdir / folder).symlink_to(outside, target_is_directory=True)
+    refused = _cli(workdir, data_dir, "--stop_after_steps=1")
+    assert refused.returncode == 1, folder
+    assert _last_console_line(refused) == (
+        f"Error: {workdir / folder} is a symbolic link (to {outside}); the runner does not "
+        f"write through links. Remove it (or use a new --workdir). (details: "
+        f"{workdir / 'error.log'})"), folder
+    assert list(outside.iterdir()) == [], folder
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.balance.ogm_ge.alhpa=0.5"], 'Error: --config.balance.ogm_ge.alhpa: unknown config '
      'field. \'alhpa\' Did you mean "alpha" instead of "alhpa"?'),
@@ -352,6 +395,17 @@ def test_damaged_files_of_a_workdir_are_named(data_dir, tmp_path):
   assert _last_console_line(cut).startswith(f"Error: {config_json} is not valid JSON (")
   config_json.write_text(saved)
   checkpoint = tmp_path / "checkpoints" / "latest" / "2"
+  arrays = {p: p.read_bytes() for p in checkpoint.glob("state/ocdbt.process_0/d/*")}
+  for path, data in arrays.items():
+    path.write_bytes(data[:10])  # every array file cut short
+  cut_arrays = _cli(tmp_path, data_dir)
+  assert cut_arrays.returncode == 1
+  last = _last_console_line(cut_arrays)
+  assert last.startswith(f"Error: Checkpoint {checkpoint} is damaged (it cannot be read back: "
+                         "OUT_OF_RANGE: Error reading "), last
+  assert "<bound method" not in last and "pybind11" not in last
+  for path, data in arrays.items():
+    path.write_bytes(data)
   manifest = checkpoint / "state" / "manifest.ocdbt"
   manifest.write_bytes(manifest.read_bytes()[:20])  # truncated
   truncated = _cli(tmp_path, data_dir)

@@ -31,6 +31,9 @@ BUCKET = "gml-jax-tests"
 RUN = dict(num_epochs=4, log_every_steps=1, checkpoint_every_steps=2)
 
 
+_SERVER = {}  # the emulator's process, and how to start it again (an outage's end)
+
+
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
   """The emulator, with one bucket (one per test worker that runs these tests); yields the
@@ -43,11 +46,17 @@ def gcs(tmp_path_factory):
   # package's own launcher pipes the log and never reads it: the server blocks once the
   # pipe is full, a few hundred requests in).
   binary = next((pathlib.Path(fake.__file__).parent / "vendor").rglob("fake-gcs-server-*"))
-  with open(folder / "server.log", "w") as log:
-    server = subprocess.Popen(
-        [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-         "-backend", "filesystem", "-filesystem-root", str(folder / "data"),
-         "-external-url", url, "-log-level", "error"], stdout=log, stderr=log)
+
+  def serve():  # the bucket's objects are files: a server started again finds them
+    with open(folder / "server.log", "a") as log:
+      _SERVER["process"] = subprocess.Popen(
+          [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+           "-backend", "filesystem", "-filesystem-root", str(folder / "data"),
+           "-external-url", url, "-log-level", "error"], stdout=log, stderr=log)
+    return _SERVER["process"]
+
+  _SERVER["start"] = serve
+  server = serve()
   env = {"STORAGE_EMULATOR_HOST": url,  # google-cloud-storage, gcsfs
          "TENSORSTORE_GCS_HTTP_URL": url,  # orbax's checkpoints (tensorstore)
          "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: no credentials lookup
@@ -67,8 +76,8 @@ def gcs(tmp_path_factory):
         time.sleep(0.2)
     yield env
   finally:
-    server.kill()
-    server.wait()
+    _SERVER["process"].kill()
+    _SERVER["process"].wait()
     for k, v in previous.items():
       if v is None:
         os.environ.pop(k, None)
@@ -86,6 +95,35 @@ def _run(workdir, data_dir, cwd, env, *extra, method="random", **overrides):
   return start_module(MAIN, f"--config={CONFIG}:{method}",
                       f"--workdir={workdir}", *tiny_flags(data_dir, **(RUN | overrides)), *extra,
                       cwd=cwd, env=env)
+
+
+def _wait_until(condition, proc, timeout=180):
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, proc.communicate()
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.1)
+
+
+# A bucket outage: two retries, a second apart.
+RETRIES = {"GML_JAX_STORAGE_RETRIES": "2", "GML_JAX_STORAGE_RETRY_SECONDS": "1"}
+
+
+def _stop_server():
+  _SERVER["process"].kill()
+  _SERVER["process"].wait()
+
+
+def _retry_lines(output):
+  return [line.split("\r")[-1] for line in output.split("\n")
+          if line.split("\r")[-1].startswith(f"The bucket gs://{BUCKET} cannot be reached")]
+
+
+def _latest_steps(prefix):
+  """The steps of the complete checkpoints under ``prefix``'s checkpoints/latest/."""
+  names = _blob_names(f"{prefix}/checkpoints/latest/")
+  return sorted({int(n.split("/")[3]) for n in names
+                 if n.split("/")[3].isdigit() and n.endswith("/commit_success.txt")})
 
 
 def test_a_run_on_a_bucket_stops_resumes_and_equals_a_local_run(gcs, data_dir, tmp_path):
@@ -110,9 +148,20 @@ def test_a_run_on_a_bucket_stops_resumes_and_equals_a_local_run(gcs, data_dir, t
   stopped_at = int(re.search(r"Stopped by a stop signal at step (\d+)", out).group(1))
   assert 2 <= stopped_at < 20
 
-  resumed = _run(workdir, data_dir, cwd, gcs)
+  # The resumed run meets a bucket outage that ends within its first retry: it carries on,
+  # with one line said, and still equals the local run.
+  resumed = _run(workdir, data_dir, cwd, gcs | RETRIES)
+  try:
+    _wait_until(lambda: any(int(n.split("/")[-1].split(".")[0]) > stopped_at
+                            for n in _blob_names("run/metrics/steps.parts/")), resumed)
+    _stop_server()
+    _wait_until(lambda: "retry 1 of 2 in 1 s." in resumed.output_so_far(), resumed)
+  finally:
+    _SERVER["start"]()
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err[-3000:]
+  assert len(_retry_lines(out + err)) == 1, _retry_lines(out + err)
+  assert "Traceback" not in out + err and "Event loop is closed" not in out + err
   assert f"Resuming {workdir} from step {stopped_at}" in out
   rows, expected = read_jsonl(f"{workdir}/metrics/steps.jsonl"), step_rows(local)
   assert [r["step"] for r in rows] == list(range(1, 21))
@@ -135,7 +184,55 @@ def test_a_run_on_a_bucket_stops_resumes_and_equals_a_local_run(gcs, data_dir, t
   assert again.returncode == 0, err[-3000:]
   assert "test accuracy" in out and f"Summary: {workdir}/summary.json" in out
   assert _blob_names("run/") == names
+
+  # Without its config.json, another config is not shown the finished run's summary: the
+  # digest saved with its checkpoint differs. Nothing is written.
+  from gml_jax.runner import storage
+
+  storage.path(f"{workdir}/config.json").unlink()
+  other = _run(workdir, data_dir, cwd, gcs, batch_size=64, num_epochs=2)
+  out, err = other.communicate(timeout=300)
+  assert other.returncode == 1
+  assert (out + err).rstrip("\n").split("\n")[-1].startswith(
+      f"Error: Workdir {workdir} holds a finished run of another config or on other data (its "
+      f"config.json is missing; the config digest saved with {workdir}/checkpoints/latest/20 "
+      "differs from this config's)")
+  assert "test accuracy" not in out
+  assert _blob_names("run/") == [n for n in names if n != "run/config.json"]
   assert list(cwd.iterdir()) == []
+
+
+def test_a_bucket_out_of_reach_through_every_retry_ends_in_one_line(gcs, data_dir, tmp_path):
+  workdir = f"gs://{BUCKET}/outage"
+  proc = _run(workdir, data_dir, tmp_path, gcs | RETRIES, num_epochs=2)
+  try:  # down once a checkpoint is complete (the logs reach the bucket before each)
+    _wait_until(lambda: len(_blob_names("outage/metrics/steps.parts/")) >= 2, proc)
+    _stop_server()
+    out, err = proc.communicate(timeout=180)
+  finally:
+    _SERVER["start"]()
+  assert proc.returncode == 1
+  lines = [line.split("\r")[-1] for line in (out + err).strip().split("\n")]
+  retries = _retry_lines(out + err)
+  assert [r.split(", retry ")[1] for r in retries] == ["1 of 2 in 1 s.", "2 of 2 in 1 s."]
+  assert "Traceback" not in out + err and "Event loop is closed" not in out + err
+  deadline = time.time() + 30
+  while True:  # the server is back: the checkpoints the run left
+    try:
+      saved = _latest_steps("outage")
+      break
+    except Exception:  # noqa: BLE001 (not listening yet)
+      assert time.time() < deadline
+      time.sleep(0.2)
+  failed_step = int(retries[-1].split("saving the checkpoint of step ")[1].split(",")[0])
+  assert saved and 2 <= saved[-1] < failed_step
+  assert lines[-1].startswith(f"Error: The bucket gs://{BUCKET} cannot be reached ("), lines[-1]
+  assert re.search(
+      rf"\): saving the checkpoint of step {failed_step} failed 3 times in \d+ s \(2 retries, "
+      rf"1 s apart\)\. The last checkpoint \(step {saved[-1]}\) in {workdir}/checkpoints/latest "
+      r"is intact: run the same command again once the bucket is back, to resume from it\.$",
+      lines[-1]), lines[-1]
+  assert list(tmp_path.iterdir()) == []
 
 
 def _gs_text(path):
@@ -164,6 +261,15 @@ def test_a_second_run_on_a_bucket_workdir_is_refused_and_a_stale_lock_taken_over
   assert last.startswith(f"Error: Workdir {workdir} is in use by another run (host tpu-vm-7, "
                          "pid 4242, started 2026-12-01T10:00:00)"), last
   assert "not renewed for 300 s is taken over" in last
+  assert _blob_names("locked/") == ["locked/lock.json"]  # no error.log in the other's workdir
+  _hold_lock(f"gs://{BUCKET}/busy_study/study.lock.json")
+  study = run_module("gml_jax.runner.study", f"--config={CONFIG}", "--methods=vanilla",
+                     "--seeds=0", f"--workdir=gs://{BUCKET}/busy_study", *tiny_flags(data_dir),
+                     cwd=tmp_path, env=gcs)
+  assert study.returncode == 1
+  assert study.stderr.strip().splitlines()[-1].startswith(
+      f"Error: Workdir gs://{BUCKET}/busy_study is in use by another study (host tpu-vm-7, ")
+  assert _blob_names("busy_study/") == ["busy_study/study.lock.json"]
   # The holder stopped renewing (killed): after the lease, the next run takes the lock over.
   time.sleep(max(0.0, held + 3 - time.time()))  # the 2 s lease below has run out
   taken = _run(workdir, data_dir, tmp_path, gcs | {"GML_JAX_LOCK_LEASE_SECONDS": "2"},
@@ -333,3 +439,43 @@ def test_a_two_process_job_on_a_bucket_builds_once_and_each_host_reads_its_copy(
       json.loads((one_process_run / "summary.json").read_text())["test_accuracy"], abs=1e-6)
   assert "multi/lock.json" not in _blob_names("multi/")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["host_0", "host_1"]
+
+
+def test_with_retries_retries_only_an_unreachable_bucket(monkeypatch):
+  from gml_jax.runner import storage
+
+  monkeypatch.setenv("GML_JAX_STORAGE_RETRIES", "3")
+  monkeypatch.setenv("GML_JAX_STORAGE_RETRY_SECONDS", "0")
+  bucket, lines, calls = storage.path("gs://b/run"), [], []
+
+  def flaky(tried, failures=2, error=None):
+    calls.append(tried)
+    if tried < failures:
+      raise OSError("upload failed") from (error or ConnectionRefusedError(111,
+                                                                          "Connection refused"))
+    return "saved"
+
+  assert storage.with_retries(bucket, "saving", flaky, lambda: "", lines.append) == "saved"
+  assert calls == [0, 1, 2] and lines == [
+      f"The bucket gs://b cannot be reached ([Errno 111] Connection refused): saving, retry {i} "
+      "of 3 in 0 s." for i in (1, 2)]
+  calls.clear()
+  with pytest.raises(storage.StorageUnavailableError,
+                     match=r"^The bucket gs://b cannot be reached \(\[Errno 111\] Connection "
+                           r"refused\): saving failed 4 times in 0 s \(3 retries, 0 s apart\)\. "
+                           r"Resume later\.$"):
+    storage.with_retries(bucket, "saving", lambda t: flaky(t, failures=9), lambda: "Resume later.",
+                         lines.append)
+  assert calls == [0, 1, 2, 3]
+  calls.clear()
+  # A missing file, or any error on a local disk, is not retried.
+  with pytest.raises(OSError, match="upload failed"):
+    storage.with_retries(bucket, "saving", lambda t: flaky(t, error=FileNotFoundError("x")),
+                         lambda: "", lines.append)
+  with pytest.raises(OSError, match="upload failed"):
+    storage.with_retries(storage.path("/tmp/run"), "saving", flaky, lambda: "", lines.append)
+  assert calls == [0, 0]
+  monkeypatch.setenv("GML_JAX_STORAGE_RETRIES", "-1")
+  with pytest.raises(ValueError, match=r"GML_JAX_STORAGE_RETRIES=-1, "
+                                       r"GML_JAX_STORAGE_RETRY_SECONDS=0: expected an integer"):
+    storage.with_retries(bucket, "saving", flaky, lambda: "", lines.append)

@@ -8,11 +8,13 @@ import os
 import pathlib
 import signal
 import subprocess
+import sys
+import threading
 import time
 
 import pytest
 from ml_collections import config_dict
-from run_helpers import CONFIG, run_module, start_module, step_rows, tiny_flags
+from run_helpers import CONFIG, restore_latest, run_module, start_module, step_rows, tiny_flags
 
 from experiments import colored_mnist
 from gml_jax.runner import study
@@ -76,6 +78,7 @@ def test_a_second_study_on_the_same_directory_is_refused_at_once(data_dir, tmp_p
       f"Error: Workdir {tmp_path} is in use by another study (host ")
   assert f"pid {first.pid}," in _last_line(second)
   assert "started" not in second.stdout
+  assert not (tmp_path / "study_error.log").exists()  # nothing written into the other's
   out, err = first.communicate(timeout=600)
   assert first.returncode == 0, out[-2000:] + err[-2000:]
   assert "FAILED" not in out and out.count("finished vanilla seed 0") == 1
@@ -98,6 +101,8 @@ def test_a_signal_stops_the_runs_at_a_checkpoint_and_the_study_resumes(sig, data
   assert "FAILED" not in out and "stopped vanilla seed 0" in out
   assert not _runs_of(tmp_path)
   assert (run_dir / "checkpoints" / "latest").exists()
+  saved = restore_latest(run_dir)[0]  # the checkpoint it reports is the one it wrote
+  assert f"stopped vanilla seed 0 at its checkpoint of step {saved}; it resumes" in out
   assert json.loads((tmp_path / "study.json").read_text())["groups"] == []
 
   again = _study(*args)
@@ -203,7 +208,9 @@ def test_unreadable_summaries_are_named_and_left_out(tmp_path):
   result = _study(*_args(tmp_path, None, seeds="0-3"))
   assert result.returncode == 1
   assert result.stdout.count("skipped") == 4 and "started" not in result.stdout
-  assert f"LEFT OUT vanilla seed 0: {truncated} is not valid JSON" in result.stdout
+  column = truncated.read_text().index('"test_bia') + 1  # where the cut string starts
+  assert (f"LEFT OUT vanilla seed 0: {truncated} is not valid JSON (Unterminated string "
+          f"starting at line 1 column {column}); it was cut or edited.") in result.stdout
   assert f"LEFT OUT vanilla seed 1: {a_list} is not a run summary" in result.stdout
   assert f"LEFT OUT vanilla seed 2: {empty} is not a run summary" in result.stdout
   assert _last_line(result).startswith("Error: 3 of 4 runs left out of the study: vanilla seed 0")
@@ -227,6 +234,50 @@ def test_a_run_folder_deleted_mid_study_is_left_out_and_the_rest_aggregated(data
   assert (out + err).strip().splitlines()[-1].startswith("Error: 1 of 2 runs left out")
   saved = json.loads((tmp_path / "study.json").read_text())
   assert saved["groups"][0]["seeds"] == [1]
+
+
+# A run that acts as the runner's (a fake, without JAX): one whose folder is deleted under it
+# (it fails), one busy in a long save that does not stop at SIGTERM (its newest complete
+# checkpoint is of step 20, the save of step 31 is unfinished).
+_FAKE_RUN = """import pathlib, shutil, signal, sys, time
+workdir = pathlib.Path(sys.argv[1])
+if workdir.name == "seed_1":
+  shutil.rmtree(workdir)
+  sys.exit(1)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+for name in ("5", "20", "31.orbax-checkpoint-tmp-1"):
+  (workdir / "checkpoints" / "latest" / name).mkdir(parents=True)
+(workdir / "ready").touch()
+time.sleep(60)
+"""
+
+
+def test_after_two_signals_the_study_reports_the_killed_run_and_its_last_checkpoint(
+    tmp_path, capsys):
+  runs = [study.Run("vanilla", s, (), tmp_path / "vanilla" / f"seed_{s}") for s in (0, 1)]
+  stop = study.StopRequest()
+
+  def signals():  # the user's Ctrl-C twice, once the busy run is saving
+    _wait_for(lambda: (runs[0].workdir / "ready").exists() and not runs[1].workdir.exists())
+    stop.signum, stop.count = signal.SIGINT, 1
+    time.sleep(1.0)
+    stop.count = 2
+
+  thread = threading.Thread(target=signals)
+  thread.start()
+  study.execute(runs, lambda run: [sys.executable, "-c", _FAKE_RUN, str(run.workdir)], 2, stop)
+  thread.join()
+  out = capsys.readouterr().out
+  assert "[1/2] killed vanilla seed 0 by SIGKILL; last checkpoint: step 20; it resumes from " \
+         "there when the study runs again" in out
+  assert (runs[0].status, runs[1].status) == ("killed", "failed")
+  assert study.stop_report(runs, signal.SIGINT) == (
+      "Stopped by SIGINT: 0 run(s) stopped at their checkpoints (none), 1 killed (vanilla "
+      "seed 0, last checkpoint: step 20), 0 not started. Run the same command to resume.")
+  # The run whose folder went is not sent to a log that went with it.
+  assert runs[1].problem == (f"exit 1; its folder {runs[1].workdir} was deleted while it ran, "
+                             "its log with it")
+  assert f"[2/2] FAILED vanilla seed 1 ({runs[1].problem})" in out
 
 
 # --------------------------------------------------------------------------------------

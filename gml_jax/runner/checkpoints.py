@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
 from gml_jax.labels import path_string
-from gml_jax.runner import storage
+from gml_jax.runner import failure, storage
 from gml_jax.runner.logs import EpochSums
 from gml_jax.runner.schedule import PlateauTracker
 from gml_jax.steps import TrainState
@@ -56,6 +57,9 @@ class Checkpoints:
 
   def __init__(self, workdir: storage.Path, config_digest: str):
     self.config_digest = config_digest
+    self.latest_saved: int | None = None  # the step of the newest complete latest checkpoint
+    if storage.is_remote(workdir):
+      _fail_fast_on_unreachable_storage()
     # Orbax writes into a temporary directory and renames it when complete: a run killed
     # mid-save leaves the previous checkpoint intact.
     manager = lambda name: ocp.CheckpointManager(
@@ -70,6 +74,8 @@ class Checkpoints:
     manager.save(progress.step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     manager.wait_until_finished()
+    if manager is self.latest:
+      self.latest_saved = progress.step
 
   def restore(self, manager: ocp.CheckpointManager,
               target: TrainState) -> tuple[TrainState, Progress]:
@@ -109,12 +115,30 @@ class Checkpoints:
           f"Checkpoint {path} was saved by a run of another config or on other data (the "
           "config digest saved with it differs from this config's), whatever config.json "
           "says. Use a new --workdir, or the config that made it.")
+    if manager is self.latest:
+      self.latest_saved = step
     return restored.state, Progress.from_json(meta)
 
   def close(self) -> None:
     """Ends orbax's background work (a run that stops on an error leaves none behind)."""
     for manager in (self.latest, self.best):
       manager.close()
+
+
+def _fail_fast_on_unreachable_storage() -> None:
+  """Bounds tensorstore's retries of a bucket it cannot reach (32 over several minutes by
+  default: a run hung at a save, silent) to a few seconds, so that a save fails over to the
+  runner's own retries (:func:`gml_jax.runner.storage.with_retries`), which say what they
+  do; also the libraries' (:func:`~gml_jax.runner.storage.quiet_library_retries`). Orbax
+  copies its default tensorstore contexts for every read and write."""
+  storage.quiet_library_retries()
+  from orbax.checkpoint._src.serialization import tensorstore_utils
+
+  retries = {"max_retries": 3, "initial_delay": "0.5s", "max_delay": "2s"}
+  for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+    context = getattr(tensorstore_utils, name, None)
+    if isinstance(context, dict):
+      context.setdefault("gcs_request_retries", retries)
 
 
 def _settle() -> None:
@@ -124,9 +148,19 @@ def _settle() -> None:
   time.sleep(2.0)
 
 
-def _first_line(error: Exception) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0][:300] if text else type(error).__name__
+def _first_line(error: BaseException) -> str:
+  """The first line of what went wrong: the deepest cause's (tensorstore's status, e.g.
+  "OUT_OF_RANGE: Error reading ... in OCDBT database at local file ...") rather than
+  orbax's wrapper, which ends in the repr of a bound method; library reprs cut off."""
+  chain = [error]
+  while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+    chain.append(nxt)
+  for e in reversed(chain):
+    text = re.split(r"\s*(?:See full TensorStore details:|<bound method |<built-in method )",
+                    str(e).strip())[0].strip()
+    if text:
+      return failure.shorten(text.splitlines()[0], 300)
+  return type(error).__name__
 
 
 def _tree_shapes(tree) -> dict[str, tuple]:

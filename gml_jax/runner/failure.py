@@ -73,8 +73,14 @@ def read_json(path: storage.Path) -> Any:
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno});"
-                     " it was cut or edited.") from None
+    raise ValueError(f"{path} is not valid JSON ({json_error(e)}); it was cut or edited.") from None
+
+
+def json_error(error: json.JSONDecodeError) -> str:
+  """Where and what: "Expecting ',' delimiter at line 3 column 5"; json's messages that end
+  in "starting at" take the place without a second "at"."""
+  where = f"line {error.lineno} column {error.colno}"
+  return f"{error.msg} {where}" if error.msg.endswith(" at") else f"{error.msg} at {where}"
 
 
 def fail(error: BaseException, log_dir: storage.Path | str | None, log_name: str = "error.log",

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gml_jax.runner import dataset, failure, names, trainer
+from gml_jax.runner import dataset, failure, names, storage, trainer
 from gml_jax.runner import workdir as workdir_lib
 from gml_jax.runner.evaluation import format_summary
 
@@ -77,11 +77,17 @@ def main(argv):
     sys.stdout.flush()
     console.flush()
     os._exit(status)  # no interpreter cleanup: library threads would print past the line
-  if summary is None or jax.process_index() != 0:
-    return
-  print("\n" + format_summary(summary))
-  print(f"\nSummary: {workdir}/summary.json   plots: {workdir}/plots/   "
-        f"TensorBoard: tensorboard --logdir {workdir}/tensorboard")
+  if summary is not None and jax.process_index() == 0:
+    print("\n" + format_summary(summary))
+    print(f"\nSummary: {workdir}/summary.json   plots: {workdir}/plots/   "
+          f"TensorBoard: tensorboard --logdir {workdir}/tensorboard")
+  if storage.retried():
+    # Orbax's threads of a save that failed before its retry succeeded wait (10 min) for
+    # signals that never come, and the interpreter would wait for them: the run is done
+    # and saved, so the process ends here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # Errors that carry their own explanation: their message is all the console shows.
@@ -91,10 +97,14 @@ EXPLAINED = (ValueError, OSError, FloatingPointError, dataset.DatasetCorruptErro
 
 def fail(error: Exception, workdir: str, console=None) -> int:
   """Ends a failed run: the full traceback into ``<workdir>/error.log`` (when the workdir
-  exists and the log can be written), the one-line reason last on the ``console``
-  (default: standard error); returns the exit status."""
+  exists and the log can be written; never into a workdir the run was refused, another
+  run's or a finished one's), the one-line reason last on the ``console`` (default:
+  standard error); returns the exit status."""
   suffix = "" if jax.process_index() == 0 else f".{jax.process_index()}"
-  return failure.fail(error, workdir, f"error{suffix}.log", EXPLAINED, stream=console)
+  # Not into a workdir refused, nor onto a bucket that cannot be reached.
+  log_dir = None if workdir_lib.left_as_is(error) or isinstance(
+      error, storage.StorageUnavailableError) else workdir
+  return failure.fail(error, log_dir, f"error{suffix}.log", EXPLAINED, stream=console)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ exits with status 1.
 Every argument is checked before any run starts (seeds, methods, ``--parallel``, and each
 grid point against the config's own checks). One study holds a directory at a time
 (``study.lock.json``, taken over after a killed study). SIGINT or SIGTERM to the study asks
-its running runs to stop at their next checkpoint, waits for them, says what stopped and
-exits with 128 + the signal's number; a second signal kills them. Runs run in their own
+its running runs to stop at their next checkpoint, waits for them, says what happened to
+each (stopped at its checkpoint of step N, or killed, with the step of its last checkpoint)
+and exits with 128 + the signal's number; a second signal kills them. Runs run in their own
 session (a Ctrl-C at the terminal reaches the study alone) and die with a killed study, so
 no run outlives it holding its workdir; the same command resumes them.
 
@@ -58,7 +59,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gml_jax.runner import build, failure, methods, names, storage, study_report
-from gml_jax.runner.workdir import WorkdirInUseError, WorkdirLock, atomic_write, refuse_link
+from gml_jax.runner.workdir import (
+  WorkdirInUseError,
+  WorkdirLock,
+  atomic_write,
+  last_checkpoint,
+  refuse_link,
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (without a variant), e.g. "
@@ -89,12 +96,13 @@ class Run:
   seed: int
   point: tuple[tuple[str, str], ...]  # the grid point: (field, value) per axis
   workdir: storage.Path
-  # pending, finished, skipped (finished before), failed, stopped, not started (the study
-  # was stopped first), unreadable (its summary is missing or malformed)
+  # pending, finished, skipped (finished before), failed, stopped (at a checkpoint), killed
+  # (by the study's second signal), not started (the study was stopped first), unreadable
+  # (its summary is missing or malformed)
   status: str = "pending"
   seconds: float | None = None
   log_name: str = "run.log"  # run.<i>.log for process i > 0 of a multi-process job
-  problem: str = ""  # why it is left out, for failed and unreadable runs
+  problem: str = ""  # why it is left out (failed, unreadable), how it stopped (stopped, killed)
 
   @property
   def point_label(self) -> str:
@@ -385,13 +393,53 @@ def execute(runs: list[Run], command, parallel: int, stop: StopRequest,
         run.status = "finished"
         print(f"[{i + 1}/{total}] finished {run.name} in {run.seconds:.0f} s; about "
               f"{_minutes(left)} left", flush=True)
-      elif stop.count:
-        run.status = "stopped"
-        print(f"[{i + 1}/{total}] stopped {run.name} (exit {proc.returncode}); it resumes "
-              "when the study runs again", flush=True)
+      elif stop.count and proc.returncode is not None and proc.returncode <= 0:
+        _report_stopped(f"[{i + 1}/{total}]", run, proc.returncode)
       else:
-        run.status, run.problem = "failed", f"exit {proc.returncode}; log: {run.log}"
+        run.status, run.problem = "failed", f"exit {proc.returncode}; {_log_of(run)}"
         print(f"[{i + 1}/{total}] FAILED {run.name} ({run.problem})", flush=True)
+
+
+def _checkpoint_text(run: Run) -> str:
+  """"step N" of the run's newest checkpoint, or "none"."""
+  checkpoint = last_checkpoint(run.workdir)
+  return f"step {checkpoint.name}" if checkpoint is not None else "none"
+
+
+def _report_stopped(prefix: str, run: Run, returncode: int) -> None:
+  """A run that ended after the study's stop request, as it ended: stopped at a checkpoint
+  (exit 0) or killed by a signal (its newest checkpoint named: what it resumes from)."""
+  if returncode == 0:
+    run.status, run.problem = "stopped", f"at its checkpoint of {_checkpoint_text(run)}"
+    print(f"{prefix} stopped {run.name} {run.problem}; it resumes when the study runs "
+          "again", flush=True)
+    return
+  run.status = "killed"
+  run.problem = (f"killed by {signal.Signals(-returncode).name}; last checkpoint: "
+                 f"{_checkpoint_text(run)}")
+  print(f"{prefix} {run.problem.replace('killed by', f'killed {run.name} by', 1)}; it resumes "
+        "from there when the study runs again", flush=True)
+
+
+def _log_of(run: Run) -> str:
+  """Where the run's output is: its log, or that its folder is gone with it."""
+  if run.log.exists():
+    return f"log: {run.log}"
+  if not run.workdir.exists():
+    return f"its folder {run.workdir} was deleted while it ran, its log with it"
+  return f"its log {run.log} was deleted while it ran"
+
+
+def stop_report(runs: list[Run], signum: int) -> str:
+  """The study's last line after a stop request: what happened to each run it had started
+  (stopped at its checkpoint, or killed with the step of its last checkpoint named)."""
+  stopped = [r.name for r in runs if r.status == "stopped"]
+  killed = [f"{r.name}, {r.problem.split('; ')[1]}" for r in runs if r.status == "killed"]
+  waiting = sum(r.status == "not started" for r in runs)
+  return (f"Stopped by {signal.Signals(signum).name}: {len(stopped)} run(s) stopped at their "
+          f"checkpoints ({', '.join(stopped) or 'none'}), "
+          + (f"{len(killed)} killed ({'; '.join(killed)}), " if killed else "")
+          + f"{waiting} not started. Run the same command to resume.")
 
 
 def _process_id(run_args: str) -> int:
@@ -528,11 +576,7 @@ def _report_end(runs: list[Run], workdir, stop: StopRequest, writer: bool) -> in
   if writer:
     print(f"\nStudy: {workdir}/study.json, study.md, plots/", flush=True)
   if stop.signum:
-    stopped = [r.name for r in runs if r.status == "stopped"]
-    waiting = sum(r.status == "not started" for r in runs)
-    print(f"Stopped by {signal.Signals(stop.signum).name}: {len(stopped)} run(s) stopped at "
-          f"their checkpoints ({', '.join(stopped) or 'none'}), {waiting} not started. Run "
-          "the same command to resume.", flush=True)
+    print(stop_report(runs, stop.signum), flush=True)
     return 128 + stop.signum
   if left_out:
     failure.print_error(failure.shorten(
@@ -549,7 +593,8 @@ def main(argv):
     failure.print_error(failure.one_line(e))
     sys.exit(2)
   except Exception as e:  # noqa: BLE001 (the CLI's one failure path: one Error line)
-    log_dir = _WORKDIR.value or None
+    # A study refused (another holds its directory) writes nothing there.
+    log_dir = None if isinstance(e, WorkdirInUseError) else _WORKDIR.value or None
     sys.exit(failure.fail(e, log_dir, "study_error.log", EXPLAINED))
 
 

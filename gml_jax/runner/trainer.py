@@ -20,10 +20,13 @@ A run leaves in its workdir:
 
 Running again with the same workdir resumes from the latest checkpoint: all randomness is
 a function of (seed, step), so the resumed run continues exactly where it stopped; a
-finished run is not run again (its summary is returned, no file changes). A run locks its
-workdir (``lock.json``): a second run on it stops at once. SIGTERM or SIGINT stops a run at
-the next metrics fetch with a checkpoint; a diverged (NaN/inf) loss stops it without one,
-keeping the last good checkpoint.
+finished run is not run again (its summary is returned, no file changes), once its
+config.json, or without one the config digest saved with its checkpoint, confirms that it is
+this config's run (otherwise one line says why, and nothing is written). A run locks its
+workdir (``lock.json``): a second run on it stops at once, writing nothing there. SIGTERM
+or SIGINT stops a run at the next metrics fetch with a checkpoint; a diverged (NaN/inf) loss
+stops it without one, keeping the last good checkpoint. On a bucket that cannot be reached,
+a save is retried (:func:`~gml_jax.runner.storage.with_retries`; docs/faults.md).
 """
 
 from __future__ import annotations
@@ -60,9 +63,11 @@ from gml_jax.runner.schedule import end_of_epoch, learning_rate
 from gml_jax.runner.workdir import (
   WorkdirLock,
   atomic_write,
+  check_finished_workdir,
   check_workdir_config,
   config_digest,
   refuse_link,
+  refuse_linked_folders,
   write_config,
 )
 from gml_jax.steps import make_eval_step, make_multi_step, make_train_step
@@ -86,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = build.model(config, dataset.num_classes)
   tx = build.optimizer(config, spe)
   if (workdir / "summary.json").exists():  # finished: nothing to do, nothing to change
-    check_workdir_config(workdir, config, dataset.used())
+    check_finished_workdir(workdir, config, dataset.used())  # its config confirmed first
     refuse_link(workdir / "summary.json")
     return read_json(workdir / "summary.json")
 
@@ -95,6 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     lock = WorkdirLock(workdir)
     lock.acquire()
     cleanup.callback(lock.release)
+    refuse_linked_folders(workdir)  # before orbax or the logs create anything through one
     check_workdir_config(workdir, config, dataset.used())
 
     # ---- State, compiled steps, and the run so far.
@@ -113,7 +119,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if is_writer:  # only now: a checkpoint of another config has been refused above
       write_config(workdir, config, dataset.used())
     logs = RunLogs(workdir, progress.step, write=is_writer, config=config.to_dict())
-    cleanup.callback(logs.close)
+    cleanup.push(lambda kind, *_: None if kind is storage.StorageUnavailableError  # unwritable
+                 else logs.close())
     run = Run(config, workdir, dataset, spe, mesh, model, train_step=train_step,
               multi_step=multi_step,
               eval_step=compile_eval_step(make_eval_step(model, loss), mesh),
@@ -233,12 +240,29 @@ class Run:
 
   def save(self, manager, state) -> None:
     """A checkpoint of ``state`` with the progress and the training time so far; the logs
-    reach the workdir first (on a bucket they wait in memory until then)."""
+    reach the workdir first (on a bucket they wait in memory until then). On a bucket out
+    of reach, retried (:func:`~gml_jax.runner.storage.with_retries`)."""
     self.lock.check()
     self.progress.train_seconds = self.clock.seconds()
-    with self.clock.section("checkpoint saves"):
+
+    def attempt(tried: int) -> None:
+      if tried:  # what the failed save left: the steps on the bucket read again
+        manager.reload()
       self.logs.flush()
       self.checkpoints.save(manager, state, self.progress)
+
+    with self.clock.section("checkpoint saves"):
+      storage.with_retries(self.workdir, f"saving the checkpoint of step {self.progress.step}",
+                           attempt, self._resume_hint, lambda line: tqdm.write(line))
+
+  def _resume_hint(self) -> str:
+    """What a run that cannot save is left with, and how to go on."""
+    step = self.checkpoints.latest_saved
+    if step is None:
+      return ("No checkpoint had been written yet: run the same command again once the "
+              "bucket is back.")
+    return (f"The last checkpoint (step {step}) in {self.workdir / 'checkpoints' / 'latest'} is "
+            "intact: run the same command again once the bucket is back, to resume from it.")
 
 
 def train(run: Run, state, stop_after_steps: int | None):

@@ -113,6 +113,66 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+class WorkdirRefusedError(ValueError):
+  """A workdir refused as it is: a finished run's that this config cannot show as its own.
+  Like :class:`WorkdirInUseError`, its message goes to the console alone: a refused run
+  writes nothing into the workdir it was refused from (an ``error.log`` there would make a
+  good run look failed)."""
+
+
+# The subdirectories a run writes into: each is refused when it is a link (a link could
+# lead the run's files, or orbax's, into a folder outside the workdir).
+RUN_FOLDERS = ("metrics", "checkpoints", "checkpoints/latest", "checkpoints/best", "plots",
+               "tensorboard")
+
+
+def refuse_linked_folders(workdir: storage.Path) -> None:
+  """A ValueError naming the first of :data:`RUN_FOLDERS` that is a symbolic link: checked
+  before a run writes anything (its own files are checked as it writes them)."""
+  for folder in RUN_FOLDERS:
+    refuse_link(workdir / folder)
+
+
+def last_checkpoint(workdir: storage.Path) -> storage.Path | None:
+  """The folder of the newest complete checkpoint in ``checkpoints/latest`` (orbax names
+  them by step and writes them under a temporary name first), or None when there is none."""
+  folder = workdir / "checkpoints" / "latest"
+  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+  return folder / str(max(steps)) if steps else None
+
+
+def check_finished_workdir(workdir: storage.Path, config: ml_collections.ConfigDict,
+                           data_used: dict | None) -> None:
+  """Confirms that the finished run in ``workdir`` is one of ``config`` before its summary
+  is shown as this config's result: by its config.json (:func:`check_workdir_config`) or,
+  when that is missing, by the config digest saved with its checkpoint. A
+  :class:`WorkdirRefusedError` when it is another config's or cannot be confirmed."""
+  try:
+    check_workdir_config(workdir, config, data_used)
+  except ValueError as e:
+    raise WorkdirRefusedError(str(e)) from None
+  if (workdir / "config.json").exists():
+    return
+  checkpoint = last_checkpoint(workdir)
+  meta = checkpoint / "meta" / "metadata" if checkpoint is not None else None
+  try:
+    saved = read_json(meta).get("config_digest") if meta is not None and meta.exists() else None
+  except (ValueError, AttributeError):  # unreadable: unconfirmed, as if it were missing
+    saved = None
+  if saved is None:
+    raise WorkdirRefusedError(
+        f"Workdir {workdir} holds a finished run whose config cannot be confirmed (its "
+        "config.json is missing, and no checkpoint holds its config's digest): its summary "
+        "is not shown as this config's result. Restore its config.json, or use a new "
+        "--workdir.")
+  if saved != config_digest(config, data_used):
+    raise WorkdirRefusedError(
+        f"Workdir {workdir} holds a finished run of another config or on other data (its "
+        f"config.json is missing; the config digest saved with {checkpoint} differs from "
+        "this config's): its summary is not shown as this config's result. Use a new "
+        "--workdir, or the config that made it.")
+
+
 def refuse_link(path: storage.Path) -> None:
   """A ValueError if ``path`` is a symbolic link: the runner never reads or writes a
   workdir's files through links (that could reach and overwrite files outside it). A bucket
@@ -149,7 +209,14 @@ def atomic_write(path: storage.Path, text: str) -> None:
 
 
 class WorkdirInUseError(RuntimeError):
-  """Another run holds the workdir."""
+  """Another run holds the workdir (its message goes to the console alone: nothing is
+  written into another run's workdir)."""
+
+
+def left_as_is(error: BaseException) -> bool:
+  """Whether ``error`` refused a workdir that must be left as it is: no ``error.log`` is
+  written there (the one-line reason says it all)."""
+  return isinstance(error, (WorkdirInUseError, WorkdirRefusedError))
 
 
 def lease_seconds() -> float:
@@ -259,6 +326,9 @@ def _holder_text(text: str) -> str:
     return "holder unknown"
 
 
+_REQUEST_SECONDS = 20  # the longest a lease's renewal or release waits for the bucket
+
+
 class ObjectLease:
   """A lock as an object on a bucket: created only if absent (generation precondition 0),
   renewed by its holder every third of ``lease_seconds`` (a write that succeeds only if the
@@ -311,8 +381,9 @@ class ObjectLease:
     """One renewal; False once the lease is lost (another run took it over)."""
     from google.api_core import exceptions
 
-    try:
-      self._blob.upload_from_string(self._record, if_generation_match=self._blob.generation)
+    try:  # one try (the next renewal is the retry): no minutes-long wait on a lost bucket
+      self._blob.upload_from_string(self._record, if_generation_match=self._blob.generation,
+                                    retry=None, timeout=_REQUEST_SECONDS)
     except exceptions.PreconditionFailed:
       try:
         self.lost = _holder_text(self._blob.download_as_text())
@@ -324,13 +395,13 @@ class ObjectLease:
     return True
 
   def release(self) -> None:
-    from google.api_core import exceptions
 
     self._stop.set()
     if self._renewer is not None:
-      self._renewer.join()
+      self._renewer.join(_REQUEST_SECONDS)
     if not self.lost:
-      try:
-        self._blob.delete(if_generation_match=self._blob.generation)
-      except exceptions.GoogleAPIError:
-        pass  # taken over meanwhile, or already gone: not ours to delete
+      try:  # one try: a lock left on a bucket out of reach runs out after its lease
+        self._blob.delete(if_generation_match=self._blob.generation, retry=None,
+                          timeout=_REQUEST_SECONDS)
+      except Exception:  # noqa: BLE001 (taken over, gone, or the bucket out of reach)
+        pass
