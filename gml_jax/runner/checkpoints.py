@@ -62,9 +62,18 @@ class Checkpoints:
       _fail_fast_on_unreachable_storage()
     # Orbax writes into a temporary directory and renames it when complete: a run killed
     # mid-save leaves the previous checkpoint intact.
-    manager = lambda name: ocp.CheckpointManager(
+    self._manager = lambda name: ocp.CheckpointManager(
         workdir / "checkpoints" / name, options=ocp.CheckpointManagerOptions(max_to_keep=1))
-    self.latest, self.best = manager("latest"), manager("best")
+    self.latest, self.best = self._manager("latest"), self._manager("best")
+
+  def renewed(self, manager: ocp.CheckpointManager) -> ocp.CheckpointManager:
+    """A fresh manager of the same folder in place of ``manager``, after a save of it failed
+    midway: it reads the steps on the storage anew, and leaves the failed save's state (and
+    the library threads still holding it) alone. (Reloading the failed manager instead
+    crashed the process now and then: a segfault in 1 of 5 outage tests.)"""
+    name = "latest" if manager is self.latest else "best"
+    setattr(self, name, self._manager(name))
+    return getattr(self, name)
 
   def save(self, manager: ocp.CheckpointManager, state: TrainState,
            progress: Progress) -> None:

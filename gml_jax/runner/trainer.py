@@ -245,11 +245,13 @@ class Run:
     self.lock.check()
     self.progress.train_seconds = self.clock.seconds()
 
+    current = [manager]
+
     def attempt(tried: int) -> None:
       if tried:  # what the failed save left: the steps on the bucket read again
-        manager.reload()
+        current[0] = self.checkpoints.renewed(current[0])
       self.logs.flush()
-      self.checkpoints.save(manager, state, self.progress)
+      self.checkpoints.save(current[0], state, self.progress)
 
     with self.clock.section("checkpoint saves"):
       storage.with_retries(self.workdir, f"saving the checkpoint of step {self.progress.step}",
