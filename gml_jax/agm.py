@@ -331,7 +331,7 @@ def agm(
     if clip is not None:
       head = _head_leaves(parsed, scaled)
       peak = jnp.max(jnp.stack([jnp.max(jnp.abs(scaled[i])) for i in head]))
-      norm = optax.global_norm(scaled)
+      norm = optax.tree.norm(scaled)
       factor = jnp.where((peak > clip) & (norm > clip), clip / jnp.where(norm > 0, norm, 1), 1)
       scaled = [g * factor.astype(g.dtype) for g in scaled]
     t = (state.step + 1).astype(jnp.float32)
