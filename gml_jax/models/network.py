@@ -12,6 +12,9 @@ Variable layout (every collection follows it, which is what :func:`group_labels`
 * ``fusion_<i>``: the i-th MMTM: ``squeeze`` is fusion:shared, ``excite_<k>`` and the
   running means of its cut ``cut_<k>`` belong to fusion_k;
 * ``head``: the joint head (``head="joint"``): other (no branch's alone).
+
+Applied with ``mutable=["intermediates"]``, the network also sows its branches' pooled
+features, a tuple of N arrays [B, D_k], as ``("intermediates", "features")``.
 """
 
 from __future__ import annotations
@@ -149,6 +152,9 @@ class FusionNetwork(nn.Module):
       xs = [b.stage(s, x, train) for b, x in zip(self.branches, xs)]
       if s in fusion_at:
         xs = list(fusion_at[s](xs, train=train, cut=cut, drop=drop))
+    # Each branch's pooled features, for methods that need them (PMR's prototypes; see
+    # gml_jax.pmr.sown_features); a no-op unless 'intermediates' is mutable.
+    self.sow("intermediates", "features", tuple(pooled(x) for x in xs))
     if self.head == "joint":
       return self.joint_head([pooled(x) for x in xs])
     branch_logits = jnp.stack([b.logits(x) for b, x in zip(self.branches, xs)])
