@@ -184,7 +184,8 @@ def inforeg(
       :func:`gml_jax.balanced_multimodal`, or a function of the parameters returning one.
     strength: c_k >= 0, one number for every modality or one per modality (the authors'
       CREMA-D recipe: 0.95 for audio, 0.1 for video).
-    threshold: τ, the rate above which a window is open (authors: 0.05).
+    threshold: τ, the rate above which a window is open (authors: 0.05; ``-inf``: always
+      open, a control for the window).
     history: H, the epochs of the traces' moving averages (authors: 10).
     window_modality: None (each modality's window from its own trace) or j (every window
       from modality j's trace; the authors' code uses the audio trace, j = 0 there).
@@ -195,8 +196,9 @@ def inforeg(
   References:
     Huang et al., CVPR 2025, https://arxiv.org/abs/2503.18595
   """
-  if not threshold >= 0:
-    raise ValueError(f"inforeg: threshold must be a number >= 0, got {threshold!r}.")
+  if not isinstance(threshold, (int, float)) or threshold != threshold:
+    # Any real number: a negative one (or -inf) keeps every window open, a control.
+    raise ValueError(f"inforeg: threshold must be a real number, got {threshold!r}.")
   if not (isinstance(history, int) and not isinstance(history, bool) and history >= 1):
     raise ValueError(f"inforeg: history must be an int >= 1, got {history!r}.")
   inner = optax.with_extra_args_support(inner)

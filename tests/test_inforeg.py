@@ -169,7 +169,7 @@ def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="strength must be"):
     inforeg.inforeg(optax.sgd(1.0), LABELS, strength=(1.0, 2.0, 3.0)).init(params)
   with pytest.raises(ValueError, match="threshold must be"):
-    inforeg.inforeg(optax.sgd(1.0), LABELS, strength=1.0, threshold=-1.0)
+    inforeg.inforeg(optax.sgd(1.0), LABELS, strength=1.0, threshold=float("nan"))
   with pytest.raises(ValueError, match="history must be"):
     inforeg.inforeg(optax.sgd(1.0), LABELS, strength=1.0, history=0)
   with pytest.raises(ValueError, match="window_modality must be"):
