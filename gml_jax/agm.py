@@ -64,8 +64,9 @@ class AGMState(NamedTuple):
 
   # The step protocol: keyword arguments of ``update``, and what train_metrics() returns.
   NEEDS = ("mono_losses",)
-  METRICS = {"agm_mono_loss": "modality", "agm_ratio": "modality",
-             "agm_target_ratio": "modality", "agm_coefficient": "modality"}
+  METRICS = {"agm_mono_loss": "agm_mono_loss_{m}", "agm_ratio": "agm_ratio_{m}",  # noqa: RUF012
+             "agm_target_ratio": "agm_target_ratio_{m}",
+             "agm_coefficient": "agm_coefficient_{m}"}
 
   def train_metrics(self) -> dict:
     """What a train step reports of this state: the last update's losses, ratios and
@@ -136,19 +137,29 @@ def mono_modal_outputs(model: Any, variables: dict, inputs) -> jax.Array:
   """
   model = as_functional(model)
   check_model(model, ("train", "cut"), "mono_modal_outputs")
+
+  def fused_logits(kept):
+    outputs = model.apply(variables, kept, train=False, cut=-1)
+    return check_outputs(outputs, jnp.shape(kept[0])[0], "mono_modal_outputs")[0]
+
+  return shapley_outputs(fused_logits, inputs)
+
+
+def shapley_outputs(fused_logits, inputs) -> jax.Array:
+  """float32[N, B, C]: the Shapley mono-modal outputs φ_m, from ``fused_logits``, a function
+  of a tuple of N inputs -> the fused logits [B, C] of an evaluation-mode forward pass (what
+  :func:`mono_modal_outputs` builds from a model; the library's step passes its own). The
+  2^N - 1 subsets (the absent modalities' inputs zeros) run as one vmapped call."""
   inputs = tuple(inputs)
   n = len(inputs)
   if n < 2:
     raise ValueError(f"mono_modal_outputs: inputs must be a tuple of N >= 2 arrays, one per "
                      f"modality; got {n}.")
-  batch = jnp.shape(inputs[0])[0]
   masks = jnp.asarray(subsets(n))
 
   def subset_logits(mask):
     kept = tuple(jnp.where(mask[j], x, jnp.zeros_like(x)) for j, x in enumerate(inputs))
-    outputs = model.apply(variables, kept, train=False, cut=-1)
-    logits, _ = check_outputs(outputs, batch, "mono_modal_outputs")
-    return logits.astype(jnp.float32)
+    return fused_logits(kept).astype(jnp.float32)
 
   values = jax.vmap(subset_logits)(masks)  # [2^N - 1, B, C]
   phi = jnp.einsum("ms,sbc->mbc", jnp.asarray(shapley_matrix(n), jnp.float32), values)
@@ -169,7 +180,17 @@ def mono_modal_losses(model: Any, variables: dict, inputs, labels: jax.Array) ->
   of modality k's Shapley mono-modal output (:func:`mono_modal_outputs`): the
   ``mono_losses`` that :func:`agm` needs. Under data parallelism the mean is over the global
   batch when this runs inside the sharded step."""
-  phi = mono_modal_outputs(model, variables, inputs)
+  return _mean_losses(mono_modal_outputs(model, variables, inputs), labels)
+
+
+def shapley_losses(fused_logits, inputs, labels: jax.Array) -> jax.Array:
+  """:func:`mono_modal_losses` from a function ``fused_logits`` (see
+  :func:`shapley_outputs`) instead of a model: the ``mono_losses`` of
+  :mod:`gml_jax.extras`."""
+  return _mean_losses(shapley_outputs(fused_logits, inputs), labels)
+
+
+def _mean_losses(phi: jax.Array, labels: jax.Array) -> jax.Array:
   labels = jnp.asarray(labels)
   if labels.shape != phi.shape[1:2] or not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"mono_modal_losses: labels must be int[B] with B = {phi.shape[1]}; got "

@@ -93,8 +93,8 @@ class InfoRegState(NamedTuple):
 
   NEEDS = ("scores",)
   EPOCH_NEEDS = ("params",)
-  METRICS = {"inforeg_beta": "modality", "inforeg_rate": "modality",  # noqa: RUF012
-             "inforeg_window": "modality", "inforeg_trace": "modality"}
+  METRICS = {"inforeg_beta": "inforeg_beta_{m}", "inforeg_rate": "inforeg_rate_{m}",  # noqa: RUF012
+             "inforeg_window": "inforeg_window_{m}", "inforeg_trace": "inforeg_trace_{m}"}
 
   def train_metrics(self) -> dict:
     """The last step's β_k, this epoch's rates r_k and windows (1 open, 0 closed), and the

@@ -52,7 +52,8 @@ class MMParetoState(NamedTuple):
 
   # The step protocol: keyword arguments of ``update``, and what train_metrics() returns.
   NEEDS = ("loss_grads",)
-  METRICS = {"mmpareto_cosine": "modality", "mmpareto_fused_weight": "modality"}
+  METRICS = {"mmpareto_cosine": "mmpareto_cosine_{m}",  # noqa: RUF012
+             "mmpareto_fused_weight": "mmpareto_fused_weight_{m}"}
 
   def train_metrics(self) -> dict:
     """What a train step reports of this state: the last update's cosines and weights."""
@@ -118,8 +119,10 @@ def mmpareto(
   of the N + 1 losses stacked on a first axis: [0] of the fused output's mean cross-entropy
   L_m, [1 + k] of branch k's own L_k. The step should minimise L_m + Σ_k L_k, so that
   ``grads`` (which every leaf not labelled ``main:<k>`` receives unchanged: heads, fusion
-  layers) is that sum's gradient. For modality k, over all its ``main:k`` leaves together
-  (the authors concatenate the encoder's gradients), with g_m and g_k the two gradients:
+  layers) is that sum's gradient: :func:`gml_jax.make_train_step` with ``loss="both"``
+  (the runner's ``mmpareto`` sets it), which also computes ``loss_grads``. For modality k,
+  over all its ``main:k`` leaves together (the authors concatenate the encoder's
+  gradients), with g_m and g_k the two gradients:
 
   .. math::
      w_k = \begin{cases} 1/2 & \langle g_m, g_k\rangle > 0 \\

@@ -37,10 +37,11 @@ the library's step and a hand-written step both use:
   pass, and :meth:`PMRState.epoch_start` (through :func:`gml_jax.epochs.epoch_start`), which
   installs the prototypes before each epoch.
 
-Features: a Linen model sows its branches' pooled features as one tuple of N arrays
-[B, D_k] into ``("intermediates", "features")`` (:class:`gml_jax.FusionNetwork` does);
-apply it with ``mutable=["intermediates"]`` and read them with :func:`sown_features`. Any
-other model can pass its features to these pure functions directly.
+Features: a Linen model sows its branches' pooled features [B, D_k] into
+``("intermediates", "features")``, once per branch in branch order (the ``features`` of
+:mod:`gml_jax.extras`; :class:`gml_jax.FusionNetwork` does); apply it with
+``mutable=["intermediates"]`` and read them with :func:`sown_features`. Any other model can
+pass its features to these pure functions directly.
 
 A hand-written step::
 
@@ -139,15 +140,16 @@ def add_prototype_sums(a: PrototypeSums, b: PrototypeSums) -> PrototypeSums:
 
 
 def sown_features(intermediates: Any) -> tuple:
-  """The features a model sowed under :data:`FEATURES` in its ``intermediates`` collection
-  (the last call's, when it was called more than once): a tuple of N arrays [B, D_k]."""
+  """The features a model sowed under :data:`FEATURES` in its ``intermediates`` collection,
+  one sow per branch in branch order: a tuple of N arrays [B, D_k] (as
+  :mod:`gml_jax.extras` reads them)."""
   node = intermediates.get(FEATURES) if hasattr(intermediates, "get") else None
   if node is None:
     raise ValueError(
         "PMR needs the model's per-modality features: sow them in __call__ with "
-        f"self.sow('intermediates', {FEATURES!r}, (f_0, ..., f_(N-1))) (pooled features "
-        "[B, D_k]) and apply the model with mutable=['intermediates'].")
-  return tuple(node[-1])
+        f"self.sow('intermediates', {FEATURES!r}, f_k) once per branch, in branch order "
+        "(pooled features [B, D_k]), and apply the model with mutable=['intermediates'].")
+  return tuple(node)
 
 
 def make_prototype_step(model: Any, num_classes: int) -> Callable[[Any, dict], PrototypeSums]:
@@ -338,8 +340,9 @@ class PMRState(NamedTuple):
   NEEDS = ("features", "label")  # noqa: RUF012 (the step protocol's class attributes)
   LOSS_NEEDS = ("features", "label")
   EPOCH_NEEDS = ("prototype_sums",)
-  METRICS = {"pmr_score": "modality", "pmr_ratio": "modality",  # noqa: RUF012
-             "pmr_coefficient": "modality", "pmr_entropy_weight": "modality"}
+  METRICS = {"pmr_score": "pmr_score_{m}", "pmr_ratio": "pmr_ratio_{m}",  # noqa: RUF012
+             "pmr_coefficient": "pmr_coefficient_{m}",
+             "pmr_entropy_weight": "pmr_entropy_weight_{m}"}
 
   def train_metrics(self) -> dict:
     """The last step's prototype scores, ratios, PCE coefficients and entropy weights."""

@@ -210,7 +210,8 @@ class _TwoBranches(nn.Module):
   @nn.compact
   def __call__(self, inputs, *, train, cut=-1, drop=None):
     feats = tuple(nn.relu(nn.Dense(3, name=f"enc_{k}")(x)) for k, x in enumerate(inputs))
-    self.sow("intermediates", pmr.FEATURES, feats)
+    for f in feats:  # one sow per branch, in branch order (gml_jax.extras' features)
+      self.sow("intermediates", pmr.FEATURES, f)
     branch = jnp.stack([nn.Dense(2, name=f"head_{k}")(f) for k, f in enumerate(feats)])
     return jnp.mean(branch, axis=0), branch
 
