@@ -40,6 +40,8 @@ class TinyFusion(nn.Module):
   def __call__(self, inputs, *, train, cut=-1, drop=None):
     h = [b.stem(x) for b, x in zip(self.branches, inputs)]
     fused = self.fusion_0(h, train=train, cut=cut, drop=drop)
+    for f in fused:  # gml_jax.extras' features, as FusionNetwork sows its pooled features
+      self.sow("intermediates", "features", f)
     z = jnp.stack([b.head(f) for b, f in zip(self.branches, fused)])
     return jnp.mean(z, axis=0), z
 
@@ -73,7 +75,7 @@ def tensorboard_scalars(folder) -> dict[str, list[float]]:
 def test_every_metric_of_a_method_reaches_the_logs_and_the_study(method, tmp_path):
   config = tiny_config(FIRST[method], tmp_path)
   model = TinyFusion()
-  tx = build.optimizer(config, steps_per_epoch=5)
+  tx = build.optimizer(config, steps_per_epoch=5, num_classes=3, feature_dims=lambda: (4, 4))
   rng = np.random.default_rng(0)
   batch = {"inputs": tuple(rng.random((8, 5), np.float32) for _ in range(2)),
            "label": rng.integers(0, 3, 8).astype(np.int32)}

@@ -96,6 +96,8 @@ class Method:
     in_default_study: whether a study without ``--methods`` runs it.
     state_types: the library state classes whose METRICS it logs (the log's known keys).
     position: where it stands in lists and tables (smaller first; then by name).
+    epoch_share: ``options -> float``: the share of the training split that the epoch
+      pass of its transform reads (:mod:`gml_jax.epochs`; PMR's prototypes); None: all.
     loss: what the train step minimises (:data:`gml_jax.steps.LOSSES`), where the method
       prescribes it (MMPareto: ``"both"``); None: the model's (``build.loss``).
     own_variant: whether its name is a config variant too (False: only its variants are).
@@ -117,6 +119,7 @@ class Method:
   position: int = 100
   own_variant: bool = True
   loss: str | None = None
+  epoch_share: Callable[[Any], float] | None = None
 
   def defaults(self) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({k: o.default for k, o in self.options.items()})

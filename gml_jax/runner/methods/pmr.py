@@ -74,4 +74,5 @@ METHOD = Method(
                  ("pmr", "guided"), ("pmr", "ogm_ge")),
     state_types=(PMRState,),
     position=7,
+    epoch_share=lambda o: o.prototype_fraction,
 )
