@@ -15,7 +15,10 @@ extra and run from a clone.
 import importlib
 import sys
 
-from gml_jax.agm import AGMState, agm, agm_state, mono_modal_losses, shapley_losses
+# The field's methods, as modules (gml_jax.agm.agm, ...): a function of the module's name
+# exported here would hide the module.
+from gml_jax import agm, epochs, inforeg, mmpareto, pmr
+from gml_jax.agm import AGMState, agm_state, mono_modal_losses, shapley_losses
 from gml_jax.balancing import (
     METHODS,
     UPDATE_MODES,
@@ -47,9 +50,9 @@ from gml_jax.extras import (
     needs_of,
 )
 from gml_jax.fusion import MMTM, CrossModalCut
-from gml_jax.inforeg import InfoRegState, inforeg, inforeg_state
+from gml_jax.inforeg import InfoRegState, inforeg_state
 from gml_jax.labels import label_rules, parse_label, path_string
-from gml_jax.mmpareto import MMParetoState, mmpareto, mmpareto_state
+from gml_jax.mmpareto import MMParetoState, mmpareto_state
 from gml_jax.models import (
     Branch,
     FusionNetwork,
@@ -77,7 +80,6 @@ from gml_jax.pmr import (
     PMRState,
     PrototypeSums,
     make_prototype_step,
-    pmr,
     pmr_loss,
     pmr_state,
     prototype_pass,
@@ -117,8 +119,8 @@ __all__ = [
     "loss_terms",
     # the epoch hook (epochs): state that changes at epoch boundaries
     "EPOCH_INPUTS", "epoch_needs", "epoch_start",
-    # the field's methods: AGM, MMPareto, PMR, InfoReg
-    "agm", "AGMState", "agm_state", "mono_modal_losses", "shapley_losses",
+    # the field's methods: AGM, MMPareto, PMR, InfoReg (their modules: gml_jax.agm.agm, ...)
+    "epochs", "agm", "AGMState", "agm_state", "mono_modal_losses", "shapley_losses",
     "mmpareto", "MMParetoState", "mmpareto_state",
     "pmr", "PMRState", "pmr_state", "pmr_loss", "PrototypeSums", "make_prototype_step",
     "prototype_pass", "sown_features",
