@@ -148,6 +148,8 @@ def _finish(run: Run, state, tx_templates: dict[str, str]) -> dict:
   if correlation is not None:
     summary[names.SPEED_UTIL_CORRELATION] = correlation
   summary[names.COMPILE_SECONDS] = run.clock.sections["compile"]  # this session's
+  if "epoch passes" in run.clock.sections:  # only where a transform has an epoch hook
+    summary[names.EPOCH_PASS_SECONDS] = run.clock.sections["epoch passes"]  # this session's
   summary |= _step_means(logs.steps.rows(), tx_templates, config.data.modalities)
   summary["data"] = run.dataset.used()
   if jax.process_index() == 0:
