@@ -159,6 +159,10 @@ def _check_model_inputs(config) -> None:
     count = {2: "two", 3: "three"}.get(method.min_modalities, method.min_modalities)
     raise ValueError(f"config.balance.method={method.name!r} needs {count} or more "
                      f"data.modalities; got {tuple(chosen)}.")
+  if method.loss == "both" and config.model.head == "joint":
+    raise ValueError(f"config.balance.method={method.name!r} trains the fused output's and "
+                     "every branch's own loss, which needs a head per branch: "
+                     "model.head='branch' (a joint head's shares are not unimodal heads).")
   if config.model.head == "joint" and (fusion != "none" or len(chosen) < 2):
     raise ValueError("config.model.head='joint' (one head over every branch's features) "
                      "needs model.fusion='none' and two or more data.modalities; got "
