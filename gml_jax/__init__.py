@@ -15,6 +15,10 @@ extra and run from a clone.
 import importlib
 import sys
 
+# The field's methods, as modules (gml_jax.agm.agm, ...): a function of the module's name
+# exported here would hide the module.
+from gml_jax import agm, epochs, inforeg, mmpareto, pmr
+from gml_jax.agm import AGMState, agm_state, mono_modal_losses, shapley_losses
 from gml_jax.balancing import (
     METHODS,
     UPDATE_MODES,
@@ -35,9 +39,20 @@ from gml_jax.balancing import (
     step_mode,
     update_mask,
 )
-from gml_jax.extras import EXTRA_ARGS, StepPass, extra_args, needs_of
+from gml_jax.epochs import EPOCH_INPUTS, epoch_needs, epoch_start
+from gml_jax.extras import (
+    EXTRA_ARGS,
+    LOSS_ARGS,
+    StepPass,
+    extra_args,
+    loss_needs_of,
+    loss_terms,
+    needs_of,
+)
 from gml_jax.fusion import MMTM, CrossModalCut
+from gml_jax.inforeg import InfoRegState, inforeg_state
 from gml_jax.labels import label_rules, parse_label, path_string
+from gml_jax.mmpareto import MMParetoState, mmpareto_state
 from gml_jax.models import (
     Branch,
     FusionNetwork,
@@ -60,6 +75,15 @@ from gml_jax.parallel import (
     data_mesh,
     replicate,
     shard_batch,
+)
+from gml_jax.pmr import (
+    PMRState,
+    PrototypeSums,
+    make_prototype_step,
+    pmr_loss,
+    pmr_state,
+    prototype_pass,
+    sown_features,
 )
 from gml_jax.protocol import MultiModalModel
 from gml_jax.steps import (
@@ -91,7 +115,16 @@ __all__ = [
     "MultiModalModel", "TrainState", "create_train_state", "make_train_step",
     "make_eval_step", "true_class_scores",
     # the step protocol (extras): what a transform needs from the step
-    "EXTRA_ARGS", "needs_of", "extra_args", "StepPass",
+    "EXTRA_ARGS", "needs_of", "extra_args", "StepPass", "LOSS_ARGS", "loss_needs_of",
+    "loss_terms",
+    # the epoch hook (epochs): state that changes at epoch boundaries
+    "EPOCH_INPUTS", "epoch_needs", "epoch_start",
+    # the field's methods: AGM, MMPareto, PMR, InfoReg (their modules: gml_jax.agm.agm, ...)
+    "epochs", "agm", "AGMState", "agm_state", "mono_modal_losses", "shapley_losses",
+    "mmpareto", "MMParetoState", "mmpareto_state",
+    "pmr", "PMRState", "pmr_state", "pmr_loss", "PrototypeSums", "make_prototype_step",
+    "prototype_pass", "sown_features",
+    "inforeg", "InfoRegState", "inforeg_state",
     # data parallelism (parallel)
     "data_mesh", "replicate", "shard_batch", "compile_train_step", "compile_eval_step",
     # utilization

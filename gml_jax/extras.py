@@ -36,6 +36,25 @@ The extra arguments (N modalities, B examples, C classes):
 * ``features``: a tuple of N arrays [B, ...], the features the model sows in its top-level
   ``__call__``, once per branch in branch order (``self.sow("intermediates", "features",
   h_k)``); :class:`gml_jax.FusionNetwork` sows every branch's pooled features.
+* ``label``: int[B], the batch's true classes (PMR's prototype scores).
+* ``mono_losses``: float32[N], s_k, the batch's mean (clamped) cross-entropy of modality
+  k's Shapley mono-modal output: the fused logits of every non-empty subset of modalities,
+  the others' inputs zeros, in evaluation mode (``cut=-1``), combined by Shapley weights
+  (:func:`gml_jax.agm.shapley_losses`; AGM). One forward vmapped over the 2^N - 1 subsets.
+
+The loss hook. A method that changes the loss (PMR's prototype term) declares
+``LOSS_NEEDS`` (names from :data:`LOSS_ARGS`) and a method ``loss_term(**inputs) -> scalar``;
+the step adds :func:`loss_terms` to the loss inside the differentiated function, so the
+term's gradient reaches the parameters (a hand-written step does the same)::
+
+  def loss_fn(params):
+    (logits, branch_logits), inter = forward(params)            # mutable=["intermediates"]
+    value = my_loss(logits, branch_logits, label)
+    inputs = {"features": sown_features(inter["intermediates"]), "label": label}
+    return value + loss_terms(opt_state, **{n: inputs[n] for n in loss_needs_of(opt_state)})
+
+A method whose loss is the fused output's plus every branch's (MMPareto) needs no term: it
+asks for ``make_train_step(..., loss="both")`` (the runner's registration sets it).
 
 A hand-written step calls :func:`needs_of` once on the optimizer state and
 :func:`extra_args` with what its forward pass produced.
@@ -50,8 +69,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-EXTRA_ARGS = ("scores", "value", "loss_grads", "mono_logits", "features")
+EXTRA_ARGS = ("scores", "value", "loss_grads", "mono_logits", "features", "label",
+              "mono_losses")
 """The names a state's ``NEEDS`` may hold (the module docstring says what each is)."""
+
+LOSS_ARGS = ("features", "label")
+"""The names a state's ``LOSS_NEEDS`` may hold: the training forward pass's sown features
+(differentiable) and the labels."""
 
 # optax's own states that need an extra argument (they cannot declare it themselves).
 KNOWN_NEEDS = {optax.contrib.ReduceLROnPlateauState: ("value",)}
@@ -84,6 +108,37 @@ def needs_of(opt_state: Any) -> tuple[str, ...]:
                        f"{EXTRA_ARGS} (gml_jax.extras).")
     needed |= set(needs)
   return tuple(n for n in EXTRA_ARGS if n in needed)
+
+
+def loss_needs_of(opt_state: Any) -> tuple[str, ...]:
+  """What the loss terms of the states in ``opt_state`` need (:data:`LOSS_ARGS` order); ()
+  when no state adds a term to the loss."""
+  needed = set()
+  for state in _states(opt_state):
+    needs = getattr(type(state), "LOSS_NEEDS", ())
+    unknown = [n for n in needs if n not in LOSS_ARGS]
+    if unknown:
+      raise ValueError(f"{type(state).__name__}.LOSS_NEEDS names {unknown}; a step can give "
+                       f"{LOSS_ARGS} (gml_jax.extras).")
+    needed |= set(needs)
+  return tuple(n for n in LOSS_ARGS if n in needed)
+
+
+def loss_terms(opt_state: Any, **inputs: Any) -> jax.Array:
+  """The sum of ``loss_term(**needed inputs)`` of every state in ``opt_state`` that declares
+  ``LOSS_NEEDS`` (0.0 when none does): what a step adds to its loss inside the
+  differentiated function. ``inputs``: at least the names :func:`loss_needs_of` returns."""
+  total = jnp.zeros((), jnp.float32)
+  for state in _states(opt_state):
+    needs = getattr(type(state), "LOSS_NEEDS", None)
+    if needs is None:
+      continue
+    missing = [n for n in needs if inputs.get(n) is None]
+    if missing:
+      raise ValueError(f"loss_terms: {type(state).__name__} needs {missing} for its loss "
+                       "term; pass them as keywords.")
+    total = total + state.loss_term(**{n: inputs[n] for n in needs})
+  return total
 
 
 def metric_keys(opt_state: Any) -> dict[str, str]:
@@ -158,6 +213,9 @@ class StepPass:
     evaluate: function of ``cut`` -> (logits, branch_logits) of an evaluation-mode
       forward pass with that cut; used for ``mono_logits``.
     intermediates: the ``intermediates`` collection of the step's forward pass (or {}).
+    inputs: the batch's inputs, a tuple of N arrays (or None); used for ``mono_losses``.
+    evaluate_on: function of inputs -> (logits, branch_logits) of an evaluation-mode
+      forward pass (``cut=-1``) of the step's parameters; used for ``mono_losses``.
   """
 
   outputs: Callable[[Any], tuple[jax.Array, jax.Array]]
@@ -167,6 +225,8 @@ class StepPass:
   value: jax.Array
   evaluate: Callable[[Any], tuple[jax.Array, jax.Array]] | None = None
   intermediates: Any = dataclasses.field(default_factory=dict)
+  inputs: tuple | None = None
+  evaluate_on: Callable[[tuple], tuple[jax.Array, jax.Array]] | None = None
 
 
 def _loss_grads(params, step: StepPass):
@@ -197,12 +257,24 @@ def _features(params, step: StepPass):
   return features
 
 
+def _mono_losses(params, step: StepPass):
+  del params
+  if step.evaluate_on is None or step.inputs is None:
+    raise ValueError("mono_losses needs StepPass.inputs and StepPass.evaluate_on (an "
+                     "evaluation-mode forward pass, cut=-1, on given inputs).")
+  from gml_jax.agm import shapley_losses  # the rule's module owns the Shapley combination
+
+  return shapley_losses(lambda inputs: step.evaluate_on(inputs)[0], step.inputs, step.labels)
+
+
 COMPUTE = {
     "scores": lambda params, step: true_class_scores(step.branch_logits, step.labels),
     "value": lambda params, step: step.value,
     "loss_grads": _loss_grads,
     "mono_logits": _mono_logits,
     "features": _features,
+    "label": lambda params, step: step.labels,
+    "mono_losses": _mono_losses,
 }
 
 

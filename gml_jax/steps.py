@@ -22,6 +22,8 @@ from gml_jax.balancing import NORMAL_STEP, StepMode, find_balance_state, keep_fr
 from gml_jax.extras import (
   StepPass,
   extra_args,
+  loss_needs_of,
+  loss_terms,
   needs_of,
   transform_metrics,
   true_class_scores,  # noqa: F401 (its home before gml_jax.extras; still imported from here)
@@ -31,8 +33,9 @@ from gml_jax.labels import Labels
 from gml_jax.protocol import as_functional, check_model, check_outputs
 
 # What a train step minimises: Σ_k CE(ŷ_k, y) (every branch's own loss, the balancing
-# paper's), or CE(ŷ, y) alone (the fused output's, as OGM-GE's authors train).
-LOSSES = ("branches", "fused")
+# paper's), CE(ŷ, y) alone (the fused output's, as OGM-GE's authors train), or both summed
+# (CE(ŷ, y) + Σ_k CE(ŷ_k, y): MMPareto's multimodal plus unimodal losses).
+LOSSES = ("branches", "fused", "both")
 
 
 @flax.struct.dataclass
@@ -101,8 +104,11 @@ def training_loss(loss: str, logits: jax.Array, branch_losses: jax.Array,
                   labels: jax.Array) -> jax.Array:
   """The loss a step minimises (see :data:`LOSSES`), from the fused logits [B, C], the
   branches' mean losses float[N] and the labels int[B]."""
+  fused = lambda: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
   if loss == "fused":
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    return fused()
+  if loss == "both":
+    return fused() + jnp.sum(branch_losses)
   return jnp.sum(branch_losses)
 
 
@@ -127,6 +133,21 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
 # Steps
 
 
+def _step_needs(state: TrainState) -> tuple[tuple, tuple, list]:
+  """What ``tx.update`` needs, what the transforms' loss terms need, and the collections
+  the training forward pass updates (``intermediates`` too when features are needed)."""
+  needs, loss_needs = needs_of(state.opt_state), loss_needs_of(state.opt_state)
+  sown = "features" in needs or "features" in loss_needs
+  return needs, loss_needs, list(state.model_state) + (["intermediates"] if sown else [])
+
+
+def _loss_terms(opt_state, loss_needs, new_model_state, labels) -> jax.Array:
+  """:func:`gml_jax.extras.loss_terms` from the forward pass's sown features and labels."""
+  given = {"label": labels,
+           "features": tuple(new_model_state.get("intermediates", {}).get("features", ()))}
+  return loss_terms(opt_state, **{n: given[n] for n in loss_needs})
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -138,8 +159,11 @@ def make_train_step(
   metrics)``.
 
   ``model`` follows :mod:`gml_jax.protocol` (a Linen module, or an NNX model, which is
-  wrapped with :func:`gml_jax.nnx.wrap`); the loss is Σ_k CE(ŷ_k, y) (``loss="branches"``)
-  or CE(ŷ, y) (``loss="fused"``; the branches' losses are then only reported). When ``tx`` contains
+  wrapped with :func:`gml_jax.nnx.wrap`); the loss is Σ_k CE(ŷ_k, y) (``loss="branches"``),
+  CE(ŷ, y) (``loss="fused"``; the branches' losses are then only reported) or their sum
+  (``loss="both"``, MMPareto's), plus the terms that transforms in ``tx`` add to it
+  (:func:`gml_jax.extras.loss_terms`: PMR's prototype term, from the features the model
+  sows and the labels; the reported ``loss`` includes them). When ``tx`` contains
   :func:`gml_jax.balanced_multimodal`, the step reads the re-balancing target from the
   optimizer state, passes it as ``cut`` to the forward pass, updates the parameters, and
   keeps the model state (BatchNorm statistics, the cuts' running means) of the groups that
@@ -182,14 +206,14 @@ def make_train_step(
     # Read before tx.update: the mode of *this* step (afterwards it is the next step's).
     mode = StepMode(balance.target, balance.update_all) if balancing else None
     target = mode.target if balancing else jnp.full((), NORMAL_STEP, jnp.int32)
-    needs = needs_of(state.opt_state)
-    collections = list(state.model_state) + (["intermediates"] if "features" in needs else [])
+    needs, loss_needs, collections = _step_needs(state)
 
-    def apply(params, *, train: bool, cut, mutable=False):
+    def apply(params, *, train: bool, cut, mutable=False, inputs=None):
       """(logits, branch_logits) in float32 and the updated collections (or {})."""
+      inputs = batch["inputs"] if inputs is None else inputs
       outputs = model.apply(
           {"params": cast_floats(params, compute_dtype), **state.model_state},
-          cast_floats(tuple(batch["inputs"]), compute_dtype),
+          cast_floats(tuple(inputs), compute_dtype),
           train=train,
           cut=cut,
           mutable=mutable,
@@ -205,6 +229,8 @@ def make_train_step(
       (logits, branch_logits), new_model_state = forward(params)
       losses = jnp.mean(branch_cross_entropy(branch_logits, batch["label"]), axis=-1)
       value = training_loss(loss, logits, losses, batch["label"])
+      if loss_needs:  # the transforms' own terms (PMR's), differentiated with the loss
+        value = value + _loss_terms(state.opt_state, loss_needs, new_model_state, batch["label"])
       return value, (new_model_state, logits, branch_logits, losses, value)
 
     grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -213,7 +239,10 @@ def make_train_step(
     step = StepPass(outputs=lambda p: forward(p)[0], logits=logits, branch_logits=branch_logits,
                     labels=batch["label"], value=loss_value,
                     evaluate=lambda cut: apply(state.params, train=False, cut=cut)[0],
-                    intermediates=new_model_state.pop("intermediates", {}))
+                    intermediates=new_model_state.pop("intermediates", {}),
+                    inputs=tuple(batch["inputs"]),
+                    evaluate_on=lambda inputs: apply(state.params, train=False, cut=-1,
+                                                     inputs=inputs)[0])
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                    **extra_args(needs, state.params, step))
     params = optax.apply_updates(state.params, updates)
@@ -255,10 +284,9 @@ def make_eval_step(model: nn.Module, loss: str = "branches") -> Callable[[TrainS
         model.apply(state.variables, tuple(batch["inputs"]), train=False),
         batch["label"].shape[0], "make_eval_step")
     weight = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-    if loss == "fused":
-      example_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    else:
-      example_loss = jnp.sum(branch_cross_entropy(branch_logits, batch["label"]), axis=0)
+    fused = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    branches = jnp.sum(branch_cross_entropy(branch_logits, batch["label"]), axis=0)
+    example_loss = {"fused": fused, "branches": branches, "both": fused + branches}[loss]
     return {
         "count": jnp.sum(weight),
         "correct": jnp.sum(_correct(logits, batch["label"]) * weight),

@@ -119,7 +119,8 @@ def test_every_variant_builds_a_consistent_config():
     ("balance.guided.window", 0, r"config.balance.guided.window=0 is invalid: expected an "
      "integer >= 1"),
     ("balance.method", "greedy", r"config.balance.method='greedy' is unknown: expected one of "
-     r"\('vanilla', 'random', 'guided', 'fixed', 'ogm_ge'\)"),
+     r"\('vanilla', 'random', 'guided', 'fixed', 'ogm_ge', 'agm', 'mmpareto', 'pmr', "
+     r"'inforeg'\)"),
     ("balance.guided.update_mode", "everything", "config.balance.guided.update_mode='everything' "
      "is unknown"),
     ("optimizer.name", "lion", "config.optimizer.name='lion' is unknown"),

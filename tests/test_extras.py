@@ -162,3 +162,67 @@ def test_features_must_be_sown_once_per_branch():
   with pytest.raises(ValueError, match=r"the model sowed 0 'features'.*expected one per "
                                        r"branch \(2\)"):
     make_train_step(Quiet(), tx)(state, batch)
+
+
+def test_label_and_mono_losses_by_hand():
+  """``label`` is the batch's labels; ``mono_losses`` the Shapley combination of the fused
+  logits of each non-empty subset (others' inputs zeros), computed here by hand for a
+  linear model whose fused logits are x_0 A + x_1 B + x_0 x_1 (interaction) + b."""
+  from gml_jax.extras import COMPUTE, StepPass
+
+  rng = np.random.default_rng(3)
+  a, b, bias = rng.normal(size=(2, 3)), rng.normal(size=(2, 3)), rng.normal(size=3)
+  x0, x1 = rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
+  labels = np.array([0, 2, 1, 2], np.int32)
+
+  def fused(inputs):
+    u, v = inputs
+    return u @ a + v @ b + (u * v).sum(-1, keepdims=True) + bias
+
+  step = StepPass(outputs=None, logits=None, branch_logits=jnp.zeros((2, 4, 3)),
+                  labels=jnp.asarray(labels), value=None,
+                  inputs=(jnp.asarray(x0), jnp.asarray(x1)),
+                  evaluate_on=lambda inputs: (fused(inputs), None))
+  np.testing.assert_array_equal(COMPUTE["label"](None, step), labels)
+  v0, v1, v01 = (np.asarray(fused(i)) for i in ((x0, 0 * x1), (0 * x0, x1), (x0, x1)))
+  phi = [(v0 + v01 - v1) / 2, (v1 + v01 - v0) / 2]  # Shapley, v(∅) = 0
+  def ce(z):
+    z = z - z.max(-1, keepdims=True)
+    return -(z[np.arange(4), labels] - np.log(np.exp(z).sum(-1))).mean()
+  np.testing.assert_allclose(COMPUTE["mono_losses"](None, step), [ce(p) for p in phi],
+                             rtol=1e-5)
+
+
+class _Term(NamedTuple):
+  """A state whose loss term is w · Σ_i f_i (features of one branch) + the label count."""
+
+  w: jax.Array
+  LOSS_NEEDS = ("features", "label")
+  NEEDS = ()
+
+  def loss_term(self, *, features, label):
+    return self.w * jnp.sum(features[0]) + jnp.sum(label)
+
+
+def test_loss_terms_sum_every_declaring_state_and_name_what_is_missing():
+  from gml_jax.extras import loss_needs_of, loss_terms
+
+  state = (optax.EmptyState(), _Term(jnp.float32(2.0)), (_Term(jnp.float32(0.5)),))
+  assert loss_needs_of(state) == ("features", "label")
+  assert loss_needs_of(optax.sgd(1.0).init({"w": jnp.zeros(1)})) == ()
+  feats = (jnp.array([[1.0, 2.0]]),)
+  np.testing.assert_allclose(loss_terms(state, features=feats, label=jnp.array([3])),
+                             2.0 * 3 + 3 + 0.5 * 3 + 3)
+  with pytest.raises(ValueError, match=r"_Term needs \['label'\]"):
+    loss_terms(state, features=feats)
+
+
+def test_loss_both_is_the_fused_plus_the_branches_losses():
+  from gml_jax.steps import training_loss
+
+  logits = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  labels = jnp.array([0, 0])
+  p = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum(), np.exp([0.0, 2.0]) / np.exp([0, 2.0]).sum()
+  fused = -(np.log(p[0][0]) + np.log(p[1][0])) / 2
+  np.testing.assert_allclose(training_loss("both", logits, jnp.array([0.25, 0.5]), labels),
+                             fused + 0.75, rtol=1e-6)

@@ -40,6 +40,8 @@ class TinyFusion(nn.Module):
   def __call__(self, inputs, *, train, cut=-1, drop=None):
     h = [b.stem(x) for b, x in zip(self.branches, inputs)]
     fused = self.fusion_0(h, train=train, cut=cut, drop=drop)
+    for f in fused:  # gml_jax.extras' features, as FusionNetwork sows its pooled features
+      self.sow("intermediates", "features", f)
     z = jnp.stack([b.head(f) for b, f in zip(self.branches, fused)])
     return jnp.mean(z, axis=0), z
 
@@ -73,7 +75,7 @@ def tensorboard_scalars(folder) -> dict[str, list[float]]:
 def test_every_metric_of_a_method_reaches_the_logs_and_the_study(method, tmp_path):
   config = tiny_config(FIRST[method], tmp_path)
   model = TinyFusion()
-  tx = build.optimizer(config, steps_per_epoch=5)
+  tx = build.optimizer(config, steps_per_epoch=5, num_classes=3, feature_dims=lambda: (4, 4))
   rng = np.random.default_rng(0)
   batch = {"inputs": tuple(rng.random((8, 5), np.float32) for _ in range(2)),
            "label": rng.integers(0, 3, 8).astype(np.int32)}
@@ -139,3 +141,65 @@ def test_the_flat_fields_of_the_old_layout_are_refused_naming_the_new_field(tmp_
                                        r"it with the version that made it"):
     workdir.check_workdir_config(tmp_path, config)
   assert json.loads((tmp_path / "config.json").read_text()) == saved  # left as it was
+
+
+def test_the_new_methods_cross_checks_name_the_field(tmp_path):
+  config = tiny_config("mmpareto", tmp_path)
+  assert build.loss(config) == "both"  # the fused output's and every branch's loss
+  config.model.fusion, config.model.head = "none", "joint"
+  with pytest.raises(ValueError, match=r"method='mmpareto' trains the fused output's and "
+                                       r"every branch's own loss, .*model.head='branch'"):
+    build.check_config(config)
+  config = tiny_config("agm", tmp_path)
+  config.balance.agm.clip = 1.0
+  with pytest.raises(ValueError, match=r"config.balance.agm.clip watches the head's gradient"):
+    build.check_config(config)
+  config = tiny_config("inforeg", tmp_path)
+  config.balance.inforeg.window_modality = 2
+  with pytest.raises(ValueError, match=r"window_modality=2 is invalid: expected -1 or a "
+                                       r"branch in \[0, 2\)"):
+    build.check_config(config)
+  with pytest.raises(ValueError, match="pmr needs the dataset's classes"):
+    build.optimizer(tiny_config("pmr", tmp_path), steps_per_epoch=5)
+
+
+def test_the_trainers_epoch_start_sets_prototypes_and_anchors(monkeypatch, tmp_path):
+  """trainer._start_epoch: PMR's prototypes are the class means (NumPy) of the model's sown
+  features over the epoch pass's batches; InfoReg's anchor is the parameters; a run whose
+  transforms have no epoch hook is left as it is."""
+  import types
+
+  from gml_jax import inforeg, pmr
+  from gml_jax.runner import trainer
+  from gml_jax.runner.loop import TrainClock
+
+  rng = np.random.default_rng(1)
+  batches = [{"inputs": tuple(rng.random((6, 5), np.float32) for _ in range(2)),
+              "label": np.array([0, 1, 0, 1, 1, 0], np.int32)} for _ in range(2)]
+  monkeypatch.setattr(trainer, "_epoch_pass_batches", lambda run: iter(batches))
+  model = TinyFusion()
+  run = types.SimpleNamespace(clock=TrainClock(), cache={}, model=model,
+                              dataset=types.SimpleNamespace(num_classes=3))
+  for variant in ("pmr", "inforeg", "vanilla"):
+    tx = build.optimizer(tiny_config(variant, tmp_path), steps_per_epoch=5, num_classes=3,
+                         feature_dims=lambda: (4, 4))
+    state = create_train_state(model, tx, batches[0]["inputs"])
+    new = trainer._start_epoch(run, state)
+    if variant == "vanilla":
+      assert new is state
+      continue
+    if variant == "inforeg":
+      anchor = inforeg.inforeg_state(new.opt_state).anchor
+      jax.tree.map(np.testing.assert_array_equal, anchor, state.params)
+      continue
+    found = pmr.pmr_state(new.opt_state)
+    feats = [model.apply(state.variables, b["inputs"], train=False,
+                         mutable=["intermediates"])[1]["intermediates"]["features"]
+             for b in batches]
+    labels = np.concatenate([b["label"] for b in batches])
+    for k in range(2):
+      f = np.concatenate([np.asarray(x[k]) for x in feats])
+      for c in range(2):
+        np.testing.assert_allclose(found.prototypes[k][c], f[labels == c].mean(0), rtol=1e-5)
+    np.testing.assert_array_equal(found.valid, [True, True, False])  # class 2: no example
+    assert int(found.epochs_started) == 1 and run.clock.sections["epoch passes"] > 0

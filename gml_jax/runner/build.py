@@ -159,6 +159,10 @@ def _check_model_inputs(config) -> None:
     count = {2: "two", 3: "three"}.get(method.min_modalities, method.min_modalities)
     raise ValueError(f"config.balance.method={method.name!r} needs {count} or more "
                      f"data.modalities; got {tuple(chosen)}.")
+  if method.loss == "both" and config.model.head == "joint":
+    raise ValueError(f"config.balance.method={method.name!r} trains the fused output's and "
+                     "every branch's own loss, which needs a head per branch: "
+                     "model.head='branch' (a joint head's shares are not unimodal heads).")
   if config.model.head == "joint" and (fusion != "none" or len(chosen) < 2):
     raise ValueError("config.model.head='joint' (one head over every branch's features) "
                      "needs model.fusion='none' and two or more data.modalities; got "
@@ -176,17 +180,35 @@ def model(config: ml_collections.ConfigDict, num_classes: int):
 
 
 def loss(config: ml_collections.ConfigDict) -> str:
-  """What the train step minimises (:data:`gml_jax.steps.LOSSES`): with a joint head, the
-  fused output's cross-entropy alone (OGM-GE's authors' training); else every branch's."""
+  """What the train step minimises (:data:`gml_jax.steps.LOSSES`): the method's own where
+  its registration names one (MMPareto's fused plus branches' losses); with a joint head,
+  the fused output's cross-entropy alone (OGM-GE's authors' training); else every
+  branch's."""
+  prescribed = methods.get(config.balance.method).loss
+  if prescribed is not None:
+    return prescribed
   return "fused" if config.model.head == "joint" else "branches"
 
 
-def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+def feature_dims(network, example_inputs) -> tuple[int, ...]:
+  """D_k of every branch's sown features (the ``features`` of :mod:`gml_jax.extras`),
+  traced abstractly: nothing is computed."""
+  from gml_jax.pmr import feature_dims as measured
+
+  inputs = tuple(jax.ShapeDtypeStruct(jax.numpy.shape(x), jax.numpy.result_type(x))
+                 for x in example_inputs)
+  variables = jax.eval_shape(lambda x: network.init(jax.random.key(0), x, train=False), inputs)
+  return measured(network, variables, inputs)
+
+
+def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
+              num_classes: int | None = None, feature_dims=None):
   """The configured optimizer wrapped by the method of ``balance.method`` (given its section
   ``balance.<method>``), inside the balancing transform wherever the model has fusion
   layers (other methods' runs then measure the speeds too, with normal steps only); its
   learning rate is a hyperparameter in the optimizer state, so a schedule can change it
-  between steps."""
+  between steps. ``num_classes`` and ``feature_dims`` (a function returning D_k of every
+  branch's sown features) reach methods that size their state by them (PMR)."""
   o = config.optimizer
 
   def make_inner(learning_rate):
@@ -204,7 +226,8 @@ def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   context = methods.Context(seed=config.seed, steps_per_epoch=steps_per_epoch,
                             num_epochs=config.num_epochs,
                             num_modalities=len(config.data.modalities),
-                            labels=models.group_labels, encoder_labels=models.encoder_labels)
+                            labels=models.group_labels, encoder_labels=models.encoder_labels,
+                            num_classes=num_classes, feature_dims=feature_dims)
   tx = method.transform(optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate),
                         options, context)
   if config.model.fusion == "none" or method.rebalances:

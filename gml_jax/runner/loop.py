@@ -51,13 +51,14 @@ def due_at(step: int, unfetched_steps: int, *, steps_per_epoch: int, log_every: 
 
 class TrainClock:
   """Training time: wall time since :meth:`start` less its pauses, the named sections in
-  :attr:`PAUSES` (evaluation, checkpoint saves; compilation happens before the start).
+  :attr:`PAUSES` (evaluation, checkpoint saves, the transforms' epoch passes, reported
+  apart; compilation happens before the start).
 
   Every section's seconds add up in :attr:`sections` (a benchmark passes its own clock to
   the trainer and reads where a run's time went).
   """
 
-  PAUSES = frozenset({"evaluation", "checkpoint saves"})
+  PAUSES = frozenset({"evaluation", "checkpoint saves", "epoch passes"})
 
   def __init__(self):
     self.sections: collections.Counter = collections.Counter()

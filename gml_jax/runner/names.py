@@ -128,6 +128,9 @@ D_UTIL = "d_util"
 STEPS = "steps"
 TRAIN_SECONDS = "train_seconds"
 COMPILE_SECONDS = "compile_seconds"
+# The transforms' epoch passes (gml_jax.epochs: PMR's prototypes), this session's seconds;
+# outside train_seconds, so that a method's per-step cost is compared on its steps alone.
+EPOCH_PASS_SECONDS = "epoch_pass_seconds"
 SAMPLES_PER_S = "samples_per_s"
 BEST_STEP = "best_step"
 BEST_VAL_ACCURACY = "best_val_accuracy"
@@ -179,7 +182,7 @@ def summary_keys(modalities: Sequence[int]) -> list[str]:
   rates = [utilization(j, k) for j, k in utilization_pairs(modalities)]
   return [*DESCRIPTION, BEST_STEP, BEST_VAL_ACCURACY, *evaluations, *rates, D_UTIL,
           *(rebalance_share(m) for m in modalities), SPEED_UTIL_CORRELATION, STEPS,
-          TRAIN_SECONDS, SAMPLES_PER_S, COMPILE_SECONDS,
+          TRAIN_SECONDS, SAMPLES_PER_S, COMPILE_SECONDS, EPOCH_PASS_SECONDS,
           *(step_mean(k) for k in method_step_keys(modalities))]
 
 

@@ -44,10 +44,12 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from gml_jax import epochs
 from gml_jax.balancing import BalanceState, find_balance_state
 from gml_jax.extras import metric_keys
 from gml_jax.parallel import compile_eval_step, compile_multi_step, compile_train_step, data_mesh
-from gml_jax.runner import build, names, pipeline, plots, storage
+from gml_jax.pmr import make_prototype_step, prototype_pass
+from gml_jax.runner import build, methods, names, pipeline, plots, storage
 from gml_jax.runner import dataset as datasets
 from gml_jax.runner.checkpoints import Checkpoints, Progress
 from gml_jax.runner.evaluation import (
@@ -89,7 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   dataset = datasets.open_dataset(config.data)
   spe = pipeline.steps_per_epoch(dataset.sources["train"], config.batch_size)
   model = build.model(config, dataset.num_classes)
-  tx = build.optimizer(config, spe)
+  tx = build.optimizer(config, spe, dataset.num_classes,
+                       lambda: build.feature_dims(model, dataset.example_inputs()))
   if (workdir / "summary.json").exists():  # finished: nothing to do, nothing to change
     check_finished_workdir(workdir, config, dataset.used())  # its config confirmed first
     refuse_link(workdir / "summary.json")
@@ -145,6 +148,8 @@ def _finish(run: Run, state, tx_templates: dict[str, str]) -> dict:
   if correlation is not None:
     summary[names.SPEED_UTIL_CORRELATION] = correlation
   summary[names.COMPILE_SECONDS] = run.clock.sections["compile"]  # this session's
+  if "epoch passes" in run.clock.sections:  # only where a transform has an epoch hook
+    summary[names.EPOCH_PASS_SECONDS] = run.clock.sections["epoch passes"]  # this session's
   summary |= _step_means(logs.steps.rows(), tx_templates, config.data.modalities)
   summary["data"] = run.dataset.used()
   if jax.process_index() == 0:
@@ -208,6 +213,7 @@ class Run:
   logs: RunLogs
   clock: TrainClock
   lock: WorkdirLock
+  cache: dict = dataclasses.field(default_factory=dict)  # compiled helpers built on demand
 
   def step(self, size: int) -> Callable:
     """The compiled call that takes ``size`` steps."""
@@ -280,6 +286,8 @@ def train(run: Run, state, stop_after_steps: int | None):
   # The bar closes however the loop ends, so that an error is the console's last line.
   with bar, StopSignal() as stop_signal:
     while progress.step < total_steps:
+      if progress.step % run.steps_per_epoch == 0:  # an epoch begins (not a resumed one)
+        state = _start_epoch(run, state)
       for size, batch in clock.timed("waiting for batches", run.epoch_batches(stop_after_steps)):
         with clock.section("step calls"):
           state, metrics = run.step(size)(state, batch)
@@ -310,6 +318,46 @@ def train(run: Run, state, stop_after_steps: int | None):
                 f"{run.workdir}. Run the same command again to resume.")
           return None
   return state
+
+
+_EPOCH_START = jax.jit(epochs.epoch_start)
+
+
+def _start_epoch(run: Run, state):
+  """The transforms' epoch hooks (:mod:`gml_jax.epochs`: InfoReg's anchor, PMR's prototypes
+  from a pass over a share of the training split, timed apart as "epoch passes"), before
+  every epoch's first step. A run resumed mid-epoch has its hooked state in the checkpoint,
+  and a run stopped at an epoch's end has not run the next hook yet: resumes are exact."""
+  needs = epochs.epoch_needs(state.opt_state)
+  if not needs:
+    return state
+  with run.clock.section("epoch passes"):
+    inputs = {"params": state.params} if "params" in needs else {}
+    if "prototype_sums" in needs:
+      inputs["prototype_sums"] = prototype_pass(
+          _prototype_step(run), state.variables, _epoch_pass_batches(run))
+    return state.replace(opt_state=_EPOCH_START(state.opt_state, **inputs))
+
+
+def _prototype_step(run: Run):
+  if "prototype_step" not in run.cache:
+    run.cache["prototype_step"] = jax.jit(make_prototype_step(run.model,
+                                                              run.dataset.num_classes))
+  return run.cache["prototype_step"]
+
+
+def _epoch_pass_batches(run: Run):
+  """The epoch pass's batches: the method's share (its registration's ``epoch_share``) of
+  the training split, drawn afresh each epoch from the run's seed, in evaluation mode."""
+  config, epoch = run.config, run.progress.step // run.steps_per_epoch
+  method = methods.get(config.balance.method)
+  options = method.defaults()
+  options.update(config.balance.get(method.name, {}))
+  share = method.epoch_share(options) if method.epoch_share else 1.0
+  source = grain.MapDataset.source(run.dataset.sources["train"])
+  count = max(1, int(share * len(source)))
+  subset = source.shuffle(seed=config.seed * 1000003 + epoch)[:count]
+  return pipeline.eval_batches(subset, run.dataset.prep, config.eval_batch_size, run.mesh)
 
 
 def _record(run: Run, rows: list[dict], bar) -> None:

@@ -53,6 +53,9 @@ class Context:
     num_modalities: N, the model's branches.
     labels: the model's group labels (``main:<k>``, ``fusion:<k>``, ``other``).
     encoder_labels: the same with each branch's heads, biases and normalisation ``other``.
+    num_classes: the dataset's classes (None where the caller does not know them).
+    feature_dims: a function returning D_k of every branch's sown features (measured
+      abstractly from the model only when a method calls it; None: unknown).
   """
 
   seed: int
@@ -61,6 +64,8 @@ class Context:
   num_modalities: int
   labels: Any
   encoder_labels: Any
+  num_classes: int | None = None
+  feature_dims: Callable[[], tuple[int, ...]] | None = None
 
 
 def _unchanged(inner, options, context):
@@ -91,6 +96,10 @@ class Method:
     in_default_study: whether a study without ``--methods`` runs it.
     state_types: the library state classes whose METRICS it logs (the log's known keys).
     position: where it stands in lists and tables (smaller first; then by name).
+    epoch_share: ``options -> float``: the share of the training split that the epoch
+      pass of its transform reads (:mod:`gml_jax.epochs`; PMR's prototypes); None: all.
+    loss: what the train step minimises (:data:`gml_jax.steps.LOSSES`), where the method
+      prescribes it (MMPareto: ``"both"``); None: the model's (``build.loss``).
     own_variant: whether its name is a config variant too (False: only its variants are).
   """
 
@@ -109,6 +118,8 @@ class Method:
   state_types: tuple[type, ...] = ()
   position: int = 100
   own_variant: bool = True
+  loss: str | None = None
+  epoch_share: Callable[[Any], float] | None = None
 
   def defaults(self) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({k: o.default for k, o in self.options.items()})
