@@ -591,11 +591,11 @@ def describe_speeds(d_speed: Any, alpha: float = 0.01) -> dict:
   ``method="vanilla"`` run past its warm-up; 2 modalities).
 
   Returns a dict: ``mean``, ``std``, ``min``, ``max`` of d_speed; ``share_above_alpha``,
-  the share of steps with |d_speed| > α (each such normal step would start a window of Q
+  the share of steps with ``|d_speed|`` > α (each such normal step would start a window of Q
   re-balancing steps: near 1, guided runs back-to-back windows, a fixed schedule);
   ``favoured``, the modality that guided would re-balance at the last step (0 if d_speed >
   0, 1 if < 0); ``sign_agreement``, the share of steps whose sign matches the last one (low
-  values: the decision follows noise); and ``alpha_for_half``, the median of |d_speed|, the
+  values: the decision follows noise); and ``alpha_for_half``, the median of ``|d_speed|``, the
   α at which half the steps would re-balance, a starting point for a sweep
   (``--grid balance.alpha=...`` in a study).
 
