@@ -9,7 +9,7 @@ from ml_collections import config_dict
 # The variants (the part after ':' of --config), defined once for the runner and the
 # configs in gml_jax/runner/names.py: one per balancing method of the paper, OGM-GE on the
 # paper's model (per-branch heads and losses) and as its authors run it (`ogm_ge_joint`,
-# docs/ogm_ge.md), and the baselines: each modality alone, late fusion (no MMTM), and the
+# docs/methods/ogm_ge.md), and the baselines: each modality alone, late fusion (no MMTM), and the
 # OGM-GE authors' late fusion without modulation (`late_fusion_joint`: one head over both
 # branches' features, one cross-entropy on the fused output).
 from gml_jax.runner.names import BASELINES, DEFAULT_VARIANT, JOINT_HEAD_VARIANTS, VARIANTS
@@ -59,7 +59,8 @@ def base_config(experiment: str, variant: str, num_epochs: int = 10) -> config_d
   c.optimizer.weight_decay = 0.0
 
   c.balance = config_dict.ConfigDict()
-  # vanilla, random, guided (the paper's), or ogm_ge (Peng et al., CVPR 2022: docs/ogm_ge.md)
+  # vanilla, random, guided (the paper's), or ogm_ge (Peng et al., CVPR 2022:
+  # docs/methods/ogm_ge.md)
   c.balance.method = {"ogm_ge_joint": "ogm_ge"}.get(variant, variant)
   if variant in BASELINES:
     c.balance.method = "vanilla"

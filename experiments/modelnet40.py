@@ -7,7 +7,7 @@ validation. The renders need a manual download (data_prep/modelnet40_views/READM
 
 Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
 ``ogm_ge_joint``, ``unimodal_0``, ``unimodal_1``, ``late_fusion``, ``late_fusion_joint``
-(README.md, "Experiments").
+(docs/tutorials/runner.md, "Variants").
 
 Launch (on a GPU or TPU machine holding the renders):
 

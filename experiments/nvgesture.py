@@ -8,7 +8,7 @@ for validation; clips of the annotated gesture, 32 frames at 112x112 by default
 
 Variants (the part after ':'): ``vanilla``, ``random``, ``guided`` (default), ``ogm_ge``,
 ``ogm_ge_joint``, ``unimodal_0``, ``unimodal_1``, ``late_fusion``, ``late_fusion_joint``
-(README.md, "Experiments").
+(docs/tutorials/runner.md, "Variants").
 
 Launch (on a GPU or TPU machine holding the dataset):
 

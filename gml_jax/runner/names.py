@@ -16,7 +16,7 @@ from typing import Sequence
 from gml_jax.balancing import METHODS
 
 # ---- Methods (config.balance.method) and config variants (the part after ':' of --config).
-BALANCE_METHODS = (*METHODS, "ogm_ge")  # the transform's, and OGM-GE (docs/ogm_ge.md)
+BALANCE_METHODS = (*METHODS, "ogm_ge")  # the transform's, and OGM-GE (docs/methods/ogm_ge.md)
 # Controls for guided's decision: guided's schedule pinned to modality k (no speed test), and
 # random draws at guided's shares where its windows run back to back (Q/(Q+1) of the steps
 # after warm-up re-balance m0, none m1; Q = 5).
