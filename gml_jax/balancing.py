@@ -274,12 +274,12 @@ def balanced_multimodal(
   from {normal, re-balance modality 0, ..., N-1} (reproducible from ``seed``).
   ``method="vanilla"``: normal steps only (speeds are still measured).
 
-  **N > 2 modalities** (``docs/n_modalities.md``): d_speed is the spread
+  **N > 2 modalities** (``docs/tutorials/n_modalities.md``): d_speed is the spread
   :math:`\max_k s_k - \min_k s_k`, never negative; guided compares it with α and, when it
   is larger, re-balances the modality with the largest s_k (ties: the lowest index), even if
   the second largest is a hair behind. "random" draws from N + 1 choices, "fixed" pins
-  ``target`` whatever the speeds. For N = 2 this is the paper's rule exactly (|s_0 − s_1| >
-  α, k = 0 if s_0 > s_1). :func:`describe_speeds` on the [T, N] speeds of a vanilla run
+  ``target`` whatever the speeds. For N = 2 this is the paper's rule exactly (``|s_0 − s_1| >
+  α``, k = 0 if s_0 > s_1). :func:`describe_speeds` on the [T, N] speeds of a vanilla run
   shows how often each modality leads and by what margin.
 
   Two controls for guided's decision: ``method="fixed"`` runs guided's schedule as if every
@@ -611,7 +611,7 @@ def step_mode(opt_state: Any) -> StepMode:
   ``new_stats`` is the dict of collections that ``mutable`` returns; ``labels`` (rules over
   module paths) label each collection. The library's :func:`gml_jax.make_train_step` does
   all of this. For NNX, whose state is read live from the model, use
-  :func:`gml_jax.nnx.stats` and :func:`gml_jax.nnx.keep_frozen` (``docs/n_modalities.md``
+  :func:`gml_jax.nnx.stats` and :func:`gml_jax.nnx.keep_frozen` (``docs/tutorials/n_modalities.md``
   has the whole step).
   """
   state = balance_state(opt_state)
@@ -816,12 +816,12 @@ def describe_speeds(speeds: Any, alpha: float = 0.01) -> dict:
   * several runs (seeds) of the latter: a list of [T_i, N] arrays, or an array [S, T, N].
 
   Returns a dict: ``mean``, ``std``, ``min``, ``max`` of d_speed; ``share_above_alpha``,
-  the share of steps with |d_speed| > α (each such normal step would start a window of Q
+  the share of steps with ``|d_speed|`` > α (each such normal step would start a window of Q
   re-balancing steps: near 1, guided runs back-to-back windows, a fixed schedule);
   ``favoured``, the modality that guided would re-balance at the last step (the largest
   s_k; from d_speed alone: 0 if > 0, 1 if < 0); ``sign_agreement`` (d_speed or N = 2), the
   share of steps whose sign matches the last one (low values: the decision follows
-  noise); ``alpha_for_half``, the median of |d_speed|, the α at which half the steps would
+  noise); ``alpha_for_half``, the median of ``|d_speed|``, the α at which half the steps would
   re-balance, a starting point for a sweep (``--grid balance.guided.alpha=...``
   in a study);
   ``undefined_steps``, steps whose d_speed is NaN (left out of the rest: no gradient yet,

@@ -5,7 +5,7 @@ Gradient Modulation", CVPR 2022).
 At every step (or every step of a window) the modality whose branch fits the batch better is
 slowed down: its ``main:k`` gradients (all of them, or its kernels only) are scaled by a
 coefficient below 1 that grows with its lead, and (with ``noise``) Gaussian noise is added to
-every branch's modulated gradients. ``docs/ogm_ge.md`` restates the method
+every branch's modulated gradients. ``docs/methods/ogm_ge.md`` restates the method
 and what in the published method is ambiguous, with how each point is settled here.
 
 Labels are those of :func:`gml_jax.balanced_multimodal` (``"main:<k>"`` marks branch k's

@@ -25,7 +25,7 @@
       optimizer.update(model, nnx.grad(loss_fn)(model))
       gml_jax.nnx.keep_frozen(mode, labels, model, before)  # frozen branches' state back
 
-  (``docs/n_modalities.md`` has it whole and tested.)
+  (``docs/tutorials/n_modalities.md`` has it whole and tested.)
 
 An NNX model in these steps is called as ``model(inputs, *, train, cut, drop)`` (see
 :mod:`gml_jax.protocol`); ``train`` selects batch statistics (pass

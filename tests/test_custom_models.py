@@ -385,7 +385,7 @@ def test_nnx_keep_frozen_refuses_live_state_and_the_recipe_equals_the_library_st
                                        r"gml_jax.nnx.keep_frozen\(mode, labels, model, old\)"):
     gml_jax.keep_frozen(mode, BN_LABELS, nnx.state(model, nnx.BatchStat), live)
 
-  # The recipe of docs/n_modalities.md and gml_jax.nnx's docstring.
+  # The recipe of docs/tutorials/n_modalities.md and gml_jax.nnx's docstring.
   model = NNXBatchNormFiLM(nnx.Rngs(0))
   library = gml_jax.create_train_state(NNXBatchNormFiLM(nnx.Rngs(0)), _fixed_tx(),
                                        batch["inputs"])

@@ -50,8 +50,8 @@ def test_wheel_holds_the_library_alone_and_requires_only_the_core(tmp_path):
 
 
 def _public_api_names() -> list[str]:
-  """Every name of the README's "Public API" table (first column), as dotted paths."""
-  section = ROOT.joinpath("README.md").read_text().split("## Public API", 1)[1]
+  """Every name of the API reference's "Public API" table (first column), as dotted paths."""
+  section = ROOT.joinpath("docs", "api", "index.md").read_text().split("## Public API", 1)[1]
   rows = [line for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("| `")]
   first_cells = [r.split(" | ")[0] for r in rows]
   return [re.match(r"[\w.]+", span).group(0)

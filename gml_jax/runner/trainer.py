@@ -26,7 +26,7 @@ this config's run (otherwise one line says why, and nothing is written). A run l
 workdir (``lock.json``): a second run on it stops at once, writing nothing there. SIGTERM
 or SIGINT stops a run at the next metrics fetch with a checkpoint; a diverged (NaN/inf) loss
 stops it without one, keeping the last good checkpoint. On a bucket that cannot be reached,
-a save is retried (:func:`~gml_jax.runner.storage.with_retries`; docs/faults.md).
+a save is retried (:func:`~gml_jax.runner.storage.with_retries`; docs/tutorials/fault_messages.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ needs from the step and which metrics it reports: :mod:`gml_jax.extras`), one re
 here (a module ``<name>.py`` defining ``METHOD = Method(...)``: its config options with
 defaults and checks, how it wraps the optimizer, its variants, its comparisons), its tests
 and its docs page. The step, the trainer, the logs, the study, the report and the plots
-learn nothing else about it (``docs/adding_a_method.md`` walks through one).
+learn nothing else about it (``docs/methods/adding_a_method.md`` walks through one).
 
 Config: ``balance.method`` names the method; its options live under ``balance.<method>``
 (e.g. ``balance.guided.alpha``), as a backbone's under ``model.<backbone>``.

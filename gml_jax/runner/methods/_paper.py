@@ -1,5 +1,5 @@
 """What the paper's methods (random, guided, fixed) share: the balancing transform and the
-options of its re-balancing windows (Wu et al., ICML 2022; docs/algorithm.md)."""
+options of its re-balancing windows (Wu et al., ICML 2022; docs/methods/algorithm.md)."""
 
 from __future__ import annotations
 

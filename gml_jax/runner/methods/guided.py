@@ -1,5 +1,5 @@
 """guided: the paper's method, re-balancing the faster modality when the speeds differ by
-more than α (Wu et al., ICML 2022; docs/algorithm.md)."""
+more than α (Wu et al., ICML 2022; docs/methods/algorithm.md)."""
 
 from gml_jax.runner.fields import number
 from gml_jax.runner.methods import Method, Option, _paper

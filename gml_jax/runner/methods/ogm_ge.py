@@ -1,4 +1,4 @@
-"""ogm_ge: OGM-GE (Peng et al., CVPR 2022; docs/ogm_ge.md), on this project's model and as
+"""ogm_ge: OGM-GE (Peng et al., CVPR 2022; docs/methods/ogm_ge.md), on this project's model and as
 its authors run it (``ogm_ge_joint``)."""
 
 from gml_jax.modulation import OGMState, ogm_ge

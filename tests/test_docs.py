@@ -1,0 +1,145 @@
+"""The README's and the documentation site's Python blocks run as written (one namespace per
+page, blocks in order); the README's results are its study's cells; the results pages hold
+each figure once and no absolute local path; the shell blocks name real make targets and
+modules. (The site itself is built by `make docs`, in .ci/run.)"""
+
+import ast
+import pathlib
+import re
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+GENERATED = "_generated"
+sys.path.insert(0, str(DOCS))
+import results_pages  # noqa: E402  (docs/results_pages.py)
+
+
+def _blocks(page: pathlib.Path, lang: str = "python") -> list[str]:
+  return re.findall(rf"```{lang}\n(.*?)```", page.read_text(), flags=re.S)
+
+
+def _pages() -> list[pathlib.Path]:
+  """Every hand-written page of the site (the generated ones come from these)."""
+  return sorted(p for p in DOCS.rglob("*.md") if GENERATED not in p.parts
+                and "_build" not in p.parts)
+
+
+def _run(page: pathlib.Path) -> None:
+  namespace = {}
+  for block in _blocks(page):
+    exec(compile(block, str(page), "exec"), namespace)
+
+
+def test_readme_example_runs(capsys):
+  (block,) = _blocks(ROOT / "README.md")
+  exec(compile(block, "README.md", "exec"), {})
+  speeds = capsys.readouterr().out.strip()
+  assert speeds.startswith("[") and speeds.split()[-1] in {"-1", "0", "1"}
+
+
+def test_own_model_tutorial_runs(capsys):
+  page = DOCS / "tutorials" / "own_model.md"
+  assert len(_blocks(page)) == 2
+  _run(page)
+  speeds, utilization, nnx_line = capsys.readouterr().out.strip().split("\n")
+  # Linen FiLM through the library's steps: two speeds and the last step's target.
+  assert speeds.startswith("[") and speeds.split()[-1] in {"-1", "0", "1"}
+  rates = ast.literal_eval(utilization)
+  assert {"accuracy", "branch_0_accuracy", "u(m1|m0)", "u(m0|m1)", "d_util"} <= set(rates)
+  assert 0 <= rates["accuracy"] <= 1
+  # NNX: 60 steps taken, and the trained model back as an nnx.Module.
+  assert nnx_line == "60 (16, 3)"
+
+
+def test_handwritten_step_tutorial_freezes_what_it_says(capsys):
+  _run(DOCS / "tutorials" / "handwritten_step.md")
+  # warm-up, the schedule's normal step, then m0 re-balanced: branch 0's own params move,
+  # the fusion layers, branch 1 and the cuts' running means stay bit-identical.
+  assert capsys.readouterr().out.strip() == "[-1, -1, 0] ['encoder_0', 'head_0'] []"
+
+
+def test_ogm_ge_page_damps_the_leading_branch(capsys):
+  _run(DOCS / "methods" / "ogm_ge.md")
+  # By hand: true-class scores softmax([4, 0])[0] = e^4 / (e^4 + 1) and 1/2; ρ_0 = their
+  # ratio > 1, so branch 0's SGD(1) update -1 is scaled by 1 - tanh(0.8 ρ_0); branch 1's not.
+  import numpy as np
+  rho = (np.exp(4) / (np.exp(4) + 1)) / 0.5
+  expected = {"branch_0": round(-(1 - float(np.tanh(0.8 * rho))), 3), "branch_1": -1.0}
+  assert capsys.readouterr().out.strip() == str(expected)
+
+
+def test_every_page_with_code_has_a_test():
+  with_code = {p.relative_to(DOCS).as_posix() for p in _pages() if _blocks(p)}
+  assert with_code == {"tutorials/own_model.md", "tutorials/handwritten_step.md",
+                       "methods/ogm_ge.md"}, (
+    "a page with Python blocks needs its test in tests/test_docs.py")
+
+
+def _table(text: str, header: str) -> dict[str, list[str]]:
+  """The rows of the Markdown table whose header starts with ``header``, by first cell."""
+  lines = text[text.index(header):].splitlines()
+  rows = {}
+  for line in lines[2:]:
+    if not line.startswith("|"):
+      break
+    cells = [c.strip() for c in line.strip("|").split(" | ")]
+    rows[cells[0]] = cells[1:]
+  return rows
+
+
+def test_readme_results_are_the_cells_of_their_study():
+  readme = _table((ROOT / "README.md").read_text(), "| method | test ŷ |")
+  study_file = DOCS / "results" / "colored_mnist_var_0.02" / "study.md"
+  study = _table(study_file.read_text(), "| method | n |")
+  header = [c.strip() for c in study_file.read_text().split("| method | n |")[1]
+            .splitlines()[0].strip("|").split(" | ")]
+  column = {name: i + 1 for i, name in enumerate(header)}  # after "n"
+  assert len(readme) == 5
+  for method, (test, branch0, d_util) in readme.items():
+    row = study[method]
+    assert test == row[column["test ŷ"]] and branch0 == row[column["test branch 0"]]
+    assert d_util == row[column["d_util"]]
+
+
+def test_results_page_states_each_figure_once_with_relative_paths(tmp_path):
+  folder = tmp_path / "my_study"
+  folder.mkdir()
+  (folder / "notes.md").write_text("# My study\n\nWhat it says.\n")
+  (folder / "study.md").write_text(
+    "# Study: x\n\n`python -m gml_jax.runner.study --workdir /home/me/runs/s1 --seeds 0-1`\n\n"
+    "## grid=1\n\n| method | n |\n|---|---|\n| guided | 2 |\n")
+  for name in ("grid.png", "accuracy.png"):
+    (folder / name).write_bytes(b"png")
+  page = results_pages.study_page(folder)
+  assert "--workdir runs/s1 " in page and results_pages.absolute_paths(page) == []
+  assert page.count("](../my_study/accuracy.png)") == 1
+  assert page.count("](../my_study/grid.png)") == 1
+  assert page.index("accuracy.png") < page.index("grid.png")  # the known plots in order
+  assert "### grid=1" in page  # the study's headings under "## Tables"
+  assert results_pages.absolute_paths("see `/tmp/a/b` or https://x.org/a/b") == ["/tmp/a/b"]
+  (folder / "notes.md").write_text("no title\n")
+  with pytest.raises(ValueError, match="first line must be the page's title"):
+    results_pages.study_page(folder)
+
+
+def test_committed_results_hold_no_absolute_path_and_every_study_has_notes():
+  for folder in sorted(p for p in (DOCS / "results").iterdir()
+                       if p.is_dir() and p.name != GENERATED):
+    assert (folder / "notes.md").is_file(), folder
+    assert results_pages.absolute_paths(results_pages.study_page(folder)) == [], folder
+
+
+def test_shell_blocks_name_real_make_targets_and_modules():
+  makefile = (ROOT / "Makefile").read_text()
+  targets = set(re.findall(r"^([a-z-]+):", makefile, flags=re.M))
+  for page in [ROOT / "README.md", *_pages()]:
+    for block in _blocks(page, "sh"):
+      for target in re.findall(r"(?:^|\s)make ([a-z-]+)", block):
+        assert target in targets, f"{page}: make {target}"
+      for module in re.findall(r"python -m ([\w.]+)", block):
+        path = ROOT.joinpath(*module.split("."))
+        assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), (
+          f"{page}: python -m {module}")
