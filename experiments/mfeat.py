@@ -27,7 +27,7 @@ Launch (CPU is enough: an epoch of the pair is a second or two):
 Recipe (ours; the dataset has no balancing reference): SGD lr 0.01, momentum 0.9, weight
 decay 1e-4, batch 64 (18 steps an epoch), 30 epochs, constant learning rate; MLP width 128.
 
-Results here: none yet (the 5-seed study is scheduled separately).
+Results here: docs/results/mfeat_fac_mor and mfeat_fac_fou_mor (the site's Results pages).
 """
 
 from ml_collections import config_dict
