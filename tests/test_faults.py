@@ -29,6 +29,8 @@ from run_helpers import (
   step_rows,
 )
 
+from gml_jax.runner import names
+
 # 4 epochs of 5 steps, metrics fetched every step so that a signal is seen at once.
 RUN = dict(num_epochs=4, log_every_steps=1)
 
@@ -373,10 +375,12 @@ def test_an_unknown_variant_is_one_line_listing_the_variants(tmp_path):
        f"--config={ROOT}/experiments/colored_mnist.py:guidedd", f"--workdir={tmp_path}"],
       cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
+  # the variants are the registered methods' (gml_jax/runner/methods/), in their order
+  assert {"vanilla", "random", "guided", "ogm_ge", "ogm_ge_joint", "fixed_0", "fixed_1",
+          "random_matched", "unimodal_0", "unimodal_1", "late_fusion",
+          "late_fusion_joint"} <= set(names.VARIANTS)
   assert result.stderr.strip().splitlines() == [
-      "Error: Unknown variant 'guidedd' of colored_mnist; expected one of ('vanilla', "
-      "'random', 'guided', 'ogm_ge', 'ogm_ge_joint', 'fixed_0', 'fixed_1', 'random_matched', "
-      "'unimodal_0', 'unimodal_1', 'late_fusion', 'late_fusion_joint')."]
+      f"Error: Unknown variant 'guidedd' of colored_mnist; expected one of {names.VARIANTS}."]
 
 
 def test_damaged_files_of_a_workdir_are_named(data_dir, tmp_path):

@@ -239,7 +239,7 @@ def test_fused_loss_trains_the_fused_output_alone():
   np.testing.assert_allclose(state.params["head"]["bias"] - new.params["head"]["bias"],
                              bias_grad, rtol=1e-4, atol=1e-6)
   assert metrics["branch_loss"].shape == (2,)
-  with pytest.raises(ValueError, match=r"loss must be one of \('branches', 'fused'\)"):
+  with pytest.raises(ValueError, match=r"loss must be one of \('branches', 'fused', 'both'\)"):
     gml_jax.make_train_step(model, optax.sgd(1.0), loss="sum")
 
 

@@ -184,8 +184,8 @@ def test_study_runs_modelnet40_around_a_finished_cli_run(modelnet40_study):
                   *MODELNET40_FLAGS)
   assert "skipped guided seed 0: finished before" in result.stdout
   metrics = _check_study(result, study_dir, "modelnet40", methods,
-                         ["guided - vanilla", "ogm_ge - vanilla", "guided - ogm_ge",
-                          "vanilla - late_fusion"])
+                         ["vanilla - late_fusion", "guided - vanilla", "guided - ogm_ge",
+                          "ogm_ge - vanilla"])
   assert "d_util" in metrics["ogm_ge"] and "d_util" not in metrics["late_fusion"]
 
 
