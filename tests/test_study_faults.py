@@ -260,7 +260,8 @@ def test_after_two_signals_the_study_reports_the_killed_run_and_its_last_checkpo
   def signals():  # the user's Ctrl-C twice, once the busy run is saving
     _wait_for(lambda: (runs[0].workdir / "ready").exists() and not runs[1].workdir.exists())
     stop.signum, stop.count = signal.SIGINT, 1
-    time.sleep(1.0)
+    # the second only once seed 1 has failed on its own (under load it may not have yet)
+    _wait_for(lambda: runs[1].status == "failed")
     stop.count = 2
 
   thread = threading.Thread(target=signals)
