@@ -39,6 +39,20 @@ def _av():
   return av
 
 
+def clip_features(config, label):
+  """The features of a clip of the audio-visual builders: the spectrogram, ``config``'s
+  frames (``frames`` x ``image_size``), the ``label`` feature and the clip's name."""
+  import tensorflow_datasets as tfds
+
+  size = config.image_size
+  return tfds.features.FeaturesDict({
+      "audio": tfds.features.Tensor(shape=(*SPECTROGRAM_SHAPE, 1), dtype=np.float32),
+      "visual": tfds.features.Tensor(shape=(config.frames, size, size, 3), dtype=np.uint8),
+      "label": label,
+      "clip": tfds.features.Text(),
+  })
+
+
 def load_audio(path) -> np.ndarray:
   """The first audio stream of a file (wav, flv, mp4, ...) as float32 mono samples at
   22,050 Hz (FFmpeg's resampler; channels averaged)."""

@@ -101,14 +101,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "audio": tfds.features.Tensor(shape=(*av_media.SPECTROGRAM_SHAPE, 1),
-                                          dtype=np.float32),
-            "visual": tfds.features.Tensor(shape=(c.frames, c.image_size, c.image_size, 3),
-                                           dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=EMOTIONS),
-            "clip": tfds.features.Text(),
-        }),
+        features=av_media.clip_features(c, tfds.features.ClassLabel(names=EMOTIONS)),
         homepage="https://github.com/CheyneyComputerScience/CREMA-D",
     )
 

@@ -161,16 +161,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "audio": tfds.features.Tensor(shape=(*av_media.SPECTROGRAM_SHAPE, 1),
-                                          dtype=np.float32),
-            "visual": tfds.features.Tensor(shape=(c.frames, c.image_size, c.image_size, 3),
-                                           dtype=np.uint8),
-            # the class list is known at build time only (the manual directory's
-            # classes.txt, or the reference's): info.metadata["classes"] holds it
-            "label": tfds.features.Scalar(dtype=np.int64),
-            "clip": tfds.features.Text(),
-        }),
+        # the class list is known at build time only (the manual directory's classes.txt,
+        # or the reference's): info.metadata["classes"] holds it
+        features=av_media.clip_features(c, tfds.features.Scalar(dtype=np.int64)),
         homepage="https://arxiv.org/abs/1705.08168",
         metadata=tfds.core.MetadataDict(),
     )
