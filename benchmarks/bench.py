@@ -1,8 +1,9 @@
 """Train-step benchmark: gml_jax against a PyTorch reference of the same work (`make bench`).
 
 For every workload (the Colored MNIST CNN pair at batch 64 and 256, the ModelNet40
-ResNet-18 pair at 224x224, batch 8) and method (vanilla, random, guided) it measures the
-steady-state step time and samples/s of
+ResNet-18 pair at 224x224, batch 8) and method (vanilla, random, guided by default; any
+registered method by name, e.g. ``--methods vanilla,ogm_ge,agm,mmpareto,pmr,inforeg``, with
+its defaults) it measures the steady-state step time and samples/s of
 
 * ``jax``: gml_jax's compiled train step, one step per call;
 * ``jax_xK``: K steps per compiled call (``gml_jax.steps.make_multi_step``), when asked;
@@ -14,7 +15,10 @@ steady-state step time and samples/s of
 interleaved (jax, torch, jax, torch, ...) so that both see the same machine load, and
 reports medians over the repeats, compile time, compilations per model across all modes
 (normal and re-balancing steps of each modality), XLA's memory estimate of the step, and
-the ratios torch ÷ jax step time (> 1: JAX faster) and guided ÷ vanilla and guided ÷ plain.
+the ratios torch ÷ jax step time (> 1: JAX faster) and each method ÷ vanilla and ÷ plain.
+Every implementation of every method runs once per round, round after round, so the
+ratios are measured side by side. PMR's prototype pass (once per epoch, outside the step)
+is reported apart, in milliseconds per batch.
 
   python -m benchmarks.bench --torch-python .venv-torch/bin/python
   python -m benchmarks.bench --workloads cnn_b64 --repeats 3 --no-torch
@@ -44,6 +48,10 @@ from gml_jax import parallel, steps
 from gml_jax.balancing import METHODS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# What the registered methods' windows and epoch passes are sized by: Colored MNIST's run
+# (4,500 training digits at batch 64, 10 epochs); PMR's prototype pass is timed over
+# EPOCH_PASS_BATCHES batches in evaluation mode.
+STEPS_PER_EPOCH, NUM_EPOCHS, EPOCH_PASS_BATCHES = 70, 10, 4
 
 
 def build_model(workload: dict):
@@ -70,6 +78,54 @@ def host_batches(workload: dict, count: int, seed: int = 0) -> list[dict]:
 # JAX runners: each returns a function run(steps) -> seconds, after compiling.
 
 
+def method_optimizer(workload: dict, method: str, model, example_inputs):
+  """(tx, loss) of a run of ``method`` with plain SGD inside: the paper's methods (vanilla,
+  random, guided) from the library alone, with α = 0 for guided and no warm-up, which keeps
+  re-balancing busy so that every mode is compiled and timed; every other registered method
+  (``gml_jax/runner/methods/``: OGM-GE, AGM, MMPareto, PMR, InfoReg) with its defaults (its
+  authors' recipe) inside the balancing transform in method "vanilla", as the runner builds
+  it, so that its ratio to vanilla is what the method adds."""
+  sgd = optax.sgd(LEARNING_RATE)
+  if method in METHODS:
+    return gml_jax.balanced_multimodal(sgd, gml_jax.group_labels, method=method,
+                                       alpha=0.0 if method == "guided" else ALPHA,
+                                       window=WINDOW, warmup_steps=0, seed=0), "branches"
+  from gml_jax.runner import methods  # the runner's registry: not on device images
+
+  registered = methods.variant_method(method)
+  if method != registered.name:
+    raise ValueError(f"--methods: {method!r} is a variant of {registered.name!r}; the "
+                     "benchmark times methods with their defaults.")
+  variables = model.init(jax.random.key(0), tuple(example_inputs), train=False)
+  context = methods.Context(
+      seed=0, steps_per_epoch=STEPS_PER_EPOCH, num_epochs=NUM_EPOCHS,
+      num_modalities=len(workload["channels"]), labels=gml_jax.group_labels,
+      encoder_labels=gml_jax.models.encoder_labels, num_classes=workload["classes"],
+      feature_dims=lambda: gml_jax.pmr.feature_dims(model, variables, example_inputs))
+  tx = registered.transform(sgd, registered.defaults(), context)
+  if not registered.rebalances:
+    tx = gml_jax.balanced_multimodal(tx, gml_jax.group_labels, method="vanilla", seed=0)
+  return tx, registered.loss or "branches"
+
+
+def start_epoch(model, workload: dict, state):
+  """The transforms' epoch hook before the first timed step (:mod:`gml_jax.epochs`), and
+  the milliseconds per batch of PMR's prototype pass (None for a hook without one):
+  reported apart from the step, as a run reports its epoch passes."""
+  needs = gml_jax.epochs.epoch_needs(state.opt_state)
+  inputs = {"params": state.params} if "params" in needs else {}
+  pass_ms = None
+  if "prototype_sums" in needs:
+    step = jax.jit(gml_jax.pmr.make_prototype_step(model, workload["classes"]))
+    batches = host_batches(workload, EPOCH_PASS_BATCHES, seed=1)
+    jax.block_until_ready(step(state.variables, batches[0]))  # compile
+    start = time.perf_counter()
+    sums = jax.block_until_ready(gml_jax.pmr.prototype_pass(step, state.variables, batches))
+    pass_ms = 1e3 * (time.perf_counter() - start) / len(batches)
+    inputs["prototype_sums"] = sums
+  return state.replace(opt_state=gml_jax.epochs.epoch_start(state.opt_state, **inputs)), pass_ms
+
+
 class JaxRunner:
   """gml_jax's train step for one workload and method, ``steps_per_call`` steps a call."""
 
@@ -77,15 +133,15 @@ class JaxRunner:
                dtype: str = "float32"):
     self.model = build_model(workload)
     self.mesh = gml_jax.data_mesh()
-    # α = 0 and no warm-up keep re-balancing busy, so every mode is compiled and timed.
-    tx = gml_jax.balanced_multimodal(optax.sgd(LEARNING_RATE), gml_jax.group_labels,
-                                     method=method, alpha=0.0 if method == "guided" else ALPHA,
-                                     window=WINDOW, warmup_steps=0, seed=0)
     example = host_batches(workload, 1)[0]["inputs"]
-    self.state = gml_jax.replicate(
-        gml_jax.create_train_state(self.model, tx, [x[:1] for x in example], 0), self.mesh)
+    tx, loss = method_optimizer(workload, method, self.model, [x[:1] for x in example])
+    state = gml_jax.create_train_state(self.model, tx, [x[:1] for x in example], 0)
+    self.epoch_pass_ms = None
+    if gml_jax.epochs.epoch_needs(state.opt_state):  # PMR, InfoReg: their first epoch's hook
+      state, self.epoch_pass_ms = start_epoch(self.model, workload, state)
+    self.state = gml_jax.replicate(state, self.mesh)
     self.traces = 0
-    step = gml_jax.make_train_step(self.model, tx, compute_dtype=dtype)
+    step = gml_jax.make_train_step(self.model, tx, compute_dtype=dtype, loss=loss)
 
     def counted(state, batch):
       self.traces += 1
@@ -192,7 +248,8 @@ class TorchWorker:
 
 
 def bench_workload(name: str, args, torch: TorchWorker | None) -> list[dict]:
-  """Every method and dtype of one workload, implementations interleaved round by round."""
+  """Every method and dtype of one workload, every implementation of every method timed
+  once per round, round after round (their ratios are measured side by side)."""
   workload = WORKLOADS[name]
   cnn = workload["model"] == "small_cnn"
   steps = args.steps if cnn else args.resnet_steps  # ResNet-18 and I3D: slow steps
@@ -202,25 +259,28 @@ def bench_workload(name: str, args, torch: TorchWorker | None) -> list[dict]:
   for dtype in args.dtypes:
     plain = PlainRunner(workload, dtype)
     torch_info = torch.ask(cmd="setup", workload=name, seed=0, dtype=dtype) if torch else None
+    runners, times = {}, {}
     for method in args.methods:
-      runners = {"jax": JaxRunner(workload, method, dtype=dtype)}
+      runners[method] = {"jax": JaxRunner(workload, method, dtype=dtype)}
       for k in args.steps_per_call if cnn else args.resnet_steps_per_call:
-        runners[f"jax_x{k}"] = JaxRunner(workload, method, k, dtype)
-      times = {key: [] for key in [*runners, "plain", "torch"]}
-      torch_memory = None
-      for _ in range(args.repeats):  # interleaved: every implementation once per round
-        for key, runner in runners.items():
-          times[key].append(runner.run(steps))
-        times["plain"].append(plain.run(steps))
-        if torch:
+        runners[method][f"jax_x{k}"] = JaxRunner(workload, method, k, dtype)
+      times[method] = {key: [] for key in [*runners[method], "plain", "torch"]}
+    torch_memory = {}
+    for _ in range(args.repeats):  # interleaved: every implementation once per round
+      for method in args.methods:
+        for key, runner in runners[method].items():
+          times[method][key].append(runner.run(steps))
+        times[method]["plain"].append(plain.run(steps))
+        if torch and method in METHODS:  # the reference has the paper's methods only
           reply = torch.ask(cmd="run", method=method, steps=steps)
-          times["torch"].append(reply["seconds"] / steps)
-          torch_memory = reply.get("peak_mb")
-      for key, samples in times.items():
+          times[method]["torch"].append(reply["seconds"] / steps)
+          torch_memory[method] = reply.get("peak_mb")
+    for method in args.methods:
+      for key, samples in times[method].items():
         if not samples:
           continue
         median = statistics.median(samples)
-        runner = runners.get(key)
+        runner = runners[method].get(key)
         rows.append({
             "workload": name, "method": method, "dtype": dtype, "impl": key,
             "step_ms": 1e3 * median, "samples_per_s": workload["batch"] / median,
@@ -230,8 +290,9 @@ def bench_workload(name: str, args, torch: TorchWorker | None) -> list[dict]:
             "modes_seen": sorted(runner.targets) if runner else None,
             "xla_memory_mb": (runner.memory_bytes / 2**20
                               if runner and runner.memory_bytes is not None else None),
-            "peak_memory_mb": torch_memory if key == "torch" else peak_memory_mb(),
+            "peak_memory_mb": torch_memory.get(method) if key == "torch" else peak_memory_mb(),
             "params": torch_info["params"] if key == "torch" and torch_info else None,
+            "epoch_pass_ms": getattr(runner, "epoch_pass_ms", None),
         })
   return rows
 
@@ -260,12 +321,13 @@ def format_tables(rows, ratio_rows) -> str:
   fmt = lambda v, f: format(v, f) if v is not None else "-"
   lines = [f"{'workload':12} {'method':8} {'dtype':9} {'impl':8} {'ms/step':>9} "
            f"{'samples/s':>10} {'spread':>7} {'compile s':>9} {'compiles':>8} {'XLA MB':>7} "
-           f"{'peak MB':>8}"]
+           f"{'peak MB':>8} {'epoch pass ms/batch':>19}"]
   for r in rows:
     lines.append(f"{r['workload']:12} {r['method']:8} {r['dtype']:9} {r['impl']:8} "
                  f"{r['step_ms']:9.2f} {r['samples_per_s']:10.0f} {r['spread_pct']:6.0f}% "
                  f"{fmt(r['compile_s'], '9.1f'):>9} {fmt(r['compilations'], 'd'):>8} "
-                 f"{fmt(r['xla_memory_mb'], '7.0f'):>7} {fmt(r['peak_memory_mb'], '8.0f'):>8}")
+                 f"{fmt(r['xla_memory_mb'], '7.0f'):>7} {fmt(r['peak_memory_mb'], '8.0f'):>8} "
+                 f"{fmt(r.get('epoch_pass_ms'), '19.2f'):>19}")
   lines += ["", f"{'workload':12} {'method':8} {'dtype':9} {'impl':8} {'torch/jax':>9} "
                 f"{'÷vanilla':>9} {'÷plain':>7} {'÷float32':>9}"]
   for r in ratio_rows:
@@ -293,7 +355,9 @@ def parse_args(argv=None):
                            f"{DEVICE_REPORT}")
   parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                       help=f"comma-separated, of {list(WORKLOADS)}")
-  parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+  parser.add_argument("--methods", default=",".join(METHODS),
+                      help="comma-separated: the paper's (vanilla, random, guided) or any "
+                           "registered method (gml_jax/runner/methods/) with its defaults")
   parser.add_argument("--dtypes", default="float32",
                       help="compute dtypes, comma-separated: float32, bfloat16")
   parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
