@@ -216,6 +216,8 @@ class StepPass:
     inputs: the batch's inputs, a tuple of N arrays (or None); used for ``mono_losses``.
     evaluate_on: function of inputs -> (logits, branch_logits) of an evaluation-mode
       forward pass (``cut=-1``) of the step's parameters; used for ``mono_losses``.
+    loss_grads: the per-loss gradients when the step computed them with its own
+      gradient (None: computed from ``outputs`` when needed).
   """
 
   outputs: Callable[[Any], tuple[jax.Array, jax.Array]]
@@ -227,9 +229,12 @@ class StepPass:
   intermediates: Any = dataclasses.field(default_factory=dict)
   inputs: tuple | None = None
   evaluate_on: Callable[[tuple], tuple[jax.Array, jax.Array]] | None = None
+  loss_grads: Any = None
 
 
 def _loss_grads(params, step: StepPass):
+  if step.loss_grads is not None:
+    return step.loss_grads
   losses = lambda p: mean_cross_entropies(*step.outputs(p), step.labels)
   values, pullback = jax.vjp(losses, params)
   (grads,) = jax.vmap(pullback)(jnp.eye(values.shape[0], dtype=values.dtype))

@@ -24,6 +24,7 @@ from gml_jax.extras import (
   extra_args,
   loss_needs_of,
   loss_terms,
+  mean_cross_entropies,
   needs_of,
   transform_metrics,
   true_class_scores,  # noqa: F401 (its home before gml_jax.extras; still imported from here)
@@ -148,6 +149,41 @@ def _loss_terms(opt_state, loss_needs, new_model_state, labels) -> jax.Array:
   return loss_terms(opt_state, **{n: given[n] for n in loss_needs})
 
 
+def _kept_model_state(mode: StepMode | None, labels, new: dict, old: dict) -> dict:
+  """The forward pass's updated collections, those of the groups a re-balancing step
+  freezes (``mode``; None: no balancing) kept as they were; each collection is labelled by
+  the same rules as the params."""
+
+  def kept(new, old):
+    if mode is not None:
+      new = keep_frozen(mode, labels, new, old)
+    return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+
+  return {name: kept(collection, old[name]) for name, collection in new.items()}
+
+
+def _grads_from_loss_grads(forward, loss: str, labels, params):
+  """The step's gradients for a transform that needs ``loss_grads`` (MMPareto's): one
+  forward pass and the pullback of its N + 1 mean losses (fused, then each branch's), and
+  the step's gradient as their sum under ``loss``, so the step runs N + 1 backward passes
+  rather than N + 2 and a second forward pass. Returns (grads, aux as ``loss_fn``'s,
+  loss_grads)."""
+
+  def mean_losses(params):
+    (logits, branch_logits), new_model_state = forward(params)
+    return mean_cross_entropies(logits, branch_logits, labels), (new_model_state, logits,
+                                                                 branch_logits)
+
+  values, pullback, (new_model_state, logits, branch_logits) = jax.vjp(
+      mean_losses, params, has_aux=True)
+  (loss_grads,) = jax.vmap(pullback)(jnp.eye(values.shape[0], dtype=values.dtype))
+  weights = jnp.asarray([loss != "branches"] + [loss != "fused"] * (values.shape[0] - 1),
+                        values.dtype)  # which of the N + 1 losses the step minimises
+  grads = jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1).astype(g.dtype), loss_grads)
+  value = training_loss(loss, logits, values[1:], labels)
+  return grads, (new_model_state, logits, branch_logits, values[1:], value), loss_grads
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -233,11 +269,15 @@ def make_train_step(
         value = value + _loss_terms(state.opt_state, loss_needs, new_model_state, batch["label"])
       return value, (new_model_state, logits, branch_logits, losses, value)
 
-    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
+    if "loss_grads" in needs and not loss_needs:
+      grads, aux, loss_grads = _grads_from_loss_grads(forward, loss, batch["label"],
+                                                      state.params)
+    else:
+      (grads, aux), loss_grads = jax.grad(loss_fn, has_aux=True)(state.params), None
     new_model_state, logits, branch_logits, losses, loss_value = aux
     new_model_state = dict(new_model_state)
     step = StepPass(outputs=lambda p: forward(p)[0], logits=logits, branch_logits=branch_logits,
-                    labels=batch["label"], value=loss_value,
+                    labels=batch["label"], value=loss_value, loss_grads=loss_grads,
                     evaluate=lambda cut: apply(state.params, train=False, cut=cut)[0],
                     intermediates=new_model_state.pop("intermediates", {}),
                     inputs=tuple(batch["inputs"]),
@@ -247,14 +287,7 @@ def make_train_step(
                                    **extra_args(needs, state.params, step))
     params = optax.apply_updates(state.params, updates)
 
-    # Each collection is labelled by the same rules as the params.
-    def kept(new, old):
-      if balancing:
-        new = keep_frozen(mode, labels, new, old)
-      return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
-
-    model_state = {name: kept(new, state.model_state[name])
-                   for name, new in new_model_state.items()}
+    model_state = _kept_model_state(mode, labels, new_model_state, state.model_state)
 
     metrics = {
         "loss": loss_value,

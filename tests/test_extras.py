@@ -226,3 +226,45 @@ def test_loss_both_is_the_fused_plus_the_branches_losses():
   fused = -(np.log(p[0][0]) + np.log(p[1][0])) / 2
   np.testing.assert_allclose(training_loss("both", logits, jnp.array([0.25, 0.5]), labels),
                              fused + 0.75, rtol=1e-6)
+
+
+class PassState(NamedTuple):
+  """A transform state that needs nothing and reports nothing."""
+
+  NEEDS = ()
+  METRICS = {}
+
+
+class LossGradsState(NamedTuple):
+  NEEDS = ("loss_grads",)
+  METRICS = {}
+
+
+@pytest.mark.parametrize("loss", ["branches", "fused", "both"])
+def test_a_step_asked_for_loss_grads_takes_its_gradient_from_them(loss):
+  # With loss_grads needed, the step's gradient is the sum of the per-loss gradients that
+  # its loss minimises (one forward pass, N + 1 backward passes): it equals a plain step's.
+  batch, seen = _batch(), []
+
+  def recorder(state_type):
+    def update(updates, state, params=None, **extra):
+      seen.append((updates, extra))
+      return updates, state
+
+    return optax.GradientTransformationExtraArgs(lambda p: state_type(), update)
+
+  results = []
+  for state_type in (PassState, LossGradsState):
+    tx = optax.chain(recorder(state_type), optax.sgd(0.1))
+    state = create_train_state(Tiny(), tx, batch["inputs"])
+    results.append(make_train_step(Tiny(), tx, loss=loss)(state, batch))
+  (plain_grads, _), (grads, extra) = seen
+  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  jax.tree.map(chex_close, grads, plain_grads)
+  weights = {"branches": [0, 1, 1], "fused": [1, 0, 0], "both": [1, 1, 1]}[loss]
+  jax.tree.map(lambda g, per_loss: chex_close(g, np.tensordot(weights, per_loss, axes=1)),
+               grads, extra["loss_grads"])
+  (plain_state, plain_metrics), (state, metrics) = results
+  jax.tree.map(chex_close, state.params, plain_state.params)
+  for key in ("loss", "branch_loss", "accuracy", "branch_accuracy"):
+    chex_close(metrics[key], plain_metrics[key])
