@@ -237,8 +237,16 @@ def _loss_grads(params, step: StepPass):
     return step.loss_grads
   losses = lambda p: mean_cross_entropies(*step.outputs(p), step.labels)
   values, pullback = jax.vjp(losses, params)
-  (grads,) = jax.vmap(pullback)(jnp.eye(values.shape[0], dtype=values.dtype))
-  return grads
+  return pullback_each(pullback, values)
+
+
+def pullback_each(pullback: Callable, values: jax.Array) -> Any:
+  """The gradient of each of ``values``' entries, stacked on a leading axis: one backward
+  pass per entry, unrolled (``jax.vmap`` over the cotangents ran XLA:CPU's convolution
+  gradients about 2x slower than these separate passes: benchmarks/RESULTS.md)."""
+  rows = jnp.eye(values.shape[0], dtype=values.dtype)
+  grads = [pullback(row)[0] for row in rows]
+  return jax.tree.map(lambda *g: jnp.stack(g), *grads)
 
 
 def _mono_logits(params, step: StepPass):

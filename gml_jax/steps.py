@@ -26,6 +26,7 @@ from gml_jax.extras import (
   loss_terms,
   mean_cross_entropies,
   needs_of,
+  pullback_each,
   transform_metrics,
   true_class_scores,  # noqa: F401 (its home before gml_jax.extras; still imported from here)
 )
@@ -176,7 +177,7 @@ def _grads_from_loss_grads(forward, loss: str, labels, params):
 
   values, pullback, (new_model_state, logits, branch_logits) = jax.vjp(
       mean_losses, params, has_aux=True)
-  (loss_grads,) = jax.vmap(pullback)(jnp.eye(values.shape[0], dtype=values.dtype))
+  loss_grads = pullback_each(pullback, values)
   weights = jnp.asarray([loss != "branches"] + [loss != "fused"] * (values.shape[0] - 1),
                         values.dtype)  # which of the N + 1 losses the step minimises
   grads = jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1).astype(g.dtype), loss_grads)
