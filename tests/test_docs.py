@@ -8,6 +8,7 @@ import pathlib
 import re
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -27,10 +28,18 @@ def _pages() -> list[pathlib.Path]:
                 and "_build" not in p.parts)
 
 
-def _run(page: pathlib.Path) -> None:
+def _run(page: pathlib.Path) -> dict:
+  """Runs the page's Python blocks in order in one namespace, and returns it."""
   namespace = {}
   for block in _blocks(page):
     exec(compile(block, str(page), "exec"), namespace)
+  return namespace
+
+
+def _float64(tree: dict) -> dict:
+  """A nested dict of arrays as one of float64 NumPy arrays."""
+  return {k: _float64(v) if isinstance(v, dict) else np.asarray(v, np.float64)
+          for k, v in tree.items()}
 
 
 def test_readme_example_runs(capsys):
@@ -71,11 +80,66 @@ def test_ogm_ge_page_damps_the_leading_branch(capsys):
   assert capsys.readouterr().out.strip() == str(expected)
 
 
+def test_agm_page_coefficients_follow_its_mono_losses(capsys):
+  page = DOCS / "methods" / "agm.md"
+  assert len(_blocks(page)) == 2
+  _run(page)
+  mono, coefficients, nnx_line = capsys.readouterr().out.strip().split("\n")
+  s, printed = np.array(ast.literal_eval(mono)), np.array(ast.literal_eval(coefficients))
+  assert s.shape == printed.shape == (5, 2)
+  # By the page's formulas, two modalities, α = 1.5, cap 10: r_k = exp(s_other - s_k), r̄_k
+  # the same of the running means of the earlier steps (0 at the first: r̄ = 1).
+  means, expected = np.zeros(2), []
+  for t, losses in enumerate(s, start=1):
+    ratios, targets = np.exp(losses[::-1] - losses), np.exp(means[::-1] - means)
+    expected.append(np.exp(1.5 * np.minimum(targets - ratios, 10.0)))
+    means = means * (t - 1) / t + losses / t
+  np.testing.assert_allclose(printed, np.array(expected), atol=2e-3)  # s printed to 1e-4
+  lead = int(np.argmin(s[0]))  # first step: the modality with the lower loss is slowed
+  assert printed[0, lead] < 1 < printed[0, 1 - lead]
+  # NNX: the hand-written step's mono losses and parameters are the library step's.
+  assert nnx_line == "True 0.0"
+
+
+def test_mmpareto_page_update_is_the_combined_gradient(capsys):
+  page = DOCS / "methods" / "mmpareto.md"
+  assert len(_blocks(page)) == 2
+  ns = _run(page)
+  linen_line, nnx_line = capsys.readouterr().out.strip().split("\n")
+  from flax import nnx
+  cosines, weights = ast.literal_eval(linen_line.replace("] [", "], ["))
+  assert all(w == 0.5 for c, w in zip(cosines, weights) if c > 0)  # agreeing: the average
+  printed_weights, difference = nnx_line.rsplit(" ", 1)
+  assert difference == "0.0"  # the hand-written NNX step is the library's step
+  # The hand-written step's SGD(0.05) update, recomputed with NumPy from its per-loss
+  # gradients: per encoder k, w_k (½ if ⟨g_m, g_k⟩ > 0, else the two-task min-norm weight),
+  # c = 2 (w_k g_m + (1 - w_k) g_k) per leaf, enlarged to the summed gradient's norm, × γ.
+  grads = _float64(nnx.to_pure_dict(ns["loss_grads"]))
+  before, after = (_float64(ns[name]) for name in ("before", "after"))
+  expected_weights = []
+  for k in range(2):
+    g = grads[f"encoder_{k}"]
+    v11, v12, v22 = (sum(float(np.vdot(g[n][i], g[n][j])) for n in g)
+                     for i, j in ((0, 0), (0, 1 + k), (1 + k, 1 + k)))
+    w = 0.5 if v12 > 0 else float(np.clip((v22 - v12) / (v11 + v22 - 2 * v12), 0.001, 0.999))
+    expected_weights.append(w)
+    for n, leaf in g.items():
+      c = 2 * (w * leaf[0] + (1 - w) * leaf[1 + k])
+      c = 1.5 * c * max(1.0, np.linalg.norm(leaf.sum(0)) / np.linalg.norm(c))
+      np.testing.assert_allclose(after[f"encoder_{k}"][n], before[f"encoder_{k}"][n] - 0.05 * c,
+                                 rtol=1e-5, atol=1e-6)
+    for n, leaf in grads[f"head_{k}"].items():  # heads ("other"): the summed gradient
+      np.testing.assert_allclose(after[f"head_{k}"][n],
+                                 before[f"head_{k}"][n] - 0.05 * leaf.sum(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ast.literal_eval(printed_weights), expected_weights, atol=1e-4)
+
+
 def test_every_page_with_code_has_a_test():
   with_code = {p.relative_to(DOCS).as_posix() for p in _pages() if _blocks(p)}
   # methods/adding_a_method.md: its files and test run in tests/test_adding_a_method.py.
   assert with_code == {"tutorials/own_model.md", "tutorials/handwritten_step.md",
-                       "methods/ogm_ge.md", "methods/adding_a_method.md"}, (
+                       "methods/ogm_ge.md", "methods/adding_a_method.md", "methods/agm.md",
+                       "methods/mmpareto.md"}, (
     "a page with Python blocks needs its test in tests/test_docs.py")
 
 
