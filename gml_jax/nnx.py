@@ -35,7 +35,7 @@ An NNX model in these steps is called as ``model(inputs, *, train, cut, drop)`` 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +140,10 @@ class NNXModel:
             if name != TRAIN_MEANS and jax.tree.leaves(state)}
 
   def _states(self, variables: dict) -> list:
+    if not isinstance(variables, Mapping):  # None would fail obscurely below
+      raise TypeError(f"The variables of {self.module_type.__name__} must be a dict of "
+                      f"collections {sorted(self.init())} of arrays (gml_jax.nnx.wrap(model)"
+                      f".init(), or a TrainState's .variables); got {type(variables).__name__}.")
     states = []
     for name, template in self._templates.items():
       state = jax.tree.map(lambda x: x, template)  # a copy: the template stays untouched

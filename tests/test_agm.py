@@ -13,6 +13,8 @@ import numpy as np
 import optax
 import pytest
 
+import gml_jax
+import gml_jax.nnx
 from gml_jax import agm as agm_lib
 
 # --------------------------------------------------------------------------------------
@@ -266,6 +268,31 @@ def test_bad_arguments_get_clear_errors():
     agm_lib.mono_modal_losses(model, variables, inputs, jnp.zeros(3, jnp.int32))
   with pytest.raises(ValueError, match="N >= 2"):
     agm_lib.mono_modal_outputs(model, variables, inputs[:1])
+
+
+def test_mono_modal_losses_of_an_nnx_model_and_a_clear_error_without_its_variables():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a, self.b = nnx.Linear(3, 2, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, inputs, *, train, cut=-1, drop=None):
+      logits = jnp.stack([self.a(inputs[0]), self.b(inputs[1])])
+      return logits.sum(0), logits
+
+  model, rng = Net(nnx.Rngs(0)), np.random.default_rng(0)
+  inputs = (rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(5, 4)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 2, 5))
+  # A linear sum of branches: φ_k is branch k's logits plus half the bias of the other.
+  phi = [model.a(inputs[0]) + model.b.bias[...] / 2 - model.a.bias[...] / 2,
+         model.b(inputs[1]) + model.a.bias[...] / 2 - model.b.bias[...] / 2]
+  expected = [float(agm_lib.clamped_cross_entropy(p, y).mean()) for p in phi]
+  variables = gml_jax.nnx.wrap(model).init()
+  np.testing.assert_allclose(agm_lib.mono_modal_losses(model, variables, inputs, y), expected,
+                             rtol=1e-5)
+  with pytest.raises(TypeError, match=r"must be a dict of collections \['params'\].*NoneType"):
+    agm_lib.mono_modal_losses(model, None, inputs, y)
 
 
 def test_docstring_examples():
