@@ -48,7 +48,8 @@ METHOD = Method(
     check=_check,
     variants={"inforeg_open": _open},
     comparisons=(("inforeg", "vanilla"), ("inforeg", "inforeg_open"), ("inforeg", "guided"),
-                 ("inforeg", "ogm_ge")),
+                 ("inforeg", "ogm_ge"), ("inforeg", "agm"), ("inforeg", "mmpareto"),
+                 ("inforeg", "pmr")),
     state_types=(InfoRegState,),
     position=8,
 )

@@ -71,7 +71,7 @@ METHOD = Method(
     min_modalities=2,
     variants={"pmr_bb": _balancebenchmark, "pmr_all": _all},
     comparisons=(("pmr", "vanilla"), ("pmr_bb", "vanilla"), ("pmr", "pmr_all"),
-                 ("pmr", "guided"), ("pmr", "ogm_ge")),
+                 ("pmr", "guided"), ("pmr", "ogm_ge"), ("pmr", "agm"), ("pmr", "mmpareto")),
     state_types=(PMRState,),
     position=7,
     epoch_share=lambda o: o.prototype_fraction,
