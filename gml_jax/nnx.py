@@ -7,7 +7,10 @@
   :func:`gml_jax.make_eval_step` and :func:`gml_jax.conditional_utilization` take it (they
   wrap an ``nnx.Module`` themselves). Variables become collections by type: ``nnx.Param``
   -> ``params``, ``nnx.BatchStat`` -> ``batch_stats``, :class:`FusionStat` ->
-  ``fusion_stats``, :class:`TrainMean` -> ``train_means``, anything else -> ``nnx_other``.
+  ``fusion_stats``, :class:`TrainMean` -> ``train_means``, anything else -> ``nnx_other``;
+  what the model sows as ``nnx.Intermediate`` comes back in ``intermediates`` when asked
+  (``mutable=["intermediates"]``), as from Linen: PMR's features
+  (``self.sow(nnx.Intermediate, "features", h_k)`` once per branch).
 
 * :func:`stats` and :func:`keep_frozen`: a hand-written NNX train step that keeps the
   model state of frozen branches (BatchNorm statistics, the cuts' running means) in
@@ -52,6 +55,10 @@ class FusionStat(nnx.Variable):
 class TrainMean(nnx.Variable):
   """Training-split means of a :class:`CrossModalCut` (collection ``train_means``)."""
 
+
+INTERMEDIATES = "intermediates"
+"""The collection in which :meth:`NNXModel.apply` returns what the model sowed as
+``nnx.Intermediate`` (``self.sow(nnx.Intermediate, "features", h_k)``: PMR's features)."""
 
 COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat),
                (FUSION_STATS, FusionStat), (TRAIN_MEANS, TrainMean), ("nnx_other", ...))
@@ -118,7 +125,8 @@ class NNXModel:
 
   Made by :func:`wrap`. ``apply(variables, inputs, *, train, cut=-1, drop=None,
   mutable=False)`` merges the variables into the model's graph, calls it, and (with
-  ``mutable``, a list of collection names) returns ``(outputs, updated collections)``.
+  ``mutable``, a list of collection names) returns ``(outputs, updated collections)``;
+  ``"intermediates"`` among them: what the call sowed as ``nnx.Intermediate``.
   """
 
   def __init__(self, module: nnx.Module):
@@ -173,12 +181,24 @@ class NNXModel:
       raise TypeError(f"{self.module_type.__name__}.__call__ takes no `cut`, which a train step "
                       "that re-balances passes; add `cut=-1` to its keyword arguments and pass "
                       "it to every gml_jax.nnx.CrossModalCut.")
-    out = module(tuple(inputs), **kwargs)
+    sown = mutable is not False and INTERMEDIATES in mutable
+    out, intermediates = _call(module, tuple(inputs), kwargs, sown)
     if mutable is False:
       return out
     _, *states = nnx.split(module, *(t for _, t in COLLECTIONS))
-    return out, {name: nnx.to_pure_dict(state)
-                 for (name, _), state in zip(COLLECTIONS, states) if name in mutable}
+    collections = {name: nnx.to_pure_dict(state)
+                   for (name, _), state in zip(COLLECTIONS, states) if name in mutable}
+    return out, collections | ({INTERMEDIATES: intermediates} if sown else {})
+
+
+def _call(module: nnx.Module, inputs: tuple, kwargs: dict, sown: bool) -> tuple[Any, dict]:
+  """The module's outputs and, with ``sown``, what it sowed as ``nnx.Intermediate`` (a
+  pure dict, ``{"features": (h_0, ..., h_(N-1))}`` for PMR), in Linen's ``intermediates``
+  form: sowing is captured (``nnx.capture``), not left on the module."""
+  if not sown:
+    return module(inputs, **kwargs), {}
+  out, intermediates = nnx.capture(module, nnx.Intermediate)(inputs, **kwargs)
+  return out, nnx.to_pure_dict(intermediates)
 
 
 def wrap(module: nnx.Module) -> NNXModel:

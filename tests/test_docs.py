@@ -42,6 +42,12 @@ def _float64(tree: dict) -> dict:
           for k, v in tree.items()}
 
 
+def _features(params: dict, inputs: tuple) -> list:
+  """tanh(x_k W_k + b_k) of each ``encoder_k``, in NumPy (the methods pages' tiny models)."""
+  layers = [{n: np.asarray(v) for n, v in params[f"encoder_{k}"].items()} for k in (0, 1)]
+  return [np.tanh(np.asarray(x) @ w["kernel"] + w["bias"]) for x, w in zip(inputs, layers)]
+
+
 def test_readme_example_runs(capsys):
   (block,) = _blocks(ROOT / "README.md")
   exec(compile(block, "README.md", "exec"), {})
@@ -134,12 +140,63 @@ def test_mmpareto_page_update_is_the_combined_gradient(capsys):
   np.testing.assert_allclose(ast.literal_eval(printed_weights), expected_weights, atol=1e-4)
 
 
+def test_pmr_page_prototypes_are_class_means_and_the_slow_modality_gets_the_term(capsys):
+  ns = _run(DOCS / "methods" / "pmr.md")
+  ratios, same, nnx_coefficients = capsys.readouterr().out.strip().split("\n")
+  # Two modalities: rho_0 = s_0 / s_1 = 1 / rho_1; alpha = 1 for the one below 1, 0 else.
+  rho = [float(v) for v in re.findall(r"[\d.]+", ratios.split("]")[0])]
+  coefficients = [float(v) for v in re.findall(r"[\d.]+", ratios.split("]")[1])]
+  assert abs(rho[0] * rho[1] - 1) < 0.01 and rho[0] != rho[1]
+  assert coefficients == [float(r < 1) for r in rho]
+  assert same == "True"  # the hand-written step's update is the library step's
+  assert sorted(ast.literal_eval(nnx_coefficients.replace(". ", ", ").replace(".]", "]"))) == [
+      0, 1]
+  # Both models' prototypes: the class means of their sown features over the pass, by NumPy.
+  epochs, pmr, batches = ns["epochs"], ns["pmr"], ns["train_batches"][:2]
+  for state, step in ((ns["state"], ns["proto_step"]), (ns["nnx_state"], ns["nnx_proto_step"])):
+    sums = pmr.prototype_pass(step, state.variables, batches)
+    prototypes = pmr.pmr_state(epochs.epoch_start(state.opt_state, prototype_sums=sums)).prototypes
+    label = np.concatenate([b["label"] for b in batches])
+    parts = [_features(state.params, b["inputs"]) for b in batches]
+    for k in (0, 1):
+      f = np.concatenate([p[k] for p in parts])
+      means = [f[label == c].mean(axis=0) for c in range(ns["CLASSES"])]
+      np.testing.assert_allclose(prototypes[k], means, rtol=1e-4, atol=1e-6)
+
+
+def test_inforeg_page_pulls_the_leader_toward_the_epoch_start(capsys):
+  ns = _run(DOCS / "methods" / "inforeg.md")
+  *epoch_lines, hand = capsys.readouterr().out.strip().split("\n")
+  assert [line.split()[0] for line in epoch_lines] == ["0", "1", "2"]
+  for line in epoch_lines:
+    window, beta = [[float(v) for v in re.findall(r"[\d.]+", part)]
+                    for part in line.split(" ", 1)[1].split("] [")]
+    assert all(b == 0 for w, b in zip(window, beta) if w == 0)  # a closed window: no pull
+    assert sum(b > 0 for b in beta) <= 1  # only the leader is pulled
+  assert epoch_lines[0].split("]")[0].endswith("[1. 1.")  # epoch 0: open (r = 1)
+  assert epoch_lines[1].split("]")[0].endswith("[1. 1.")  # history=1: T(-1) = 0, r = 1
+  # By hand: s_k = sum of softmax(branch k's logits)[y]; the leader's pull on every entry is
+  # beta (theta - theta_start) = 0.1 * 0.5 * exp(tanh(s_0 - s_1)), the other's 0.
+  params, b = ns["params"], ns["train_batches"][0]
+  scores = []
+  for k, h in enumerate(_features(params, b["inputs"])):
+    head = {n: np.asarray(v) for n, v in params[f"head_{k}"].items()}
+    logits = h @ head["kernel"] + head["bias"]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p = p / p.sum(1, keepdims=True)
+    scores.append(float(p[np.arange(len(b["label"])), b["label"]].sum()))
+  gap = scores[0] - scores[1]
+  pulls = [0.1 * 0.5 * np.exp(np.tanh(g)) if g > 0 else 0.0 for g in (gap, -gap)]
+  expected = f"[ True  True] {{0: {round(pulls[0], 4)}, 1: {round(pulls[1], 4)}}} True"
+  assert max(pulls) > 0 and hand == expected
+
+
 def test_every_page_with_code_has_a_test():
   with_code = {p.relative_to(DOCS).as_posix() for p in _pages() if _blocks(p)}
   # methods/adding_a_method.md: its files and test run in tests/test_adding_a_method.py.
   assert with_code == {"tutorials/own_model.md", "tutorials/handwritten_step.md",
                        "methods/ogm_ge.md", "methods/adding_a_method.md", "methods/agm.md",
-                       "methods/mmpareto.md"}, (
+                       "methods/mmpareto.md", "methods/pmr.md", "methods/inforeg.md"}, (
     "a page with Python blocks needs its test in tests/test_docs.py")
 
 

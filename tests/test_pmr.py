@@ -301,3 +301,41 @@ def test_bad_arguments_are_named():
     pmr.prototype_sums((jnp.zeros((2, 3)), jnp.zeros((2, 3))), jnp.zeros(2), 2)
   with pytest.raises(ValueError, match="sow them"):
     pmr.sown_features({})
+
+
+def test_an_nnx_model_gives_its_sown_features_to_the_prototype_pass_and_the_step():
+  # NNX sows into nnx.Intermediate: wrap() returned nothing under "intermediates", so an NNX
+  # model could not feed PMR (no features for the prototype pass, feature_dims or the step).
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.encoder_0, self.encoder_1 = nnx.Linear(3, 2, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
+      self.head_0, self.head_1 = nnx.Linear(2, 2, rngs=rngs), nnx.Linear(2, 2, rngs=rngs)
+
+    def __call__(self, inputs, *, train, cut=-1, drop=None):
+      h = [self.encoder_0(inputs[0]), self.encoder_1(inputs[1])]
+      for f in h:
+        self.sow(nnx.Intermediate, "features", f)
+      branch_logits = jnp.stack([self.head_0(h[0]), self.head_1(h[1])])
+      return branch_logits.mean(axis=0), branch_logits
+
+  rng = np.random.default_rng(0)
+  batch = {"inputs": (rng.normal(size=(6, 3)).astype(np.float32),
+                      rng.normal(size=(6, 4)).astype(np.float32)),
+           "label": np.array([0, 1, 0, 1, 1, 1], np.int32)}
+  model = Net(nnx.Rngs(0))
+  tx = pmr.pmr(optax.sgd(0.1), num_classes=2, feature_dims=(2, 2), alpha=1.0)
+  state = gml_jax.create_train_state(model, tx, batch["inputs"])
+  assert pmr.feature_dims(model, state.variables, batch["inputs"]) == (2, 2)
+  sums = pmr.prototype_pass(jax.jit(pmr.make_prototype_step(model, 2)), state.variables, [batch])
+  params = state.params
+  for k, x in enumerate(batch["inputs"]):  # class means of x W + b, by hand
+    layer = jax.tree.map(np.asarray, params[f"encoder_{k}"])
+    f = x @ layer["kernel"] + layer["bias"]
+    means = [f[batch["label"] == c].mean(axis=0) for c in (0, 1)]
+    np.testing.assert_allclose(sums.sums[k] / np.asarray(sums.counts)[:, None], means, rtol=1e-5)
+  state = state.replace(opt_state=epochs.epoch_start(state.opt_state, prototype_sums=sums))
+  state, metrics = jax.jit(gml_jax.make_train_step(model, tx))(state, batch)
+  assert sorted(np.asarray(metrics["pmr_coefficient"]).tolist()) == [0.0, 1.0]
+  assert not hasattr(model, "features")  # captured, not left on the user's module
