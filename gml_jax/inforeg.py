@@ -106,8 +106,12 @@ class InfoRegState(NamedTuple):
   def epoch_start(self, *, params) -> "InfoRegState":
     """The state for the epoch about to begin (see the module doc)."""
     if jax.tree.structure(params) != jax.tree.structure(self.anchor):
-      raise ValueError("InfoReg epoch_start: params do not have the structure of the "
-                       "parameters the optimizer was initialised with.")
+      raise ValueError(
+          "InfoReg epoch_start: params do not have the structure of the parameters the "
+          f"optimizer was initialised with: got {jax.tree.structure(params)}, expected "
+          f"{jax.tree.structure(self.anchor)}. With NNX, keep the optimizer state pure "
+          "(tx.init(nnx.state(model, nnx.Param)), or gml_jax.make_train_step over "
+          "gml_jax.nnx.wrap(model)): nnx.Optimizer's opt_state holds NNX variables.")
     first = self.epochs_started == 0
     history = jnp.where(first, self.history,
                         jnp.concatenate([self.history[:, 1:], self.trace[:, None]], axis=1))
