@@ -17,14 +17,16 @@ from run_helpers import BLOCK_HEAVY, DUMMY, ROOT, cli_env, run_module
 @pytest.mark.xdist_group("cnn_b64")
 def test_bench_reports_times_compilations_and_ratios(tmp_path):
   out = tmp_path / "results.json"
-  run = run_module("benchmarks.bench", "--workloads", "cnn_b64", "--methods", "vanilla,guided",
+  run = run_module("benchmarks.bench", "--workloads", "cnn_b64", "--methods",
+                   "vanilla,guided,pmr",
                    "--repeats", "2", "--steps", "2", "--steps-per-call", "2", "--no-torch",
                    "--json", str(out), "--pipelines", "colored_mnist,modelnet40_png",
                    "--pipeline-threads", "1,2", "--pipeline-batches", "3")
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(out.read_text())
   rows = {(r["method"], r["impl"]): r for r in result["rows"]}
-  assert set(rows) == {(m, i) for m in ("vanilla", "guided") for i in ("jax", "jax_x2", "plain")}
+  assert set(rows) == {(m, i) for m in ("vanilla", "guided", "pmr")
+                       for i in ("jax", "jax_x2", "plain")}
   assert {r["dtype"] for r in result["rows"]} == {"float32"}
   for (_method, impl), row in rows.items():
     assert row["step_ms"] > 0 and row["samples_per_s"] > 0
@@ -35,6 +37,11 @@ def test_bench_reports_times_compilations_and_ratios(tmp_path):
   ratios = {(r["method"], r["impl"]): r for r in result["ratios"]}
   guided = ratios[("guided", "jax")]
   assert guided["over_vanilla"] > 0 and guided["over_plain"] > 0
+  # A registered method (its defaults, through the registry): its ratio, and its epoch
+  # pass timed apart from the step.
+  assert ratios[("pmr", "jax")]["over_vanilla"] > 0
+  assert rows[("pmr", "jax")]["epoch_pass_ms"] > 0
+  assert rows[("guided", "jax")]["epoch_pass_ms"] is None
   assert result["versions"]["jax"]
   pipelines = {(r["pipeline"], r["threads"]): r for r in result["pipelines"]}
   assert set(pipelines) == {(p, n) for p in ("colored_mnist", "modelnet40_png") for n in (1, 2)}
