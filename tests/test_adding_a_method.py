@@ -77,6 +77,8 @@ def test_a_method_added_as_the_guide_says_runs_in_a_study(data_dir, tmp_path):
   mean_0 = sum(r["damp_factor_0"] for r in rows) / len(rows)
   assert abs(summary["mean_damp_factor_0"] - mean_0) < 1e-6
   assert (run / "plots" / "damp_leader.png").stat().st_size > 0
+  # the study's own: the metrics over its seeds
+  assert (study_dir / "plots" / "damp_leader.png").read_bytes()[:4] == b"\x89PNG"
   (group,) = json.loads((study_dir / "study.json").read_text())["groups"]
   assert group["method"] == "damp_leader"
   assert abs(group["metrics"]["mean_damp_factor_0"]["mean"] - mean_0) < 1e-6

@@ -228,7 +228,8 @@ def _points_plot(result: dict, keys: list[tuple[str, str]], path: storage.Path, 
 def plots(result: dict, runs: dict, plot_dir: storage.Path) -> None:
   """accuracy.png, utilization.png, speeds.png and validation.png of a study;
   speed_vs_utilization.png where runs measured the utilization at epoch ends; grid.png for
-  a numeric grid axis. ``runs`` maps a run's workdir to its record (method, seed, point)."""
+  a numeric grid axis; <variant>.png for each variant whose method reports metrics of its
+  own (without a grid). ``runs`` maps a run's workdir to its record (method, seed, point)."""
   plot_dir.mkdir(parents=True, exist_ok=True)
 
   def members(g):
@@ -261,6 +262,43 @@ def plots(result: dict, runs: dict, plot_dir: storage.Path) -> None:
   numeric = _numeric_axes(list(runs.values()))
   if numeric:  # the first numeric axis; the other axes' values make series
     _grid_plot(numeric[0], list(runs.values()), modalities, plot_dir / "grid.png")
+  for g in groups:  # <variant>.png: the metrics its method's transforms declare
+    templates = _method_templates(g["method"])
+    if templates and not g["point"]:
+      _method_plot(g, members(g), templates, plot_dir / f"{g['method']}.png")
+
+
+def _method_templates(variant: str) -> dict[str, str]:
+  """The metrics (name -> row-key template) that variant's method's transforms declare."""
+  if variant not in methods.variants():
+    return {}
+  return {k: t for state in methods.variant_method(variant).state_types
+          for k, t in state.METRICS.items()}
+
+
+def _method_plot(group: dict, members, templates: dict[str, str], path: storage.Path) -> None:
+  """One panel per metric of the method over steps: per modality, the mean over seeds and
+  a min-max band (the study's counterpart of a run's plots/<method>.png)."""
+  rows = [_read_jsonl(r.workdir / "metrics" / "steps.jsonl") for r in members]
+  length = min(len(r) for r in rows)
+  steps = np.array([row[names.STEP] for row in rows[0][:length]])
+  modalities = _group_modalities(members)
+  fig, axes = plt.subplots(len(templates), 1, figsize=(9, 2 + 2 * len(templates)),
+                           sharex=True, squeeze=False)
+  for ax, (metric, template) in zip(axes[:, 0], templates.items()):
+    keys = ([(names.row_key(template, m), f"m{m}") for m in modalities]
+            if names.per_modality(template) else [(template, metric)])
+    for i, (key, label) in enumerate(keys):
+      values = np.array([[row.get(key, np.nan) for row in r[:length]] for r in rows], float)
+      ax.plot(steps, values.mean(0), color=f"C{i}", lw=1, label=label)
+      ax.fill_between(steps, values.min(0), values.max(0), alpha=0.25, color=f"C{i}")
+    ax.set_ylabel(metric)
+    ax.legend(loc="best", fontsize="small")
+  axes[-1, 0].set_xlabel("step")
+  axes[0, 0].set_title(f"{group['method']}: its metrics over training (mean over "
+                       f"{len(rows)} seeds; band: min-max)")
+  fig.tight_layout()
+  save(fig, path)
 
 
 def _group_modalities(members) -> list[int]:
