@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gml_jax.balancing import BalanceState  # noqa: E402
 from gml_jax.runner import methods, names, storage  # noqa: E402
 from gml_jax.runner.plots import save  # noqa: E402
 
@@ -269,11 +270,12 @@ def plots(result: dict, runs: dict, plot_dir: storage.Path) -> None:
 
 
 def _method_templates(variant: str) -> dict[str, str]:
-  """The metrics (name -> row-key template) that variant's method's transforms declare."""
+  """The metrics (name -> row-key template) that variant's method's own transforms declare
+  (the balancing transform's, the speeds, have speeds.png)."""
   if variant not in methods.variants():
     return {}
   return {k: t for state in methods.variant_method(variant).state_types
-          for k, t in state.METRICS.items()}
+          if state is not BalanceState for k, t in state.METRICS.items()}
 
 
 def _method_plot(group: dict, members, templates: dict[str, str], path: storage.Path) -> None:
@@ -281,7 +283,9 @@ def _method_plot(group: dict, members, templates: dict[str, str], path: storage.
   a min-max band (the study's counterpart of a run's plots/<method>.png)."""
   rows = [_read_jsonl(r.workdir / "metrics" / "steps.jsonl") for r in members]
   length = min(len(r) for r in rows)
-  steps = np.array([row[names.STEP] for row in rows[0][:length]])
+  stride = max(1, length // 200)  # 200 points a line say as much, in a smaller file
+  rows = [r[:length:stride] for r in rows]
+  steps = np.array([row[names.STEP] for row in rows[0]])
   modalities = _group_modalities(members)
   fig, axes = plt.subplots(len(templates), 1, figsize=(9, 2 + 2 * len(templates)),
                            sharex=True, squeeze=False)
@@ -289,7 +293,7 @@ def _method_plot(group: dict, members, templates: dict[str, str], path: storage.
     keys = ([(names.row_key(template, m), f"m{m}") for m in modalities]
             if names.per_modality(template) else [(template, metric)])
     for i, (key, label) in enumerate(keys):
-      values = np.array([[row.get(key, np.nan) for row in r[:length]] for r in rows], float)
+      values = np.array([[row.get(key, np.nan) for row in r] for r in rows], float)
       ax.plot(steps, values.mean(0), color=f"C{i}", lw=1, label=label)
       ax.fill_between(steps, values.min(0), values.max(0), alpha=0.25, color=f"C{i}")
     ax.set_ylabel(metric)
