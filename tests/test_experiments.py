@@ -167,3 +167,26 @@ def test_the_field_datasets_configs_are_consistent_in_every_variant(experiment):
             config.batch_size, config.num_epochs) == ("step", 70, 0.1, 64, 100)
     assert config.data.builder_config == {"cremad": "frames_1",
                                           "kinetics_sounds": "frames_3"}[experiment]
+
+
+def test_a_run_with_an_epoch_hook_resumes_exactly(data_dir, tmp_path):
+  # PMR's prototypes live in the optimizer state (as InfoReg's anchor and trace, through the
+  # same hook): a run stopped mid-epoch (step 3 of 5; its epoch's prototypes come from the
+  # checkpoint) and at an epoch's end (step 5: the next epoch's hook not yet run) continues
+  # as the unbroken run did, step for step.
+  method = "pmr"
+  config = tiny_config(method, data_dir)
+  whole = trainer.train_and_evaluate(config, tmp_path / "whole")
+  for stop in (3, 5):
+    assert trainer.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=stop) is None
+  resumed = trainer.train_and_evaluate(config, tmp_path / "resumed")
+  assert_states_close(restore_latest(tmp_path / "whole")[1],
+                      restore_latest(tmp_path / "resumed")[1], rtol=1e-6, atol=1e-7)
+  a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "resumed")
+  assert [r["step"] for r in b] == list(range(1, 11))
+  own = [k for k in a[0] if k.startswith(method)]
+  assert own  # the method's metrics: ratios, coefficients, windows ...
+  for ra, rb in zip(a, b):
+    for key in ["loss", *own]:
+      assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+  assert whole["test_accuracy"] == pytest.approx(resumed["test_accuracy"], abs=1e-6)
