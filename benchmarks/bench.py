@@ -92,7 +92,7 @@ def method_optimizer(workload: dict, method: str, model, example_inputs):
     return gml_jax.balanced_multimodal(sgd, gml_jax.group_labels, method=method,
                                        alpha=0.0 if method == "guided" else ALPHA,
                                        window=WINDOW, warmup_steps=0, seed=0), "branches"
-  from gml_jax.runner import methods  # the runner's registry: not on device images
+  from gml_jax.runner import build, methods  # the runner: not on device images
 
   registered = methods.variant_method(method)
   if method != registered.name:
@@ -104,10 +104,8 @@ def method_optimizer(workload: dict, method: str, model, example_inputs):
       num_modalities=len(workload["channels"]), labels=gml_jax.group_labels,
       encoder_labels=gml_jax.models.encoder_labels, num_classes=workload["classes"],
       feature_dims=lambda: gml_jax.pmr.feature_dims(model, variables, example_inputs))
-  tx = registered.transform(sgd, registered.defaults(), context)
-  if not registered.rebalances:
-    tx = gml_jax.balanced_multimodal(tx, gml_jax.group_labels, method="vanilla", seed=0)
-  return tx, registered.loss or "branches"
+  return build.wrapped(registered, sgd, registered.defaults(), context), (
+      registered.loss or "branches")
 
 
 def start_epoch(model, workload: dict, state):

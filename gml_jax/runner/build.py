@@ -228,11 +228,19 @@ def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
                             num_modalities=len(config.data.modalities),
                             labels=models.group_labels, encoder_labels=models.encoder_labels,
                             num_classes=num_classes, feature_dims=feature_dims)
-  tx = method.transform(optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate),
-                        options, context)
-  if config.model.fusion == "none" or method.rebalances:
+  inner = optax.inject_hyperparams(make_inner)(learning_rate=o.learning_rate)
+  return wrapped(method, inner, options, context, fusion=config.model.fusion != "none")
+
+
+def wrapped(method: methods.Method, inner, options, context: methods.Context,
+            fusion: bool = True) -> optax.GradientTransformation:
+  """``inner`` wrapped by ``method`` (given its options), inside the balancing transform in
+  method "vanilla" where the model has fusion layers (``fusion``) and the method does not
+  already re-balance, so that every run measures the speeds."""
+  tx = method.transform(inner, options, context)
+  if not fusion or method.rebalances:
     return tx
-  return balanced_multimodal(tx, models.group_labels, method="vanilla", seed=config.seed)
+  return balanced_multimodal(tx, models.group_labels, method="vanilla", seed=context.seed)
 
 
 def initial_state(config, network, tx, example_inputs, mesh) -> TrainState:

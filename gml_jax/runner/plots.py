@@ -105,19 +105,23 @@ def speed_and_utilization(epoch_rows: list[dict], summary: dict, path: storage.P
   save(fig, path)
 
 
-def method_metrics(step_rows: list[dict], modalities: Sequence[int],
+def method_metrics(runs: list[list[dict]], modalities: Sequence[int],
                    templates: dict[str, str], title: str, path: storage.Path) -> None:
   """Every metric a method's transform declares (``templates``: name -> row-key template),
-  one panel each over the steps: a line per modality, or one for a scalar."""
-  steps = np.array([r[names.STEP] for r in step_rows])
+  one panel each over the steps of ``runs`` (each run's step rows, steps aligned): a line
+  per modality, or one for a scalar; the mean over the runs with a min-max band when there
+  are several (a study's seeds)."""
+  steps = np.array([r[names.STEP] for r in runs[0]])
   fig, axes = plt.subplots(len(templates), 1, figsize=(9, 2.5 + 2.2 * len(templates)),
                            sharex=True, squeeze=False)
   for ax, (metric, template) in zip(axes[:, 0], templates.items()):
     keys = ([(names.row_key(template, m), f"m{m}") for m in modalities]
             if names.per_modality(template) else [(template, None)])
     for i, (key, label) in enumerate(keys):
-      ax.plot(steps, [r.get(key, np.nan) for r in step_rows], color=f"C{i}", lw=0.8,
-              label=label)
+      values = np.array([[row.get(key, np.nan) for row in rows] for rows in runs], float)
+      ax.plot(steps, values.mean(0), color=f"C{i}", lw=0.8, label=label)
+      if len(runs) > 1:
+        ax.fill_between(steps, values.min(0), values.max(0), alpha=0.25, color=f"C{i}")
     ax.set_ylabel(metric)
     if names.per_modality(template):
       ax.legend(loc="best", fontsize="small")
@@ -139,7 +143,7 @@ def write_run_plots(plot_dir: storage.Path, step_rows: list[dict], epoch_rows: l
     speeds(step_rows, modalities, plot_dir / "speeds.png")
   if method_templates:
     method = summary.get("method", "method")
-    method_metrics(step_rows, modalities, method_templates,
+    method_metrics([step_rows], modalities, method_templates,
                    f"{method}: its metrics over training", plot_dir / f"{method}.png")
   accuracy(epoch_rows, modalities, plot_dir / "accuracy.png")
   if summary[names.FUSION] == "mmtm":

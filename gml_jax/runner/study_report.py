@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from gml_jax.balancing import BalanceState  # noqa: E402
 from gml_jax.runner import methods, names, storage  # noqa: E402
-from gml_jax.runner.plots import save  # noqa: E402
+from gml_jax.runner.plots import method_metrics, save  # noqa: E402
 
 # Paired differences over seeds: (method, baseline) pairs named by the methods'
 # registrations (gml_jax/runner/methods/: each names its baseline and its controls); the
@@ -279,30 +279,14 @@ def _method_templates(variant: str) -> dict[str, str]:
 
 
 def _method_plot(group: dict, members, templates: dict[str, str], path: storage.Path) -> None:
-  """One panel per metric of the method over steps: per modality, the mean over seeds and
-  a min-max band (the study's counterpart of a run's plots/<method>.png)."""
+  """The study's counterpart of a run's plots/<method>.png: each metric over steps, the
+  mean over seeds with a min-max band."""
   rows = [_read_jsonl(r.workdir / "metrics" / "steps.jsonl") for r in members]
   length = min(len(r) for r in rows)
   stride = max(1, length // 200)  # 200 points a line say as much, in a smaller file
-  rows = [r[:length:stride] for r in rows]
-  steps = np.array([row[names.STEP] for row in rows[0]])
-  modalities = _group_modalities(members)
-  fig, axes = plt.subplots(len(templates), 1, figsize=(9, 2 + 2 * len(templates)),
-                           sharex=True, squeeze=False)
-  for ax, (metric, template) in zip(axes[:, 0], templates.items()):
-    keys = ([(names.row_key(template, m), f"m{m}") for m in modalities]
-            if names.per_modality(template) else [(template, metric)])
-    for i, (key, label) in enumerate(keys):
-      values = np.array([[row.get(key, np.nan) for row in r] for r in rows], float)
-      ax.plot(steps, values.mean(0), color=f"C{i}", lw=1, label=label)
-      ax.fill_between(steps, values.min(0), values.max(0), alpha=0.25, color=f"C{i}")
-    ax.set_ylabel(metric)
-    ax.legend(loc="best", fontsize="small")
-  axes[-1, 0].set_xlabel("step")
-  axes[0, 0].set_title(f"{group['method']}: its metrics over training (mean over "
-                       f"{len(rows)} seeds; band: min-max)")
-  fig.tight_layout()
-  save(fig, path)
+  method_metrics([r[:length:stride] for r in rows], _group_modalities(members), templates,
+                 f"{group['method']}: its metrics over training (mean over {len(rows)} "
+                 "seeds; band: min-max)", path)
 
 
 def _group_modalities(members) -> list[int]:
